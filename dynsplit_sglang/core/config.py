@@ -1,0 +1,151 @@
+"""Validated configuration of DynSplit-KV and the rigid baselines that share its interface."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+STRATEGIES = ("dynsplit", "fixed", "delimiter", "streaming")
+CANDIDATE_MODES = ("punct", "all")
+
+
+class ConfigError(ValueError):
+    """An invalid DynSplit parameter; the message names the field and its valid range."""
+
+
+def _require(ok: bool, field: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"dynsplit config: {field}={value!r} is invalid; expected {valid}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class DynSplitConfig:
+    """Every knob of the method.
+
+    The budget is the number of K/V tokens each KV head of each compressed layer attends to at a
+    decode step, sink and recent window included. Give it either as tokens (``budget``) or as a
+    fraction of the context (``budget_fraction``); exactly one of the two is set.
+    """
+
+    strategy: str = "dynsplit"
+    budget: int | None = 1024
+    budget_fraction: float | None = None
+    block_size: int = 16  # C: the target block length
+    tolerance: int = 4  # Δ: block lengths stay in [C-Δ, C+Δ]
+    alpha: float = 1.0  # weight of the distant-context penalty in the importance score
+    future_window: int = 16  # |F_i|: queries after a candidate that vote on it
+    sink: int = 4
+    recent: int = 64
+    candidates: str = "punct"
+    dense_layers: int = 2
+    score_layers: int = 4  # layers (evenly spaced) averaged in the importance score; 0 = all
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
+        _require(
+            (self.budget is None) != (self.budget_fraction is None),
+            "budget",
+            (self.budget, self.budget_fraction),
+            "exactly one of budget (tokens) or budget_fraction (of the context)",
+        )
+        _require(_is_int(self.block_size) and 2 <= self.block_size <= 4096, "block_size",
+                 self.block_size, "an integer in [2, 4096]")
+        _require(_is_int(self.tolerance) and 0 <= self.tolerance < self.block_size, "tolerance",
+                 self.tolerance, f"an integer in [0, block_size-1] = [0, {self.block_size - 1}]")
+        _require(_is_number(self.alpha) and 0 <= self.alpha <= 100, "alpha", self.alpha,
+                 "a finite number in [0, 100]")
+        _require(_is_int(self.future_window) and 1 <= self.future_window <= 256, "future_window",
+                 self.future_window, "an integer in [1, 256]")
+        _require(_is_int(self.sink) and 0 <= self.sink <= 1024, "sink", self.sink,
+                 "an integer in [0, 1024]")
+        _require(_is_int(self.recent) and 1 <= self.recent <= 65536, "recent", self.recent,
+                 "an integer in [1, 65536] (the current token is always attended)")
+        _require(self.candidates in CANDIDATE_MODES, "candidates", self.candidates,
+                 f"one of {CANDIDATE_MODES}")
+        _require(_is_int(self.dense_layers) and 0 <= self.dense_layers <= 1024, "dense_layers",
+                 self.dense_layers, "an integer in [0, 1024]")
+        _require(_is_int(self.score_layers) and 0 <= self.score_layers <= 1024, "score_layers",
+                 self.score_layers, "an integer in [0, 1024] (0 = all layers)")
+        if self.budget is not None:
+            _require(_is_int(self.budget) and self.budget >= self.sink + self.recent, "budget",
+                     self.budget, f"an integer >= sink + recent = {self.sink + self.recent}")
+        else:
+            f = self.budget_fraction
+            _require(_is_number(f) and 0 < f <= 1, "budget_fraction", f, "a number in (0, 1]")
+
+    # -- derived quantities -------------------------------------------------------------------
+
+    @property
+    def max_block_len(self) -> int:
+        """Capacity S of one block in the fixed-length format (C + Δ)."""
+        return self.block_size + self.tolerance
+
+    @property
+    def lookahead(self) -> int:
+        """Tokens past a block's search window needed before its boundary is final."""
+        if self.strategy == "dynsplit":
+            return self.future_window
+        return 0
+
+    def token_budget(self, context_len: int) -> int:
+        """Tokens attended per KV head at this context length (≥ sink + recent)."""
+        if self.budget is not None:
+            return self.budget
+        want = int(math.floor(self.budget_fraction * context_len))
+        return max(want, self.sink + self.recent)
+
+    def recent_for(self, budget: int) -> int:
+        """StreamingLLM spends the whole budget on sink + recent; the others keep `recent`."""
+        if self.strategy == "streaming":
+            return max(budget - self.sink, 1)
+        return self.recent
+
+    def scored_layers(self, num_layers: int) -> list[int]:
+        """Layers whose attention votes in the importance score, evenly spaced over the model."""
+        if self.score_layers == 0 or self.score_layers >= num_layers:
+            return list(range(num_layers))
+        n = self.score_layers
+        return sorted({int(round((j + 0.5) * num_layers / n - 0.5)) for j in range(n)})
+
+    # -- (de)serialisation --------------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> "DynSplitConfig":
+        if "budget_fraction" in changes and changes["budget_fraction"] is not None:
+            changes.setdefault("budget", None)
+        if "budget" in changes and changes["budget"] is not None:
+            changes.setdefault("budget_fraction", None)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DynSplitConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"dynsplit config: unknown field(s) {unknown}; valid fields are {sorted(names)}"
+            )
+        return cls().replace(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str) -> "DynSplitConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"dynsplit config: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError("dynsplit config: JSON must be an object of field: value")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,167 @@
+"""Query-aware block selection under a token budget, per request and KV head.
+
+Scoring is Quest's upper bound of q·k over a block, sum_d max(q_d·kmax_d, q_d·kmin_d), taken per
+query head and max-reduced over the query heads of a KV group: a block is kept for a KV head if
+any of its query heads may need it, and K/V are never repeated per query head.
+
+Selection keeps whole blocks in score order while their total length fits the budget left after
+the sink and recent window (a prefix of the sorted order: static shapes, no host sync). Blocks are
+clipped to the middle region [sink, seq_len - recent), so no position is attended twice.
+Requests no longer than their budget run dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .mapping import BlockTable
+
+
+def score_blocks(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    summary_index: torch.Tensor,
+) -> torch.Tensor:
+    """q: [B, Hq, D]; kmin/kmax: [M, Hkv, D]; summary_index: [B, NB] (-1 = no block).
+    Returns float32 [B, Hkv, NB], -inf where there is no block."""
+    b, hq, d = q.shape
+    hkv = kmin.shape[1]
+    g = hq // hkv
+    valid = summary_index >= 0
+    idx = summary_index.clamp(min=0).long()
+    lo = kmin[idx].float()  # [B, NB, Hkv, D]
+    hi = kmax[idx].float()
+    qg = q.float().view(b, 1, hkv, g, d)
+    bound = torch.maximum(qg * hi[:, :, :, None, :], qg * lo[:, :, :, None, :]).sum(-1)
+    score = bound.amax(dim=-1).permute(0, 2, 1)  # [B, Hkv, NB]
+    return score.masked_fill(~valid[:, None, :], float("-inf")).contiguous()
+
+
+def score_blocks_ragged(q: torch.Tensor, kmins: list, kmaxs: list) -> torch.Tensor:
+    """Naive variant for one request (q: [Hq, D]): one small op per block."""
+    hq, d = q.shape
+    out = []
+    for lo, hi in zip(kmins, kmaxs):
+        hkv = lo.shape[0]
+        qg = q.float().view(hkv, hq // hkv, d)
+        bound = torch.maximum(qg * hi.float()[:, None], qg * lo.float()[:, None]).sum(-1)
+        out.append(bound.amax(dim=-1))
+    return torch.stack(out, dim=-1) if out else q.new_zeros(q.shape[0], 0)
+
+
+@dataclass(frozen=True)
+class Selection:
+    positions: torch.Tensor  # int64 [B, Hkv, cap]: attended positions, -1 = padding
+    counts: torch.Tensor  # int64 [B, Hkv]: how many entries are real
+    blocks: torch.Tensor  # bool [B, Hkv, NB]: which blocks were kept
+
+
+def _as_batch(x, b: int, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.long).expand(b) if x.dim() == 0 else x.to(device).long()
+    return torch.full((b,), int(x), dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """Everything selection needs that does not depend on the query: built once per batch step,
+    reused by every layer."""
+
+    clip_start: torch.Tensor  # int64 [B, NB]: block start clipped to the middle region
+    clip_len: torch.Tensor  # int64 [B, NB]: 0 = not selectable
+    seq_lens: torch.Tensor  # int64 [B]
+    recent_start: torch.Tensor  # int64 [B]: first position of the recent window
+    block_budget: torch.Tensor  # int64 [B]: tokens left for blocks after sink + recent
+    dense: torch.Tensor  # bool [B]: request fits its budget, attend to everything
+    sink: int
+    capacity: int
+    max_clip_len: int
+
+
+def plan_selection(
+    table: BlockTable, seq_lens: torch.Tensor, budget, sink: int, recent,
+    capacity: int | None = None, max_block_len: int | None = None,
+) -> SelectionPlan:
+    """seq_lens: [B] tokens in each sequence including the current one; budget/recent: int or [B].
+    capacity defaults to the largest budget; max_block_len bounds the block length (static
+    shapes; defaults to a host read of the longest block)."""
+    dev = table.starts.device
+    seq = seq_lens.to(dev).long()
+    b = seq.numel()
+    bud = _as_batch(budget, b, dev)
+    rec = _as_batch(recent, b, dev)
+    r0 = torch.maximum(seq - rec, torch.full_like(seq, sink))
+    st = table.starts.long()
+    cs = torch.maximum(st, torch.full_like(st, sink))
+    clen = (torch.minimum(st + table.lens.long(), r0[:, None]) - cs).clamp(min=0)
+    dense = seq <= bud
+    clen = clen.masked_fill(dense[:, None], 0)
+    return SelectionPlan(
+        clip_start=cs, clip_len=clen, seq_lens=seq, recent_start=r0,
+        block_budget=(bud - sink - (seq - r0)).clamp(min=0), dense=dense, sink=sink,
+        capacity=int(bud.max()) if capacity is None else capacity,
+        max_clip_len=int(table.lens.max()) if max_block_len is None else max_block_len,
+    )
+
+
+def select(scores: torch.Tensor, plan: SelectionPlan) -> Selection:
+    """Positions each (request, KV head) attends to: sink + kept blocks + recent window.
+    scores: [B, Hkv, NB] (-inf = no block). Device-only ops, static shapes."""
+    b, hkv, nb = scores.shape
+    dev = scores.device
+    cap, sink, seq, r0, dense = plan.capacity, plan.sink, plan.seq_lens, plan.recent_start, plan.dense
+    clen = plan.clip_len
+    ok = (clen > 0)[:, None, :] & torch.isfinite(scores)
+
+    # Greedy prefix of the score order that fits the block budget.
+    key = scores.masked_fill(~ok, float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ok_sorted = torch.gather(ok, 2, order)
+    len_sorted = torch.gather(clen[:, None, :].expand(b, hkv, nb), 2, order) * ok_sorted
+    fill = torch.cumsum(len_sorted, dim=-1)
+    keep_sorted = ok_sorted & (fill <= plan.block_budget[:, None, None])
+    len_sorted = len_sorted * keep_sorted
+    offset = sink + fill - len_sorted  # where each kept block's positions go
+
+    out = torch.full((b, hkv, cap + 1), -1, dtype=torch.long, device=dev)
+    if plan.max_clip_len > 0 and nb > 0:
+        t = torch.arange(plan.max_clip_len, device=dev)
+        cs_sorted = torch.gather(plan.clip_start[:, None, :].expand(b, hkv, nb), 2, order)
+        put = t < len_sorted[..., None]  # [B, Hkv, NB, S]
+        dst = torch.where(put, offset[..., None] + t, cap)
+        val = torch.where(put, cs_sorted[..., None] + t, -1)
+        out.scatter_(2, dst.view(b, hkv, -1), val.view(b, hkv, -1))
+    out = out[..., :cap]
+
+    # Sink and recent window (or everything, for a dense request).
+    j = torch.arange(cap, device=dev)[None, None, :]
+    rec_at = sink + len_sorted.sum(-1)  # [B, Hkv]: recent positions follow the kept blocks
+    rec_pos = r0[:, None, None] + (j - rec_at[..., None])
+    sparse = ~dense[:, None, None]
+    is_sink = (j < sink) & sparse
+    is_rec = (j >= rec_at[..., None]) & (rec_pos < seq[:, None, None]) & sparse
+    is_all = ~sparse & (j < seq[:, None, None])
+    out = torch.where(is_sink | is_all, j.expand(b, hkv, cap), out)
+    out = torch.where(is_rec, rec_pos, out)
+    counts = torch.where(dense[:, None], seq[:, None].expand(b, hkv), rec_at + (seq - r0)[:, None])
+    kept = torch.zeros_like(ok).scatter_(2, order, keep_sorted)
+    return Selection(out, counts, kept)
+
+
+def select_positions(
+    scores: torch.Tensor, table: BlockTable, seq_lens: torch.Tensor, budget, sink: int, recent,
+    capacity: int | None = None,
+) -> Selection:
+    """plan_selection + select in one call."""
+    return select(scores, plan_selection(table, seq_lens, budget, sink, recent, capacity))
+
+
+def positions_to_slots(positions: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Map positions [B, Hkv, N] (-1 = pad) to KV slots through token_slots [B, T]."""
+    b, h, n = positions.shape
+    flat = positions.clamp(min=0).view(b, h * n)
+    slots = torch.gather(token_slots.long(), 1, flat).view(b, h, n)
+    return torch.where(positions >= 0, slots, -1)
