@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+DEFAULT_BUDGET = 1024
 STRATEGIES = ("dynsplit", "fixed", "delimiter", "streaming")
 CANDIDATE_MODES = ("punct", "all")
 
@@ -35,11 +36,11 @@ class DynSplitConfig:
 
     The budget is the number of K/V tokens each KV head of each compressed layer attends to at a
     decode step, sink and recent window included. Give it either as tokens (``budget``) or as a
-    fraction of the context (``budget_fraction``); exactly one of the two is set.
+    fraction of the context (``budget_fraction``), not both; with neither, DEFAULT_BUDGET tokens.
     """
 
     strategy: str = "dynsplit"
-    budget: int | None = 1024
+    budget: int | None = None  # default: DEFAULT_BUDGET tokens when no fraction is given
     budget_fraction: float | None = None
     block_size: int = 16  # C: the target block length
     tolerance: int = 4  # Δ: block lengths stay in [C-Δ, C+Δ]
@@ -52,6 +53,8 @@ class DynSplitConfig:
     score_layers: int = 4  # layers (evenly spaced) averaged in the importance score; 0 = all
 
     def __post_init__(self) -> None:
+        if self.budget is None and self.budget_fraction is None:
+            object.__setattr__(self, "budget", DEFAULT_BUDGET)
         _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
         _require(
             (self.budget is None) != (self.budget_fraction is None),

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from dynsplit_sglang.core import ConfigError, DynSplitConfig
+
+BAD = [
+    ("strategy", "quest", "strategy"),
+    ("block_size", 1, "block_size"),
+    ("block_size", 16.0, "block_size"),
+    ("tolerance", 16, "tolerance"),
+    ("tolerance", -1, "tolerance"),
+    ("alpha", float("nan"), "alpha"),
+    ("alpha", -0.5, "alpha"),
+    ("future_window", 0, "future_window"),
+    ("sink", -1, "sink"),
+    ("recent", 0, "recent"),
+    ("candidates", "words", "candidates"),
+    ("dense_layers", -2, "dense_layers"),
+    ("score_layers", True, "score_layers"),
+    ("budget", 10, "budget"),  # below sink + recent
+]
+
+
+@pytest.mark.parametrize("field,value,named", BAD)
+def test_invalid_values_name_the_field(field, value, named):
+    with pytest.raises(ConfigError, match=named):
+        DynSplitConfig(**{field: value})
+
+
+def test_budget_given_twice_or_out_of_range():
+    with pytest.raises(ConfigError, match="exactly one"):
+        DynSplitConfig(budget=256, budget_fraction=0.25)
+    assert DynSplitConfig(budget=None, budget_fraction=None).budget == 1024
+    with pytest.raises(ConfigError, match="budget_fraction"):
+        DynSplitConfig(budget=None, budget_fraction=1.5)
+
+
+def test_budget_below_sink_plus_recent_message():
+    with pytest.raises(ConfigError, match=r"sink \+ recent = 68"):
+        DynSplitConfig(budget=67)
+    assert DynSplitConfig(budget=68).token_budget(10_000) == 68
+
+
+def test_fraction_budget_resolves_per_context_and_floors_at_sink_plus_recent():
+    cfg = DynSplitConfig(budget_fraction=0.125)
+    assert cfg.token_budget(8192) == 1024
+    assert cfg.token_budget(100) == cfg.sink + cfg.recent
+
+
+def test_json_round_trip_and_unknown_field():
+    cfg = DynSplitConfig(strategy="fixed", budget=512, tolerance=0)
+    assert DynSplitConfig.from_json(json.dumps(cfg.to_dict())) == cfg
+    assert DynSplitConfig.from_dict({"budget_fraction": 0.25}).budget is None
+    with pytest.raises(ConfigError, match="unknown field"):
+        DynSplitConfig.from_dict({"bugdet": 3})
+    with pytest.raises(ConfigError, match="JSON"):
+        DynSplitConfig.from_json("{budget: 3")
+
+
+def test_scored_layers_evenly_spaced():
+    cfg = DynSplitConfig(score_layers=4)
+    assert cfg.scored_layers(30) == [3, 11, 18, 26]
+    assert cfg.scored_layers(3) == [0, 1, 2]
+    assert DynSplitConfig(score_layers=0).scored_layers(5) == [0, 1, 2, 3, 4]
+
+
+def test_streaming_spends_budget_on_recent():
+    cfg = DynSplitConfig(strategy="streaming", budget=256)
+    assert cfg.recent_for(256) == 256 - cfg.sink
+    assert DynSplitConfig(budget=256).recent_for(256) == 64

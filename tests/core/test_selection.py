@@ -1,0 +1,137 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynsplit_sglang.core import (
+    BlockTable, DynSplitConfig, block_summaries, contiguous_slots, plan_selection,
+    positions_to_slots, score_blocks, score_blocks_ragged, segment, select, select_positions,
+    summarize, summarize_ragged,
+)
+
+
+def _table(seq_lens, cfg, seed=0):
+    ends = []
+    for i, n in enumerate(seq_lens):
+        g = torch.Generator().manual_seed(seed + i)
+        ends.append(segment(cfg, n, torch.randn(n, generator=g),
+                            torch.rand(n, generator=g) < 0.3).ends)
+    return BlockTable.from_ends(ends)
+
+
+def test_summaries_equal_ragged_min_max_and_skip_negative_index():
+    torch.manual_seed(0)
+    cfg = DynSplitConfig()
+    k = torch.randn(2, 90, 3, 8)
+    table = _table([90, 61], cfg)
+    kmin, kmax = summarize(k, table, cfg.max_block_len)
+    for b in range(2):
+        nb = int(table.counts[b])
+        ends = (table.starts[b, :nb] + table.lens[b, :nb] - 1).long()
+        lo, hi = summarize_ragged(k[b], ends)
+        assert torch.equal(kmin[b, :nb], torch.stack(lo)) and torch.equal(kmax[b, :nb], torch.stack(hi))
+    out = torch.full((5, 3, 8), float("nan"))
+    idx = torch.full(table.starts.shape, -1, dtype=torch.long)
+    idx[0, 2] = 4
+    block_summaries(k.view(-1, 3, 8), contiguous_slots(2, 90), table, out, out.clone(), idx, 20)
+    assert torch.equal(out[4], kmin[0, 2]) and torch.isnan(out[:4]).all()
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (7, 1), (32, 8)])
+def test_quest_bound_upper_bounds_every_key_and_matches_ragged(hq, hkv):
+    torch.manual_seed(hq)
+    cfg = DynSplitConfig()
+    d = 16
+    k = torch.randn(1, 120, hkv, d)
+    q = torch.randn(1, hq, d)
+    table = _table([120], cfg)
+    kmin, kmax = summarize(k, table, cfg.max_block_len)
+    nb = int(table.counts[0])
+    idx = torch.arange(table.capacity)[None].masked_fill(table.lens == 0, -1)
+    s = score_blocks(q, kmin[0], kmax[0], idx)
+    assert torch.isinf(s[..., nb:]).all()
+    qg = q[0].view(hkv, hq // hkv, d)
+    for j in range(nb):
+        a, n = int(table.starts[0, j]), int(table.lens[0, j])
+        true_max = torch.einsum("hgd,thd->hgt", qg, k[0, a : a + n]).amax(dim=(1, 2))
+        assert bool((s[0, :, j] >= true_max - 1e-5).all())
+    ragged = score_blocks_ragged(q[0], list(kmin[0, :nb]), list(kmax[0, :nb]))
+    torch.testing.assert_close(s[0, :, :nb], ragged)
+
+
+@settings(max_examples=80, deadline=None)
+@given(lens=st.lists(st.integers(1, 300), min_size=1, max_size=5),
+       budget=st.integers(20, 400), sink=st.integers(0, 8), recent=st.integers(1, 12),
+       seed=st.integers(0, 1000))
+def test_selection_invariants(lens, budget, sink, recent, seed):
+    budget = max(budget, sink + recent)
+    cfg = DynSplitConfig(budget=budget, sink=sink, recent=recent, block_size=12, tolerance=4)
+    torch.manual_seed(seed)
+    table = _table(lens, cfg, seed)
+    hkv = 2
+    scores = torch.randn(len(lens), hkv, table.capacity).masked_fill(table.lens[:, None] == 0,
+                                                                     float("-inf"))
+    seq = torch.tensor(lens)
+    sel = select_positions(scores, table, seq, budget, sink, recent)
+    assert sel.positions.shape == (len(lens), hkv, budget)
+    for b, n in enumerate(lens):
+        for h in range(hkv):
+            row = sel.positions[b, h]
+            real = row[row >= 0]
+            assert real.numel() == int(sel.counts[b, h]) <= budget  # never over budget
+            assert torch.equal(row[: real.numel()], real)  # padding only at the end
+            assert len(set(real.tolist())) == real.numel() and int(real.max()) < n
+            have = set(real.tolist())
+            if n <= budget:
+                assert have == set(range(n))  # short requests run dense
+                continue
+            assert set(range(sink)) <= have  # sink always kept
+            assert set(range(n - recent, n)) <= have  # recent window always kept
+            # Kept blocks: the longest prefix of the score order that fits the block budget,
+            # each whole once clipped to the middle region [sink, n - recent).
+            clip = {}
+            for j in range(int(table.counts[b])):
+                a = max(int(table.starts[b, j]), sink)
+                e = min(int(table.starts[b, j] + table.lens[b, j]), n - recent)
+                if e > a:
+                    clip[j] = (a, e)
+            order = sorted(clip, key=lambda j: (-float(scores[b, h, j]), j))
+            want, used = [], 0
+            for j in order:
+                if used + clip[j][1] - clip[j][0] > budget - sink - recent:
+                    break
+                used += clip[j][1] - clip[j][0]
+                want.append(j)
+            assert sorted(want) == sel.blocks[b, h].nonzero().flatten().tolist()
+            expect = set(range(sink)) | set(range(n - recent, n))
+            for j in want:
+                expect |= set(range(*clip[j]))
+            assert have == expect
+
+
+def test_plan_once_select_per_layer_equals_one_shot():
+    cfg = DynSplitConfig(budget=100, recent=20)
+    table = _table([400, 250], cfg)
+    seq = torch.tensor([400, 250])
+    plan = plan_selection(table, seq, 100, 4, 20)
+    for seed in range(3):
+        scores = torch.randn(2, 3, table.capacity, generator=torch.Generator().manual_seed(seed))
+        a = select(scores, plan)
+        b = select_positions(scores, table, seq, 100, 4, 20)
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.counts, b.counts)
+
+
+def test_per_request_budget_and_recent():
+    cfg = DynSplitConfig(budget=200, recent=10)
+    table = _table([500, 500], cfg)
+    scores = torch.randn(2, 1, table.capacity)
+    sel = select_positions(scores, table, torch.tensor([500, 500]), torch.tensor([200, 80]), 4,
+                           torch.tensor([10, 76]))
+    assert int(sel.counts[0, 0]) <= 200 and int(sel.counts[1, 0]) == 80
+    assert set(range(424, 500)) <= set(sel.positions[1, 0].tolist())
+
+
+def test_positions_to_slots_keeps_padding():
+    pos = torch.tensor([[[0, 2, -1]]])
+    slots = torch.tensor([[10, 11, 12]])
+    assert positions_to_slots(pos, slots).tolist() == [[[10, 12, -1]]]
