@@ -1,0 +1,381 @@
+"""The per-model-runner DynSplit state machine, fed by an attention backend, free of SGLang types.
+
+One request row's life: its first extend reuses the blocks of the radix-shared prefix that were
+decided with everything they depend on in view (their end slot is in the shared region, their
+look-ahead too); each extend adds the votes of the scored layers' queries and finalises the blocks
+whose decision can no longer change; the first decode step closes the prompt (the tail blocks
+are decided with the votes available, and are not offered for reuse); every decode step freezes
+the generated tokens into fixed blocks of C; decode attends to sink + selected blocks + recent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..core import BlockTable, DynSplitConfig, candidates_for, layer_votes, segment
+from ..kernels.dispatch import block_summaries
+from ..kernels.wrapper import SparseDecodeWrapper
+from .store import BlockStore
+
+_KIND_DECODE = 1  # fixed blocks of generated tokens, identical for every strategy
+
+
+@dataclass
+class BatchView:
+    """What a forward tells the compressor; lists are per request, in batch order."""
+
+    rows: list[int]
+    generations: list[int]
+    seq_lens: list[int]  # tokens in the sequence once this forward has run
+    prefix_lens: list[int]  # tokens already in the cache before it
+    input_ids: torch.Tensor  # the new tokens, requests concatenated
+    out_cache_loc: torch.Tensor  # their slots
+    is_decode: bool
+    configs: list[DynSplitConfig] | None = None  # per-request overrides (None = the default)
+
+
+@dataclass
+class RowState:
+    generation: int
+    cfg: DynSplitConfig
+    shared_len: int  # slots [0, shared_len) were matched in the radix tree: owned by others
+    shared_votes: torch.Tensor  # own votes for candidates just before shared_len
+    next_start: int = 0  # where segmentation resumes
+    nblocks: int = 0
+    prompt_done: bool = False
+    fallback: bool = False  # metadata did not fit: attend densely
+    local: list[int] = field(default_factory=list)  # entries only this row references
+
+
+def _kind(cfg: DynSplitConfig) -> int:
+    key = (cfg.strategy, cfg.block_size, cfg.tolerance, cfg.alpha, cfg.future_window, cfg.sink,
+           cfg.candidates, cfg.score_layers)
+    return hash(key) & 0x3FFFFFFFFFFFFFFF | 2
+
+
+class Compressor:
+    def __init__(
+        self,
+        cfg: DynSplitConfig,
+        num_layers: int,
+        num_q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+        num_slots: int,
+        max_rows: int,
+        max_context: int,
+        req_to_token: torch.Tensor,
+        key_buffer: Callable[[int], torch.Tensor],
+        vocab_masks: dict[str, torch.Tensor],
+    ) -> None:
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.kv_heads = kv_heads
+        self.req_to_token = req_to_token
+        self.key_buffer = key_buffer
+        self.vocab_masks = vocab_masks
+        self.scored = set(cfg.scored_layers(num_layers))
+        self.first_compressed = min(cfg.dense_layers, num_layers)
+        min_len = max(1, cfg.block_size - cfg.tolerance)
+        self.store = BlockStore(
+            num_slots=num_slots,
+            max_rows=max_rows,
+            max_blocks_per_row=max_context // min_len + 4,
+            max_entries=2 * (num_slots // min_len) + 8 * max_rows + 64,
+            compressed_layers=num_layers - self.first_compressed,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            future_window=cfg.future_window,
+            dtype=dtype,
+            device=device,
+        )
+        self.token = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        self.rows: dict[int, RowState] = {}
+        self.stats: Counter = Counter()
+        self.stats_path = os.environ.get("DYNSPLIT_STATS_PATH")
+        self.batch: BatchView | None = None
+        self._votes: list[torch.Tensor] = []
+        self._sparse = False  # this decode step has a request longer than its budget
+        self.wrapper = SparseDecodeWrapper(num_q_heads, kv_heads, head_dim)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def begin_forward(self, batch: BatchView) -> None:
+        self.batch = batch
+        self.store.invalidate_slots(batch.out_cache_loc)
+        self.token[batch.out_cache_loc.long()] = batch.input_ids.long()
+        states = [self._row_state(i) for i in range(len(batch.rows))]
+        if batch.is_decode:
+            for i, st in enumerate(states):
+                self._advance_decode(st, batch.rows[i], batch.seq_lens[i] - 1)
+            self._sparse = self._plan_decode(states)
+        else:
+            self._sparse = False
+            self._votes = [
+                torch.zeros(s - p, self.cfg.future_window, device=batch.input_ids.device)
+                for s, p in zip(batch.seq_lens, batch.prefix_lens)
+            ]
+        self._dump_stats()
+
+    def extend_layer(self, layer_id: int, q: torch.Tensor, k_buffer: torch.Tensor, scale) -> None:
+        """Votes of one layer's new queries (q: [tokens, Hq, D], post-RoPE)."""
+        if layer_id not in self.scored:
+            return
+        b, off = self.batch, 0
+        for i, row in enumerate(b.rows):
+            n = b.seq_lens[i] - b.prefix_lens[i]
+            st = self.rows[row]
+            if st.cfg.strategy == "dynsplit" and not st.prompt_done and n > 0:
+                keys = k_buffer[self.req_to_token[row, : b.seq_lens[i]].long()]
+                self._votes[i] += layer_votes(q[off:off + n], keys, b.prefix_lens[i], st.cfg,
+                                              scale=scale)
+            off += n
+
+    def end_extend(self) -> None:
+        """After the last layer: keep the votes and finalise the blocks that are now settled."""
+        b = self.batch
+        for i, row in enumerate(b.rows):
+            st = self.rows[row]
+            if st.prompt_done:
+                continue
+            self._commit_votes(st, row, b.prefix_lens[i], self._votes[i])
+            self._segment(st, row, b.seq_lens[i], complete=False)
+
+    def decode_layer(self, layer_id, q, k_buffer, v_buffer, scale) -> torch.Tensor | None:
+        """Compressed decode attention for this layer, or None where dense attention applies."""
+        if not self._sparse or layer_id < self.first_compressed:
+            return None
+        li = layer_id - self.first_compressed
+        out = self.wrapper.run(q, k_buffer, v_buffer, self.store.kmin[li], self.store.kmax[li],
+                               scale)
+        self.stats["tokens_attended"] += int(self.wrapper.tokens_attended().sum())
+        self.stats["tokens_dense"] += int(self.wrapper.plan_.seq_lens.sum()) * self.kv_heads
+        return out
+
+    def clear(self) -> None:
+        """The KV pool was flushed: no slot-keyed metadata survives."""
+        for st in self.rows.values():
+            self.store.release_entries(st.local)
+        self.rows.clear()
+        self.store.clear()
+
+    # -- rows -------------------------------------------------------------------------------
+
+    def _row_state(self, i: int) -> RowState:
+        b = self.batch
+        row, gen = b.rows[i], b.generations[i]
+        st = self.rows.get(row)
+        if st is not None and st.generation == gen:
+            return st
+        if st is not None:  # the row was reused by a new request
+            self.store.release_entries(st.local)
+        cfg = b.configs[i] if b.configs and b.configs[i] is not None else self.cfg
+        wf = cfg.future_window
+        st = RowState(gen, cfg, shared_len=b.prefix_lens[i],
+                      shared_votes=torch.zeros(wf, wf, device=b.input_ids.device))
+        self.rows[row] = st
+        self.stats["requests"] += 1
+        self._reuse_prefix(st, row)
+        return st
+
+    def _reuse_prefix(self, st: RowState, row: int) -> None:
+        """Adopt the blocks of the radix-shared prefix, in chain order from position 0, as long as
+        their decision depended on shared tokens only."""
+        p = st.shared_len
+        if p == 0 or st.cfg.strategy == "streaming":
+            return
+        s = self.store
+        slots = self.req_to_token[row, :p].long()
+        ends = torch.nonzero(s.end_entry[slots] >= 0).flatten().tolist()
+        kind = _kind(st.cfg)
+        expect, adopted = 0, []
+        for e_pos in ends:
+            e = int(s.end_entry[slots[e_pos]])
+            # The decision saw only shared tokens: either its whole look-ahead lies inside the
+            # shared prefix (then it is what this request would decide alone), or everything
+            # known when it was taken does (a later turn of the same conversation).
+            horizon, known = int(s.e_horizon[e]), int(s.e_known[e])
+            settled = horizon <= min(known, p) - 1 or known <= p
+            ok = (settled and int(s.e_start[e]) == expect
+                  and int(s.e_kind[e]) in (kind, _KIND_DECODE)
+                  and int(s.e_start_slot[e]) == int(slots[expect]))
+            if not ok:
+                break
+            adopted.append((expect, e_pos - expect + 1, e))
+            expect = e_pos + 1
+        if adopted and self._fits(st, len(adopted)):
+            starts, lens, ents = zip(*adopted)
+            self._append_row(st, row, list(starts), list(lens), list(ents))
+            st.next_start = expect
+            self.stats["blocks_reused"] += len(adopted)
+
+    def _fits(self, st: RowState, n: int) -> bool:
+        if st.nblocks + n > self.store.max_blocks_per_row:
+            st.fallback = True
+            self.stats["fallback_rows"] += 1
+            return False
+        return True
+
+    def _append_row(self, st, row, starts, lens, ents) -> None:
+        s, a, n = self.store, st.nblocks, len(starts)
+        s.row_start[row, a:a + n] = torch.tensor(starts, dtype=torch.int32)
+        s.row_len[row, a:a + n] = torch.tensor(lens, dtype=torch.int32)
+        s.row_entry[row, a:a + n] = torch.tensor(ents, dtype=torch.int64)
+        st.nblocks += n
+
+    # -- votes and segmentation ---------------------------------------------------------------
+
+    def _commit_votes(self, st: RowState, row: int, q_start: int, votes: torch.Tensor) -> None:
+        """Votes for own slots go to the store; votes for shared candidates stay with the row."""
+        n, wf = votes.shape
+        if n == 0 or st.cfg.strategy != "dynsplit":
+            return
+        dev = votes.device
+        t = torch.arange(n, device=dev)[:, None]
+        j = torch.arange(wf, device=dev)[None, :]
+        cand = q_start + t - j - 1
+        own = cand >= st.shared_len
+        jj = j.expand(n, wf)
+        if bool(own.any()):
+            slots = self.req_to_token[row, cand[own]].long()
+            self.store.votes[slots, jj[own]] = votes[own]
+        base = st.shared_len - wf
+        shared = (cand >= max(base, 0)) & (cand < st.shared_len)
+        if bool(shared.any()):
+            st.shared_votes[cand[shared] - base, jj[shared]] = votes[shared]
+
+    def _scores(self, st: RowState, row: int, lo: int, length: int) -> torch.Tensor:
+        wf = st.cfg.future_window
+        dev = self.store.votes.device
+        pos = torch.arange(lo, length, device=dev)
+        v = self.store.votes[self.req_to_token[row, lo:length].long()]
+        q = pos[:, None] + torch.arange(wf, device=dev)[None, :] + 1
+        base = st.shared_len - wf
+        mine = (pos[:, None] < st.shared_len) & (q >= st.shared_len) & (pos[:, None] >= base)
+        if bool(mine.any()):
+            local = st.shared_votes[(pos - base).clamp(0, wf - 1)]
+            v = torch.where(mine, local, v)
+        voted = q < length
+        cnt = voted.sum(1) * len(self.scored)
+        s = (v * voted).sum(1) / cnt.clamp(min=1)
+        return torch.where(cnt > 0, s, torch.full_like(s, float("-inf")))
+
+    def _segment(self, st: RowState, row: int, length: int, complete: bool) -> None:
+        cfg, lo = st.cfg, st.next_start
+        if cfg.strategy == "streaming" or lo >= length or st.fallback:
+            return
+        scores = cands = None
+        if cfg.strategy in ("dynsplit", "delimiter"):
+            mode = cfg.candidates if cfg.strategy == "dynsplit" else "sentence"
+            ids = torch.zeros(length, dtype=torch.int64, device=self.token.device)
+            ids[lo:] = self.token[self.req_to_token[row, lo:length].long()]
+            cands = candidates_for(ids, self.vocab_masks[mode])
+        if cfg.strategy == "dynsplit":
+            scores = torch.zeros(length, device=self.store.votes.device)
+            scores[lo:] = self._scores(st, row, lo, length)
+        seg = segment(cfg, length, scores, cands, start=lo, complete=complete)
+        if seg.ends.numel() == 0:
+            return
+        starts, lens = seg.starts.tolist(), seg.lengths.tolist()
+        if cfg.strategy == "fixed":
+            horizon = [a + n - 1 for a, n in zip(starts, lens)]
+        else:
+            horizon = [a + cfg.block_size - 1 + cfg.tolerance + cfg.lookahead for a in starts]
+        self._add_blocks(st, row, starts, lens, horizon, length, _kind(cfg))
+        st.next_start = seg.next_start
+
+    def _advance_decode(self, st: RowState, row: int, cached: int) -> None:
+        """Close the prompt on the first decode step, then freeze generated tokens into blocks."""
+        if not st.prompt_done:
+            self._segment(st, row, cached, complete=True)
+            st.prompt_done = True
+        if st.cfg.strategy == "streaming" or st.fallback:
+            return
+        c = st.cfg.block_size
+        n = (cached - st.next_start) // c
+        if n > 0:
+            starts = [st.next_start + k * c for k in range(n)]
+            self._add_blocks(st, row, starts, [c] * n, [a + c - 1 for a in starts], cached,
+                             _KIND_DECODE)
+            st.next_start += n * c
+
+    def _add_blocks(self, st, row, starts, lens, horizon, known, kind) -> None:
+        s, n = self.store, len(starts)
+        if not self._fits(st, n):
+            return
+        ents = s.alloc_entries(n)
+        if ents is None:
+            st.fallback = True
+            self.stats["fallback_rows"] += 1
+            return
+        dev = s.e_start.device
+        e = torch.tensor(ents, dtype=torch.int64, device=dev)
+        st_t = torch.tensor(starts, dtype=torch.int64, device=dev)
+        ln_t = torch.tensor(lens, dtype=torch.int64, device=dev)
+        hz_t = torch.tensor(horizon, dtype=torch.int64, device=dev)
+        row_slots = self.req_to_token[row]
+        s.e_start[e], s.e_len[e], s.e_horizon[e] = st_t, ln_t, hz_t
+        s.e_start_slot[e] = row_slots[st_t].long()
+        s.e_known[e] = known
+        s.e_kind[e] = kind
+        table = BlockTable(st_t[None].int(), ln_t[None].int())
+        width = max(lens)
+        for li in range(s.kmin.shape[0]):
+            k = self.key_buffer(self.first_compressed + li)
+            block_summaries(k, row_slots[None], table, s.kmin[li], s.kmax[li], e[None], width)
+        end_pos = st_t + ln_t - 1
+        owned = end_pos >= st.shared_len
+        s.end_entry[row_slots[end_pos[owned]].long()] = e[owned].int()
+        st.local.extend(e[~owned].tolist())
+        self._append_row(st, row, starts, lens, ents)
+        self.stats["blocks_built"] += n
+
+    # -- decode plan ----------------------------------------------------------------------------
+
+    def _plan_decode(self, states: list[RowState]) -> bool:
+        b = self.batch
+        seq = b.seq_lens
+        budgets = [st.cfg.token_budget(n) if not st.fallback else n for st, n in zip(states, seq)]
+        if all(n <= bud for n, bud in zip(seq, budgets)):
+            self.stats["dense_steps"] += 1
+            return False
+        self.stats["sparse_steps"] += 1
+        dev = self.store.row_start.device
+        rows = torch.tensor(b.rows, dtype=torch.long, device=dev)
+        nb = max(1, max(st.nblocks for st in states))
+        table = BlockTable(self.store.row_start[rows, :nb], self.store.row_len[rows, :nb])
+        summary_index = self.store.row_entry[rows, :nb].clone()
+        summary_index[table.lens == 0] = -1
+        recents = [st.cfg.recent_for(bud) for st, bud in zip(states, budgets)]
+        self.wrapper.plan(
+            table,
+            summary_index,
+            self.req_to_token[rows, : max(seq)],
+            torch.tensor(seq, device=dev),
+            torch.tensor(budgets, device=dev),
+            self.cfg.sink,
+            torch.tensor(recents, device=dev),
+            capacity=max(budgets),
+            max_block_len=max(st.cfg.max_block_len for st in states),
+        )
+        return True
+
+    def _dump_stats(self) -> None:
+        if not self.stats_path:
+            return
+        data = dict(self.stats)
+        if data.get("tokens_dense"):
+            data["compression_ratio"] = data["tokens_dense"] / max(1, data["tokens_attended"])
+        d = os.path.dirname(self.stats_path) or "."
+        with tempfile.NamedTemporaryFile("w", dir=d, delete=False) as f:
+            json.dump(data, f)
+        os.replace(f.name, self.stats_path)

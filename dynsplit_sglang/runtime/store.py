@@ -1,0 +1,98 @@
+"""Block metadata that lives with the KV pool, keyed by physical KV slot.
+
+Radix sharing means requests with a common prefix read the *same physical slots*; metadata keyed
+by slot is therefore shared for free and survives node splits (slots never move). Three kinds:
+
+* per slot: the candidate-delimiter flag of its token, and its importance votes, one column per
+  future offset j (the vote of the query j+1 positions later). Keeping columns apart lets a request
+  that shares a prefix take exactly the votes of the shared queries and add its own.
+* per block: an entry (start position/slot, length, decision horizon, the sequence length
+  known when it was decided, the segmentation it belongs to) and its min/max key summaries for every
+  compressed layer. A block is registered under its *end* slot only when that slot is owned by
+  the request that decided it, so two requests never write the same key.
+* per request row: the fixed-shape block table the decode plan indexes.
+
+Invalidation: every slot handed out again (``out_cache_loc`` of a forward) loses its votes, flag
+and registered block before the forward writes it; entries are recycled through a free list.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class BlockStore:
+    def __init__(
+        self,
+        num_slots: int,
+        max_rows: int,
+        max_blocks_per_row: int,
+        max_entries: int,
+        compressed_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        future_window: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.device = device
+        self.cand = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self.votes = torch.zeros(num_slots, future_window, dtype=torch.float32, device=device)
+        self.end_entry = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
+
+        self.e_start = torch.zeros(max_entries, dtype=torch.int64, device=device)
+        self.e_len = torch.zeros(max_entries, dtype=torch.int64, device=device)
+        self.e_start_slot = torch.zeros(max_entries, dtype=torch.int64, device=device)
+        self.e_horizon = torch.zeros(max_entries, dtype=torch.int64, device=device)
+        self.e_known = torch.zeros(max_entries, dtype=torch.int64, device=device)
+        self.e_kind = torch.zeros(max_entries, dtype=torch.int64, device=device)
+        self.kmin = torch.zeros(compressed_layers, max_entries, kv_heads, head_dim, dtype=dtype,
+                                device=device)
+        self.kmax = torch.zeros_like(self.kmin)
+        self.free_entries: list[int] = list(range(max_entries - 1, -1, -1))
+
+        self.row_start = torch.zeros(max_rows, max_blocks_per_row, dtype=torch.int32, device=device)
+        self.row_len = torch.zeros_like(self.row_start)
+        self.row_entry = torch.full((max_rows, max_blocks_per_row), -1, dtype=torch.int64,
+                                    device=device)
+
+    @property
+    def max_blocks_per_row(self) -> int:
+        return self.row_start.shape[1]
+
+    # -- entries ----------------------------------------------------------------------------
+
+    def alloc_entries(self, n: int) -> list[int] | None:
+        if n > len(self.free_entries):
+            return None
+        out = self.free_entries[-n:] if n else []
+        del self.free_entries[len(self.free_entries) - n:]
+        return out
+
+    def release_entries(self, ids: list[int]) -> None:
+        self.free_entries.extend(ids)
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def invalidate_slots(self, slots: torch.Tensor) -> int:
+        """Forget everything keyed by these slots (they are being written anew). Returns the
+        number of registered blocks dropped."""
+        if slots.numel() == 0:
+            return 0
+        slots = slots.long()
+        ents = self.end_entry[slots]
+        dropped = ents[ents >= 0]
+        if dropped.numel():
+            self.release_entries(dropped.tolist())
+            self.end_entry[slots] = -1
+        self.votes[slots] = 0.0
+        self.cand[slots] = False
+        return int(dropped.numel())
+
+    def clear(self) -> None:
+        """After a cache flush: nothing keyed by a slot is valid any more."""
+        registered = self.end_entry[self.end_entry >= 0].tolist()
+        self.release_entries(registered)
+        self.end_entry.fill_(-1)
+        self.votes.zero_()
+        self.cand.zero_()

@@ -1,0 +1,113 @@
+import random
+
+import pytest
+import torch
+
+from dynsplit_sglang.core import DynSplitConfig
+
+from .sim import VOCAB, SimPool
+
+
+def _tokens(n, seed):
+    rnd = random.Random(seed)
+    return [rnd.randrange(VOCAB) for _ in range(n)]
+
+
+CFG = DynSplitConfig(budget=96, sink=4, recent=16, block_size=12, tolerance=4, future_window=8,
+                     dense_layers=1, score_layers=0)
+
+
+@pytest.mark.parametrize("strategy", ["dynsplit", "fixed", "delimiter"])
+def test_shared_prefix_is_reused_and_split_as_if_alone(strategy):
+    cfg = CFG.replace(strategy=strategy)
+    a = _tokens(300, 1)
+    b = a[:250] + _tokens(70, 2)
+    # Alone: B on a fresh pool.
+    alone = SimPool(cfg)
+    alone.new_row(1)
+    alone.prefill(1, b)
+    alone.decode([1], [b + [5]])
+    # Shared: A first, then B matches A's first 250 tokens in the radix tree.
+    pool = SimPool(cfg)
+    pool.new_row(0)
+    pool.prefill(0, a)
+    pool.decode([0], [a + [7]])
+    built_by_a = pool.comp.stats["blocks_built"]
+    pool.new_row(1)
+    pool.prefill(1, b, shared_len=250, shared_slots=pool.req_to_token[0])
+    pool.decode([1], [b + [5]])
+    assert pool.blocks(1) == alone.blocks(1)
+    reused = pool.comp.stats["blocks_reused"]
+    assert reused >= 250 // (cfg.block_size + cfg.tolerance) - 2
+    # Only the blocks past the reused ones were built for B.
+    assert pool.comp.stats["blocks_built"] - built_by_a == len(pool.blocks(1)) - reused
+
+
+def test_every_shared_block_is_built_once_for_many_requests():
+    prefix = _tokens(400, 3)
+    pool = SimPool(CFG)
+    pool.new_row(0)
+    pool.prefill(0, prefix + _tokens(20, 4))
+    after_first = pool.comp.stats["blocks_built"]
+    for r in range(1, 9):
+        pool.new_row(r)
+        pool.prefill(r, prefix + _tokens(20, 10 + r), 400, pool.req_to_token[0])
+    per_request = (pool.comp.stats["blocks_built"] - after_first) / 8
+    assert per_request <= 4  # only the blocks past the prefix (+ the look-ahead tail)
+    assert pool.comp.stats["blocks_reused"] >= 8 * (after_first - 4)
+
+
+def test_budget_above_context_stays_dense_and_below_attends_at_most_budget():
+    pool = SimPool(CFG.replace(budget=500))
+    pool.new_row(0)
+    toks = _tokens(300, 5)
+    pool.prefill(0, toks)
+    assert all(o is None for o in pool.decode([0], [toks + [1]]))
+    pool = SimPool(CFG)
+    pool.new_row(0)
+    pool.prefill(0, toks)
+    outs = pool.decode([0], [toks + [1]])
+    assert outs[0] is None and all(o is not None for o in outs[1:])  # first layer dense
+    st = pool.comp.stats
+    layers = len(outs) - 1
+    assert st["tokens_attended"] <= CFG.budget * 2 * layers  # 2 KV heads
+    assert st["tokens_dense"] == 301 * 2 * layers
+
+
+def test_slot_reuse_invalidates_registered_blocks():
+    pool = SimPool(CFG)
+    pool.new_row(0)
+    toks = _tokens(200, 6)
+    pool.prefill(0, toks)
+    pool.decode([0], [toks + [1]])
+    st = pool.comp.store
+    registered = int((st.end_entry >= 0).sum())
+    assert registered > 5
+    slots = pool.req_to_token[0, :201].long()
+    pool.free.extend(slots.tolist()[::-1])  # the request finished, its slots were freed
+    pool.new_row(0)
+    pool.prefill(0, _tokens(250, 7))  # the new request is written into the same slots
+    assert int((st.end_entry[slots] >= 0).sum()) <= len(pool.blocks(0))
+    for e in st.end_entry[slots][st.end_entry[slots] >= 0].tolist():
+        assert int(st.e_start[e]) < 250  # every surviving entry belongs to the new request
+
+
+def test_decode_tokens_are_frozen_into_fixed_blocks_and_reused_next_turn():
+    pool = SimPool(CFG)
+    pool.new_row(0)
+    toks = _tokens(150, 8)
+    pool.prefill(0, toks)
+    seq = list(toks)
+    for step in range(40):
+        seq = seq + [step % VOCAB]
+        pool.decode([0], [seq])
+    n_prompt_blocks = sum(1 for s, n in pool.blocks(0) if s < 150)
+    decode_blocks = [(s, n) for s, n in pool.blocks(0) if s >= 150]
+    assert decode_blocks and all(n == CFG.block_size for _, n in decode_blocks)
+    # Next turn: the whole conversation is a radix hit; decode blocks are adopted.
+    pool.new_row(1)
+    turn2 = seq + _tokens(30, 9)
+    pool.prefill(1, turn2, shared_len=len(seq) - 1, shared_slots=pool.req_to_token[0])
+    adopted = pool.blocks(1)[: pool.comp.stats["blocks_reused"]]
+    assert any(s >= 150 for s, _ in adopted)
+    assert len(adopted) >= n_prompt_blocks - 2
