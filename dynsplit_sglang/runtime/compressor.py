@@ -150,6 +150,10 @@ class Compressor:
             self._commit_votes(st, row, b.prefix_lens[i], self._votes[i])
             self._segment(st, row, b.seq_lens[i], complete=False)
 
+    def is_sparse_layer(self, layer_id: int) -> bool:
+        """This decode step attends sparsely in this layer (else SGLang's dense path runs)."""
+        return self._sparse and layer_id >= self.first_compressed
+
     def decode_layer(self, layer_id, q, k_buffer, v_buffer, scale) -> torch.Tensor | None:
         """Compressed decode attention for this layer, or None where dense attention applies."""
         if not self._sparse or layer_id < self.first_compressed:

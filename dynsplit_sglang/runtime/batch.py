@@ -1,0 +1,65 @@
+"""From SGLang 0.5.23's ModelRunner / ForwardBatch to the compressor's SGLang-free inputs."""
+
+from __future__ import annotations
+
+import logging
+
+from ..core.delimiters import candidate_mask
+from ..settings import Settings
+from .compressor import BatchView, Compressor
+
+logger = logging.getLogger(__name__)
+
+
+def _vocab_masks(tokenizer_path: str) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    return {mode: candidate_mask(tok, mode) for mode in ("punct", "all", "sentence")}
+
+
+def build_compressor(model_runner, settings: Settings) -> Compressor:
+    pool = model_runner.token_to_kv_pool
+    req_to_token = model_runner.req_to_token_pool.req_to_token
+    k0 = pool.get_key_buffer(pool.start_layer if hasattr(pool, "start_layer") else 0)
+    num_layers = pool.layer_num
+    sa = model_runner.server_args
+    masks = _vocab_masks(sa.tokenizer_path or sa.model_path)
+    comp = Compressor(
+        settings.config,
+        num_layers=num_layers,
+        num_q_heads=model_runner.model_config.get_num_attention_heads(sa.tp_size),
+        kv_heads=k0.shape[1],
+        head_dim=k0.shape[2],
+        dtype=k0.dtype,
+        device=k0.device,
+        num_slots=k0.shape[0],
+        max_rows=req_to_token.shape[0],
+        max_context=req_to_token.shape[1],
+        req_to_token=req_to_token,
+        key_buffer=pool.get_key_buffer,
+        vocab_masks=masks,
+    )
+    logger.info(
+        "dynsplit-sglang: %s compression on %d layers (%d dense), %d KV heads x %d, %d slots; %s",
+        settings.method, num_layers, comp.first_compressed, k0.shape[1], k0.shape[2], k0.shape[0],
+        settings.config.to_dict(),
+    )
+    return comp
+
+
+def view_of(fb, req_to_token_pool) -> BatchView | None:
+    mode = fb.forward_mode
+    if mode.is_idle() or fb.batch_size == 0:
+        return None
+    decode = mode.is_decode()
+    if not decode and not mode.is_extend():
+        return None
+    rows = fb.req_pool_indices.tolist()
+    seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+    if decode:
+        prefix = [n - 1 for n in seq]
+    else:
+        prefix = list(fb.extend_prefix_lens_cpu)
+    gens = req_to_token_pool.req_generation[rows].tolist()
+    return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode)

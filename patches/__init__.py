@@ -1,0 +1,53 @@
+"""Every hook dynsplit-sglang puts into SGLang 0.5.23 (installed as ``dynsplit_sglang.patches``).
+
+One module per SGLang surface; each names the SGLang symbol and version it touches:
+``server_args`` (the CLI flags), ``engine`` (``sgl.Engine`` keyword arguments), ``attention``
+(the compressed-decode backend). ``cpu_host/`` holds the start-up workarounds that let SGLang run
+on a CPU-only host; they run from a ``.pth`` file, not from here, because SGLang's plugin loader
+runs too late for them.
+
+SGLang logs and swallows a hook that fails to apply, so ``apply_all`` checks that each one really
+did; when KV compression was asked for, a missing hook stops the process with a message instead
+of serving uncompressed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+_applied: list[str] = []
+_done = False
+
+
+def _requested() -> bool:
+    from dynsplit_sglang.settings import ENV
+
+    return bool(os.environ.get(ENV)) or any(a.startswith("--kv-compression") for a in sys.argv)
+
+
+def apply_all() -> list[str]:
+    """Register every SGLang hook once per process; return the names of the hooks applied."""
+    global _done
+    if not _done:
+        _done = True
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        from . import attention, engine, server_args
+
+        targets = server_args.register(HookRegistry, HookType)
+        targets += engine.register(HookRegistry, HookType)
+        HookRegistry.apply_hooks()  # idempotent: load_plugins() applies again, skipping these
+        names = attention.register()
+        missing = [t for t in targets if t not in HookRegistry._patched]
+        missing += [n for n in attention.WRAPPED if n not in attention.applied()]
+        if missing:
+            msg = f"dynsplit-sglang: hooks did not apply: {missing} (is this SGLang 0.5.23?)"
+            if _requested():
+                raise SystemExit(msg)
+            logger.error(msg)
+        _applied.extend(t for t in targets + names if t not in missing)
+    return list(_applied)

@@ -1,0 +1,46 @@
+"""DynSplit compressed decode behind SGLang 0.5.23's own attention backend names.
+
+Registry entry (not a HookRegistry target): ``sglang.srt.layers.attention.attention_registry.
+ATTENTION_BACKENDS["torch_native"]`` is wrapped so that, with compression enabled, the factory
+returns ``DynSplitTorchNativeBackend``. Keeping SGLang's backend name keeps every name-based
+branch of its argument resolution (CUDA-graph and page-size rules) as it is.
+"""
+
+from __future__ import annotations
+
+from dynsplit_sglang.settings import Settings, validate_server_args
+
+REGISTRY = "sglang.srt.layers.attention.attention_registry.ATTENTION_BACKENDS"
+WRAPPED = ("torch_native",)
+
+
+def _wrap(name: str, original):
+    def factory(runner):
+        settings = Settings.from_env()
+        if not settings.enabled:
+            return original(runner)
+        validate_server_args(settings, runner.server_args)
+        from dynsplit_sglang.runtime.torch_native import DynSplitTorchNativeBackend, check_model
+
+        check_model(runner)
+        return DynSplitTorchNativeBackend(runner, settings)
+
+    factory.__dynsplit_wraps__ = original
+    factory.__name__ = f"dynsplit_{name}_factory"
+    return factory
+
+
+def register() -> list[str]:
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    for name in WRAPPED:
+        current = ATTENTION_BACKENDS[name]
+        if not hasattr(current, "__dynsplit_wraps__"):
+            ATTENTION_BACKENDS[name] = _wrap(name, current)
+    return [f"{REGISTRY}[{n!r}]" for n in WRAPPED]
+
+
+def applied() -> list[str]:
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    return [n for n in WRAPPED if hasattr(ATTENTION_BACKENDS.get(n), "__dynsplit_wraps__")]
