@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from ..core import ConfigError
 from ..core.delimiters import candidate_mask
+from ..overrides import parse_request_id
 from ..settings import Settings
 from .compressor import BatchView, Compressor
 
@@ -48,7 +50,18 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
     return comp
 
 
-def view_of(fb, req_to_token_pool) -> BatchView | None:
+def _configs(rids, base):
+    out = []
+    for rid in rids or []:
+        try:
+            out.append(parse_request_id(rid, base))
+        except ConfigError as e:  # the request still runs, with the server's settings
+            logger.error("dynsplit-sglang: %s; using the server's settings", e)
+            out.append(None)
+    return out or None
+
+
+def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
     mode = fb.forward_mode
     if mode.is_idle() or fb.batch_size == 0:
         return None
@@ -62,4 +75,5 @@ def view_of(fb, req_to_token_pool) -> BatchView | None:
     else:
         prefix = list(fb.extend_prefix_lens_cpu)
     gens = req_to_token_pool.req_generation[rows].tolist()
-    return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode)
+    return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode,
+                     _configs(fb.rids, base_config))

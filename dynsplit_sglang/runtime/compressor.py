@@ -149,6 +149,7 @@ class Compressor:
                 continue
             self._commit_votes(st, row, b.prefix_lens[i], self._votes[i])
             self._segment(st, row, b.seq_lens[i], complete=False)
+        self._dump_stats()
 
     def is_sparse_layer(self, layer_id: int) -> bool:
         """This decode step attends sparsely in this layer (else SGLang's dense path runs)."""
@@ -161,8 +162,13 @@ class Compressor:
         li = layer_id - self.first_compressed
         out = self.wrapper.run(q, k_buffer, v_buffer, self.store.kmin[li], self.store.kmax[li],
                                scale)
-        self.stats["tokens_attended"] += int(self.wrapper.tokens_attended().sum())
+        counts = self.wrapper.tokens_attended()
+        self.stats["tokens_attended"] += int(counts.sum())
+        self.stats["max_tokens_attended"] = max(self.stats["max_tokens_attended"], int(counts.max()))
         self.stats["tokens_dense"] += int(self.wrapper.plan_.seq_lens.sum()) * self.kv_heads
+        self.stats["sparse_layer_steps"] += len(self.batch.rows)
+        if layer_id == self.num_layers - 1:
+            self._dump_stats()
         return out
 
     def clear(self) -> None:

@@ -28,7 +28,7 @@ class DynSplitTorchNativeBackend(TorchNativeAttnBackend):
 
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
-        view = view_of(forward_batch, self.req_to_token_pool)
+        view = view_of(forward_batch, self.req_to_token_pool, self.compressor.cfg)
         if view is not None:
             self.compressor.begin_forward(view)
 

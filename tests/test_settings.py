@@ -1,0 +1,112 @@
+"""Flags, environment and per-request overrides (no server)."""
+
+import argparse
+import json
+
+import pytest
+
+from dynsplit_sglang.core import ConfigError, DynSplitConfig
+from dynsplit_sglang.overrides import parse_request_id, request_id
+from dynsplit_sglang.settings import Settings, add_arguments, strip_and_parse, validate_server_args
+
+
+def test_flags_are_split_off_and_parsed():
+    rest, s = strip_and_parse(["--model-path", "m", "--kv-compression", "dynsplit",
+                               "--dynsplit-budget", "512", "--dynsplit-alpha", "0.5", "--port", "1"])
+    assert rest == ["--model-path", "m", "--port", "1"]
+    assert s.method == "dynsplit" and s.config.budget == 512 and s.config.alpha == 0.5
+
+
+def test_json_config_and_flag_precedence():
+    _, s = strip_and_parse(["--kv-compression", "fixed", "--dynsplit-config",
+                            json.dumps({"budget_fraction": 0.25, "recent": 32}),
+                            "--dynsplit-recent", "16"])
+    assert s.config.strategy == "fixed" and s.config.budget_fraction == 0.25
+    assert s.config.recent == 16 and s.config.budget is None
+
+
+def test_no_flags_means_no_settings():
+    assert strip_and_parse(["--model-path", "m"]) == (["--model-path", "m"], None)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--kv-compression", "dynsplit", "--dynsplit-budget", "10"], "budget"),
+    (["--kv-compression", "dynsplit", "--dynsplit-tolerance", "99"], "tolerance"),
+    (["--kv-compression", "dynsplit", "--dynsplit-candidates", "words"], "candidates"),
+    (["--dynsplit-budget", "512"], "need --kv-compression"),
+    (["--kv-compression", "dynsplit", "--dynsplit-config", "{bad"], "not valid JSON"),
+    (["--kv-compression", "fixed", "--dynsplit-config", '{"strategy": "dynsplit"}'], "conflicts"),
+])
+def test_invalid_flags_are_clear_errors(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        strip_and_parse(argv)
+
+
+def test_unknown_method_rejected_by_argparse():
+    with pytest.raises(SystemExit):
+        strip_and_parse(["--kv-compression", "quest"])
+
+
+def test_help_lists_every_flag():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    text = p.format_help()
+    for flag in ("--kv-compression", "--dynsplit-budget", "--dynsplit-block-size",
+                 "--dynsplit-tolerance", "--dynsplit-alpha", "--dynsplit-sink",
+                 "--dynsplit-recent", "--dynsplit-dense-layers", "--dynsplit-config"):
+        assert flag in text
+
+
+def test_env_round_trip(monkeypatch):
+    s = Settings.from_mapping({"kv_compression": "delimiter", "budget": 300})
+    monkeypatch.setenv("SGLANG_DYNSPLIT", s.to_json())
+    assert Settings.from_env() == s
+    monkeypatch.setenv("SGLANG_DYNSPLIT", "{oops")
+    with pytest.raises(ConfigError, match="SGLANG_DYNSPLIT"):
+        Settings.from_env()
+
+
+class _SA:
+    attention_backend = "torch_native"
+    decode_attention_backend = None
+    speculative_algorithm = None
+    disaggregation_mode = "null"
+    enable_hierarchical_cache = False
+    page_size = 1
+    enable_mixed_chunk = False
+    pp_size = 1
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("attention_backend", "flashinfer", "--attention-backend flashinfer"),
+    ("speculative_algorithm", "EAGLE", "speculative"),
+    ("disaggregation_mode", "prefill", "disaggregation"),
+    ("enable_hierarchical_cache", True, "hierarchical"),
+    ("page_size", 16, "page-size"),
+    ("enable_mixed_chunk", True, "mixed-chunk"),
+    ("pp_size", 2, "pp-size"),
+])
+def test_unsupported_combinations(field, value, match):
+    sa = _SA()
+    setattr(sa, field, value)
+    s = Settings.from_mapping({"kv_compression": "dynsplit"})
+    with pytest.raises(ConfigError, match=match):
+        validate_server_args(s, sa)
+    validate_server_args(Settings(), sa)  # compression off: anything goes
+    validate_server_args(s, _SA())
+
+
+def test_request_overrides_round_trip_and_validate():
+    base = DynSplitConfig(budget=1024)
+    rid = request_id(strategy="fixed", budget_fraction=0.125, unique="x1")
+    assert rid == "dynsplit:budget_fraction=0.125,strategy=fixed:x1"
+    cfg = parse_request_id(rid, base)
+    assert cfg.strategy == "fixed" and cfg.budget_fraction == 0.125 and cfg.budget is None
+    assert parse_request_id("plain-rid", base) is None
+    assert parse_request_id(request_id(strategy="none"), base).token_budget(10**6) >= 10**6
+    with pytest.raises(ConfigError, match="per request"):
+        request_id(dense_layers=0)
+    with pytest.raises(ConfigError, match="budget"):
+        request_id(budget=3)
+    with pytest.raises(ConfigError, match="per request"):
+        parse_request_id("dynsplit:sink=2:x", base)
