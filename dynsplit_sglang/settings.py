@@ -143,6 +143,10 @@ def validate_server_args(settings: Settings, sa: Any) -> None:
          "--enable-mixed-chunk: decode inside extend batches would run dense; remove it"),
         (getattr(sa, "pp_size", 1) not in (1, None),
          "--pp-size > 1: pipeline parallelism is not supported"),
+        (getattr(sa, "kv_cache_dtype", "auto") not in ("auto", None, "bfloat16", "float16",
+                                                        "float32"),
+         f"--kv-cache-dtype {getattr(sa, 'kv_cache_dtype', None)}: quantized KV is not "
+         "supported; use auto"),
     ]
     problems += [msg for bad, msg in checks if bad]
     if problems:

@@ -1,8 +1,8 @@
 """DynSplit compressed decode behind SGLang 0.5.23's own attention backend names.
 
 Registry entry (not a HookRegistry target): ``sglang.srt.layers.attention.attention_registry.
-ATTENTION_BACKENDS["torch_native"]`` is wrapped so that, with compression enabled, the factory
-returns ``DynSplitTorchNativeBackend``. Keeping SGLang's backend name keeps every name-based
+ATTENTION_BACKENDS["torch_native"]`` and ``["triton"]`` are wrapped so that, with compression
+enabled, the factory returns the DynSplit subclass of that backend. Keeping SGLang's backend name keeps every name-based
 branch of its argument resolution (CUDA-graph and page-size rules) as it is.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dynsplit_sglang.settings import Settings, validate_server_args
 
 REGISTRY = "sglang.srt.layers.attention.attention_registry.ATTENTION_BACKENDS"
-WRAPPED = ("torch_native",)
+WRAPPED = ("torch_native", "triton")
 
 
 def _wrap(name: str, original):
@@ -20,10 +20,10 @@ def _wrap(name: str, original):
         if not settings.enabled:
             return original(runner)
         validate_server_args(settings, runner.server_args)
-        from dynsplit_sglang.runtime.torch_native import DynSplitTorchNativeBackend, check_model
+        from dynsplit_sglang.runtime.backends import BACKENDS, check_model
 
         check_model(runner)
-        return DynSplitTorchNativeBackend(runner, settings)
+        return BACKENDS[name](runner, settings)
 
     factory.__dynsplit_wraps__ = original
     factory.__name__ = f"dynsplit_{name}_factory"

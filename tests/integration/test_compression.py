@@ -4,45 +4,13 @@ The session server runs ``--kv-compression dynsplit`` with a 64-token budget; re
 strategy or budget through their rid (``dynsplit_sglang.overrides.request_id``).
 """
 
-import json
-import random
-
 import pytest
 
-from dynsplit_sglang.launcher import post_json
 from dynsplit_sglang.overrides import request_id
 
+from .client import flush, generate, stats, text
+
 pytestmark = pytest.mark.server
-
-WORDS = ("the model reads a long document , then answers ; every block ends at a delimiter . "
-         "semantic splitting keeps related tokens together ! code ( x ) differs from prose ? "
-         "\n").split(" ")
-
-
-def text(n_words, seed):
-    rnd = random.Random(seed)
-    return " ".join(rnd.choice(WORDS) for _ in range(n_words))
-
-
-def generate(server, prompts, rids=None, max_new=12):
-    payload = {"text": prompts, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
-                                                    "ignore_eos": True}}
-    if rids is not None:
-        payload["rid"] = rids
-    out = post_json(server.base_url + "/generate", payload)
-    return [o["text"] for o in out], [o["meta_info"] for o in out]
-
-
-def stats(server):
-    return json.loads(server.stats_path.read_text()) if server.stats_path.exists() else {}
-
-
-def flush(server):
-    import urllib.request
-
-    urllib.request.urlopen(urllib.request.Request(server.base_url + "/flush_cache",
-                                                  method="POST"), timeout=60).read()
-
 
 def test_budget_covering_the_context_is_token_identical_to_dense(sglang_server):
     prompts = [text(n, i) for i, n in enumerate([5, 9, 14, 20, 26, 31, 12, 3])]  # all < budget

@@ -1,0 +1,86 @@
+"""SGLang's own attention backends with DynSplit-KV compressed decode.
+
+Prefill stays the backend's dense attention; its queries also vote on delimiter importance.
+Decode of every compressed layer attends to sink + selected blocks + recent window through the
+kernels' plan/run wrapper (Triton kernels on CUDA tensors, the core's torch twins on CPU ones).
+Written against SGLang 0.5.23's ``TorchNativeAttnBackend`` and ``TritonAttnBackend``
+(``init_forward_metadata``, ``forward_extend``, ``forward_decode``).
+"""
+
+from __future__ import annotations
+
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from ..core import ConfigError
+from ..settings import Settings
+from .batch import build_compressor, view_of
+
+
+class _DynSplitMixin:
+    """Put in front of an SGLang backend class; the backend keeps its dense paths."""
+
+    def _init_dynsplit(self, model_runner, settings: Settings) -> None:
+        self.compressor = build_compressor(model_runner, settings)
+        self.last_layer = self.compressor.num_layers - 1
+        self._pool = model_runner.token_to_kv_pool
+        self._rows = model_runner.req_to_token_pool
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        view = view_of(forward_batch, self._rows, self.compressor.cfg)
+        if view is not None:
+            self.compressor.begin_forward(view)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kw)
+        if forward_batch.forward_mode.is_extend() and not layer.is_cross_attention:
+            q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            k_buf = self._pool.get_key_buffer(layer.layer_id)
+            self.compressor.extend_layer(layer.layer_id, q_, k_buf, layer.scaling)
+            if layer.layer_id == self.last_layer:
+                self.compressor.end_extend()
+        return o
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+        if layer.is_cross_attention or not self.compressor.is_sparse_layer(layer.layer_id):
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kw)
+        if save_kv_cache and k is not None and v is not None:
+            self._pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        out = self.compressor.decode_layer(
+            layer.layer_id,
+            q_,
+            self._pool.get_key_buffer(layer.layer_id),
+            self._pool.get_value_buffer(layer.layer_id),
+            layer.scaling,
+        )
+        return out.reshape(q_.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+
+
+class DynSplitTorchNativeBackend(_DynSplitMixin, TorchNativeAttnBackend):
+    def __init__(self, model_runner, settings: Settings):
+        super().__init__(model_runner)
+        self._init_dynsplit(model_runner, settings)
+
+
+class DynSplitTritonBackend(_DynSplitMixin, TritonAttnBackend):
+    def __init__(self, model_runner, settings: Settings):
+        super().__init__(model_runner)
+        self._init_dynsplit(model_runner, settings)
+
+
+BACKENDS = {"torch_native": DynSplitTorchNativeBackend, "triton": DynSplitTritonBackend}
+
+
+def check_model(model_runner) -> None:
+    """Fail at start-up for model families the block store cannot describe."""
+    cfg = model_runner.model_config
+    arch = getattr(cfg, "attention_arch", None)
+    if arch is not None and getattr(arch, "name", str(arch)) != "MHA":
+        raise ConfigError(f"--kv-compression: attention architecture {arch} (MLA/DSA) is not "
+                          "supported; use a model with multi-head or grouped-query attention")
+    if getattr(cfg, "is_hybrid_swa", False) or getattr(cfg, "is_hybrid", False):
+        raise ConfigError("--kv-compression: hybrid (sliding-window or linear) attention models "
+                          "are not supported")
