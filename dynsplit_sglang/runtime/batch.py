@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from ..core import ConfigError
 from ..core.delimiters import candidate_mask
 from ..overrides import parse_request_id
 from ..settings import Settings
 from .compressor import BatchView, Compressor
+from .report import Reporter
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
         req_to_token=req_to_token,
         key_buffer=pool.get_key_buffer,
         vocab_masks=masks,
+        reporter=Reporter(os.environ.get("DYNSPLIT_STATS_PATH"),
+                          prometheus=bool(getattr(sa, "enable_metrics", False))),
     )
     logger.info(
         "dynsplit-sglang: %s compression on %d layers (%d dense), %d KV heads x %d, %d slots; %s",

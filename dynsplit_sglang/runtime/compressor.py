@@ -10,9 +10,7 @@ the generated tokens into fixed blocks of C; decode attends to sink + selected b
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +20,7 @@ import torch
 from ..core import BlockTable, DynSplitConfig, candidates_for, layer_votes, segment
 from ..kernels.dispatch import block_summaries
 from ..kernels.wrapper import SparseDecodeWrapper
+from .report import Reporter
 from .store import BlockStore
 
 _KIND_DECODE = 1  # fixed blocks of generated tokens, identical for every strategy
@@ -76,6 +75,7 @@ class Compressor:
         req_to_token: torch.Tensor,
         key_buffer: Callable[[int], torch.Tensor],
         vocab_masks: dict[str, torch.Tensor],
+        reporter: Reporter | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
@@ -101,7 +101,7 @@ class Compressor:
         self.token = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self.rows: dict[int, RowState] = {}
         self.stats: Counter = Counter()
-        self.stats_path = os.environ.get("DYNSPLIT_STATS_PATH")
+        self.reporter = reporter or Reporter(os.environ.get("DYNSPLIT_STATS_PATH"))
         self.batch: BatchView | None = None
         self._votes: list[torch.Tensor] = []
         self._sparse = False  # this decode step has a request longer than its budget
@@ -380,12 +380,4 @@ class Compressor:
         return True
 
     def _dump_stats(self) -> None:
-        if not self.stats_path:
-            return
-        data = dict(self.stats)
-        if data.get("tokens_dense"):
-            data["compression_ratio"] = data["tokens_dense"] / max(1, data["tokens_attended"])
-        d = os.path.dirname(self.stats_path) or "."
-        with tempfile.NamedTemporaryFile("w", dir=d, delete=False) as f:
-            json.dump(data, f)
-        os.replace(f.name, self.stats_path)
+        self.reporter.report(self.stats)

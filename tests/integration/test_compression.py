@@ -71,3 +71,16 @@ def test_mixed_strategies_and_lengths_in_one_batch(sglang_server):
         alone, _ = generate(sglang_server, [p], [request_id(strategy=s)])
         assert len(alone[0]) > 0 and len(expect) > 0
     assert stats(sglang_server)["max_tokens_attended"] <= 64
+
+
+def test_counters_reach_prometheus_metrics(sglang_server):
+    import urllib.request
+
+    generate(sglang_server, [text(150, 77)], max_new=6)
+    body = urllib.request.urlopen(sglang_server.base_url + "/metrics", timeout=60).read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in body.splitlines()
+              if line.startswith("sglang:dynsplit_")}
+    s = stats(sglang_server)
+    assert values["sglang:dynsplit_blocks_built_total"] == s["blocks_built"]
+    assert values["sglang:dynsplit_tokens_attended_total"] == s["tokens_attended"]
+    assert values["sglang:dynsplit_compression_ratio"] > 1.0
