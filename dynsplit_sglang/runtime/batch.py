@@ -22,6 +22,12 @@ def _vocab_masks(tokenizer_path: str) -> dict:
     return {mode: candidate_mask(tok, mode) for mode in ("punct", "all", "sentence")}
 
 
+def _tp_all_reduce(t):
+    from sglang.srt.distributed import get_tp_group
+
+    return get_tp_group().all_reduce(t)
+
+
 def build_compressor(model_runner, settings: Settings) -> Compressor:
     pool = model_runner.token_to_kv_pool
     req_to_token = model_runner.req_to_token_pool.req_to_token
@@ -45,6 +51,8 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
         vocab_masks=masks,
         reporter=Reporter(os.environ.get("DYNSPLIT_STATS_PATH"),
                           prometheus=bool(getattr(sa, "enable_metrics", False))),
+        tp_size=sa.tp_size,
+        all_reduce=_tp_all_reduce if sa.tp_size > 1 else None,
     )
     logger.info(
         "dynsplit-sglang: %s compression on %d layers (%d dense), %d KV heads x %d, %d slots; %s",

@@ -76,6 +76,8 @@ class Compressor:
         key_buffer: Callable[[int], torch.Tensor],
         vocab_masks: dict[str, torch.Tensor],
         reporter: Reporter | None = None,
+        tp_size: int = 1,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
@@ -101,6 +103,10 @@ class Compressor:
         self.token = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self.rows: dict[int, RowState] = {}
         self.stats: Counter = Counter()
+        # Under tensor parallelism each rank holds some KV heads: the votes are summed over ranks
+        # so that every rank (and a single-GPU run) splits the sequence at the same boundaries.
+        self.tp_size = tp_size
+        self.all_reduce = all_reduce
         self.reporter = reporter or Reporter(os.environ.get("DYNSPLIT_STATS_PATH"))
         self.batch: BatchView | None = None
         self._votes: list[torch.Tensor] = []
@@ -143,6 +149,9 @@ class Compressor:
     def end_extend(self) -> None:
         """After the last layer: keep the votes and finalise the blocks that are now settled."""
         b = self.batch
+        if self.all_reduce is not None and self.tp_size > 1 and self._votes:
+            flat = self.all_reduce(torch.cat(self._votes)) / self.tp_size
+            self._votes = list(flat.split([v.shape[0] for v in self._votes]))
         for i, row in enumerate(b.rows):
             st = self.rows[row]
             if st.prompt_done:
