@@ -38,7 +38,7 @@ models: $(VENV)/.dynsplit-install
 	$(VPY) -m dynsplit_sglang.models prepare all
 
 demo: setup
-	$(VPY) examples/multiturn_demo.py
+	$(VPY) examples/agent_frontend.py
 
 test: setup
 	$(VPY) -m pytest -m "not slow"

@@ -84,3 +84,19 @@ def test_counters_reach_prometheus_metrics(sglang_server):
     assert values["sglang:dynsplit_blocks_built_total"] == s["blocks_built"]
     assert values["sglang:dynsplit_tokens_attended_total"] == s["tokens_attended"]
     assert values["sglang:dynsplit_compression_ratio"] > 1.0
+
+
+def test_agent_frontend_example_reuses_the_shared_prefix(sglang_server, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "agent_frontend.py"
+    spec = importlib.util.spec_from_file_location("agent_frontend", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    before = stats(sglang_server)
+    result = example.run(sglang_server.base_url)
+    after = stats(sglang_server)
+    assert all(c > 0 for c in result["cached"])  # every second turn hit the radix cache
+    assert after["blocks_reused"] - before.get("blocks_reused", 0) > 50
+    assert "DynSplit counters" in capsys.readouterr().out
