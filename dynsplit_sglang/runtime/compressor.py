@@ -111,6 +111,7 @@ class Compressor:
         self.batch: BatchView | None = None
         self._votes: list[torch.Tensor] = []
         self._sparse = False  # this decode step has a request longer than its budget
+        self._attended: torch.Tensor | None = None  # [sum, max] tokens attended, on device
         self.wrapper = SparseDecodeWrapper(num_q_heads, kv_heads, head_dim)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -171,21 +172,17 @@ class Compressor:
         li = layer_id - self.first_compressed
         out = self.wrapper.run(q, k_buffer, v_buffer, self.store.kmin[li], self.store.kmax[li],
                                scale)
+        # Counted on the device; read once per forward (no sync per layer on a GPU).
         counts = self.wrapper.tokens_attended()
-        self.stats["tokens_attended"] += int(counts.sum())
-        self.stats["max_tokens_attended"] = max(self.stats["max_tokens_attended"], int(counts.max()))
-        self.stats["tokens_dense"] += int(self.wrapper.plan_.seq_lens.sum()) * self.kv_heads
+        if self._attended is None:
+            self._attended = torch.zeros(2, dtype=torch.int64, device=counts.device)
+        self._attended[0] += counts.sum()
+        self._attended[1] = torch.maximum(self._attended[1], counts.max())
+        self.stats["tokens_dense"] += sum(self.batch.seq_lens) * self.kv_heads
         self.stats["sparse_layer_steps"] += len(self.batch.rows)
         if layer_id == self.num_layers - 1:
             self._dump_stats()
         return out
-
-    def clear(self) -> None:
-        """The KV pool was flushed: no slot-keyed metadata survives."""
-        for st in self.rows.values():
-            self.store.release_entries(st.local)
-        self.rows.clear()
-        self.store.clear()
 
     # -- rows -------------------------------------------------------------------------------
 
@@ -389,4 +386,8 @@ class Compressor:
         return True
 
     def _dump_stats(self) -> None:
+        if self._attended is not None:
+            total, peak = self._attended.tolist()
+            self.stats["tokens_attended"] = total
+            self.stats["max_tokens_attended"] = peak
         self.reporter.report(self.stats)

@@ -13,7 +13,9 @@ by slot is therefore shared for free and survives node splits (slots never move)
 * per request row: the fixed-shape block table the decode plan indexes.
 
 Invalidation: every slot handed out again (``out_cache_loc`` of a forward) loses its votes, flag
-and registered block before the forward writes it; entries are recycled through a free list.
+and registered block before the forward writes it; entries are recycled through a free list. A
+cache flush needs nothing more: nothing matches in the tree afterwards, and each stale entry goes
+when its slot is written again.
 """
 
 from __future__ import annotations
@@ -88,11 +90,3 @@ class BlockStore:
         self.votes[slots] = 0.0
         self.cand[slots] = False
         return int(dropped.numel())
-
-    def clear(self) -> None:
-        """After a cache flush: nothing keyed by a slot is valid any more."""
-        registered = self.end_entry[self.end_entry >= 0].tolist()
-        self.release_entries(registered)
-        self.end_entry.fill_(-1)
-        self.votes.zero_()
-        self.cand.zero_()
