@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from dynsplit_sglang.core import (
+    dense_decode_attention, plan_selection, positions_to_slots, score_blocks, select,
+    sparse_decode_attention,
+)
+from dynsplit_sglang.kernels import SparseDecodeWrapper
+from kernel_cases import TOL, make_batch, rel_err
+
+SINK, RECENT = 4, 32
+
+
+def _core_pipeline(q, batch, budget, capacity=None):
+    b = batch.to("cpu")
+    scores = score_blocks(q.cpu(), b.kmin, b.kmax, b.summary_index)
+    plan = plan_selection(b.table, b.seq_lens, budget, SINK, RECENT, capacity, max_block_len=20)
+    sel = select(scores, plan)
+    slots = positions_to_slots(sel.positions, b.token_slots)
+    return sparse_decode_attention(q.cpu(), b.k, b.v, slots, return_lse=True), sel
+
+
+def _wrapper(batch, q, budget, capacity=None):
+    hq, hkv, dv = q.shape[1], batch.k.shape[1], batch.v.shape[2]
+    w = SparseDecodeWrapper(hq, hkv, dv)
+    w.plan(batch.table, batch.summary_index, batch.token_slots, batch.seq_lens, budget, SINK,
+           RECENT, capacity=capacity, max_block_len=20)
+    return w
+
+
+CASES = [  # (request lengths, KV heads, GQA ratio, head dim, budget, dtype)
+    ([300, 17, 120], 3, 3, 64, 96, torch.float32),
+    ([512, 64, 250, 480], 8, 1, 128, 128, torch.float16),
+    ([64, 200, 33, 90, 150, 7, 260, 480], 1, 7, 64, 100, torch.float32),
+    ([400, 260], 4, 8, 128, 200, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("lens,hkv,g,d,budget,dtype", CASES)
+@pytest.mark.parametrize("side", ["triton", "torch"])
+def test_plan_run_equals_core_pipeline(lens, hkv, g, d, budget, dtype, side, device, monkeypatch):
+    monkeypatch.setenv("DYNSPLIT_KERNELS", side)
+    if side == "torch" and device != "cpu":
+        pytest.skip("torch side is the CPU path")
+    batch = make_batch(lens, hkv, d, dtype, "dynsplit", seed=budget, device=device)
+    q = torch.randn(len(lens), hkv * g, d, generator=torch.Generator().manual_seed(d)).to(dtype)
+    q = q.to(device)
+    w = _wrapper(batch, q, budget)
+    out, lse = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax, return_lse=True)
+    (ref, ref_lse), ref_sel = _core_pipeline(q, batch, budget)
+    sel = w.last_selection
+    assert torch.equal(sel.positions.cpu(), ref_sel.positions)
+    assert torch.equal(w.tokens_attended().cpu(), ref_sel.counts)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["triton", "torch"])
+@pytest.mark.parametrize("hkv,g,d", [(3, 3, 64), (2, 8, 128)])
+def test_budget_covering_the_context_is_dense_attention(side, hkv, g, d, device, monkeypatch):
+    monkeypatch.setenv("DYNSPLIT_KERNELS", side)
+    if side == "torch" and device != "cpu":
+        pytest.skip("torch side is the CPU path")
+    lens = [200, 37, 160]
+    batch = make_batch(lens, hkv, d, torch.float32, "fixed", seed=g, device=device)
+    q = torch.randn(3, hkv * g, d).to(device)
+    w = _wrapper(batch, q, budget=256)
+    out = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+    b = batch.to("cpu")
+    ref = dense_decode_attention(q.cpu(), b.k, b.v, b.token_slots, b.seq_lens)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(w.tokens_attended().cpu(), b.seq_lens[:, None].expand(3, hkv))
+
+
+def test_shapes_are_static_for_a_capacity(triton_side, device):
+    q = torch.randn(2, 6, 64).to(device)
+    shapes = set()
+    for lens in ([300, 100], [120, 480]):
+        batch = make_batch(lens, 2, 64, torch.float32, "dynsplit", seed=len(lens), device=device)
+        w = _wrapper(batch, q, budget=96, capacity=128)
+        out = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+        shapes.add((tuple(out.shape), tuple(w.last_selection.positions.shape), w.num_splits))
+    assert len(shapes) == 1
+
+
+class _Stub:
+    """Stands in for a compiled kernel: accepts any launch, does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: None
+
+
+@pytest.mark.parametrize("side", ["triton", "torch"])
+def test_run_never_synchronises_with_the_host(side, monkeypatch):
+    """run() must be capturable: no .item()/.cpu()/.tolist()/bool(tensor)... anywhere in it.
+    On the Triton side the kernels are stubbed (the interpreter itself copies to the host)."""
+    monkeypatch.setenv("DYNSPLIT_KERNELS", side)
+    batch = make_batch([300, 100], 2, 64, torch.float32, "dynsplit", seed=0)
+    q = torch.randn(2, 6, 64)
+    w = _wrapper(batch, q, budget=96)
+    if side == "triton":
+        from dynsplit_sglang.kernels import scoring, sparse_decode
+        for mod, name in ((scoring, "_score_kernel"), (sparse_decode, "_split_kernel"),
+                          (sparse_decode, "_merge_kernel")):
+            monkeypatch.setattr(mod, name, _Stub())
+
+    def boom(*a, **kw):
+        raise AssertionError("host synchronisation inside run()")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
+                 "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    w.run(q, batch.k, batch.v, batch.kmin, batch.kmax, return_lse=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_run_can_be_captured_in_a_cuda_graph():
+    batch = make_batch([300, 100], 2, 64, torch.float16, "dynsplit", seed=0, device="cuda")
+    q = torch.randn(2, 6, 64, device="cuda", dtype=torch.float16)
+    w = _wrapper(batch, q, budget=96)
+    ref = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    fresh = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+    assert torch.equal(out, fresh) and not torch.equal(out, ref)
