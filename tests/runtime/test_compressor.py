@@ -111,3 +111,21 @@ def test_decode_tokens_are_frozen_into_fixed_blocks_and_reused_next_turn():
     adopted = pool.blocks(1)[: pool.comp.stats["blocks_reused"]]
     assert any(s >= 150 for s, _ in adopted)
     assert len(adopted) >= n_prompt_blocks - 2
+
+
+@pytest.mark.parametrize("chunks", [[300], [100, 300], [37, 150, 300]])
+def test_chunked_prefill_splits_like_one_shot(chunks):
+    toks = _tokens(300, 12)
+    pool = SimPool(CFG)
+    pool.new_row(0)
+    start = 0
+    for end in chunks:  # each chunk extends the row's own earlier chunks
+        pool._forward([0], [toks[:end]], [start], decode=False)
+        start = end
+    pool.decode([0], [toks + [3]])
+    ref = SimPool(CFG)
+    ref.new_row(0)
+    ref.prefill(0, toks)
+    ref.decode([0], [toks + [3]])
+    assert pool.blocks(0) == ref.blocks(0)
+    assert pool.comp.stats["blocks_reused"] == 0  # own chunks are not a shared prefix
