@@ -164,17 +164,4 @@ def select(scores: torch.Tensor, plan: _selection.SelectionPlan, max_kept: int |
         dst = torch.where(put, offset[..., None] + t, cap)
         val = torch.where(put, cs_sorted[..., None] + t, -1)
         out.scatter_(2, dst.view(b, hkv, -1), val.view(b, hkv, -1))
-    out = out[..., :cap]
-
-    j = torch.arange(cap, device=dev)[None, None, :]
-    rec_at = sink + len_sorted.sum(-1)
-    rec_pos = r0[:, None, None] + (j - rec_at[..., None])
-    sparse = ~dense[:, None, None]
-    is_sink = (j < sink) & sparse
-    is_rec = (j >= rec_at[..., None]) & (rec_pos < seq[:, None, None]) & sparse
-    is_all = ~sparse & (j < seq[:, None, None])
-    out = torch.where(is_sink | is_all, j.expand(b, hkv, cap), out)
-    out = torch.where(is_rec, rec_pos, out)
-    counts = torch.where(dense[:, None], seq[:, None].expand(b, hkv), rec_at + (seq - r0)[:, None])
-    kept = torch.zeros_like(ok).scatter_(2, order, keep_sorted)
-    return _selection.Selection(out, counts, kept)
+    return _selection.finish_selection(out[..., :cap], plan, len_sorted, ok, order, keep_sorted)

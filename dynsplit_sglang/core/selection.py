@@ -134,10 +134,15 @@ def select(scores: torch.Tensor, plan: SelectionPlan) -> Selection:
         dst = torch.where(put, offset[..., None] + t, cap)
         val = torch.where(put, cs_sorted[..., None] + t, -1)
         out.scatter_(2, dst.view(b, hkv, -1), val.view(b, hkv, -1))
-    out = out[..., :cap]
+    return finish_selection(out[..., :cap], plan, len_sorted, ok, order, keep_sorted)
 
-    # Sink and recent window (or everything, for a dense request).
-    j = torch.arange(cap, device=dev)[None, None, :]
+
+def finish_selection(out, plan: SelectionPlan, len_sorted, ok, order, keep_sorted) -> Selection:
+    """Complete the kept blocks' positions (out: [B, Hkv, cap]) with the sink and the recent
+    window after them, or every position of a dense request."""
+    b, hkv, cap = out.shape
+    sink, seq, r0, dense = plan.sink, plan.seq_lens, plan.recent_start, plan.dense
+    j = torch.arange(cap, device=out.device)[None, None, :]
     rec_at = sink + len_sorted.sum(-1)  # [B, Hkv]: recent positions follow the kept blocks
     rec_pos = r0[:, None, None] + (j - rec_at[..., None])
     sparse = ~dense[:, None, None]
