@@ -1,0 +1,145 @@
+"""Pure-core evaluation of a compression method on an HF transformers model (no SGLang).
+
+The reference the parity test (``tests/accuracy/test_parity.py``) holds the SGLang path to:
+dense prefill (the scored layers vote, as in ``dynsplit_sglang.hf_reference``), the prompt split
+once by ``core.segment`` (complete, as SGLang closes the prompt at its first decode step), the
+first answer token from the prefill logits, then greedy decode where every layer from
+``dense_layers`` on attends through the core: ``summarize`` (min/max keys of the prompt blocks)
+→ ``score_blocks`` → ``plan_selection``/``select`` → ``sparse_decode_attention``.
+
+Returns the output token ids, the tokens attended (summed over decode steps, compressed layers
+and KV heads: the quantity SGLang's ``tokens_attended`` counter adds up) and the blocks kept at
+each step (for inspection).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from dynsplit_sglang import core
+from dynsplit_sglang.core import DynSplitConfig, candidates_for, segment
+from dynsplit_sglang.core.delimiters import candidate_mask
+from dynsplit_sglang.hf_reference import capture_importance
+
+_ATTN = "dynsplit_core_eval"
+
+
+@dataclass
+class _Request:
+    cfg: DynSplitConfig
+    table: core.BlockTable
+    prompt_len: int
+    summaries: dict = field(default_factory=dict)  # layer -> (kmin, kmax) [NB, Hkv, D]
+    tokens_attended: int = 0
+    kept: list = field(default_factory=list)  # per step and compressed layer: bool [Hkv, NB]
+
+
+_active: _Request | None = None
+
+
+def _core_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    **kwargs):
+    req = _active
+    layer = module.layer_idx
+    if req is None or query.shape[2] != 1 or query.shape[0] != 1 or layer < req.cfg.dense_layers:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    cfg = req.cfg
+    seq = key.shape[2]  # tokens in the sequence including the current one
+    budget = cfg.token_budget(seq)
+    if seq <= budget:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    k = key[0].transpose(0, 1)  # [T, Hkv, D]: post-RoPE, as in SGLang's pool
+    v = value[0].transpose(0, 1)
+    q = query[0, :, 0]  # [Hq, D]
+    nb = req.table.capacity
+    if layer not in req.summaries:
+        kmin, kmax = core.summarize(k[None, : req.prompt_len], req.table, cfg.max_block_len)
+        req.summaries[layer] = (kmin[0], kmax[0])
+    kmin, kmax = req.summaries[layer]
+    index = torch.arange(nb)[None].masked_fill(req.table.lens == 0, -1)
+    scores = core.score_blocks(q[None], kmin, kmax, index)
+    plan = core.plan_selection(req.table, torch.tensor([seq]), budget, cfg.sink,
+                               cfg.recent_for(budget), capacity=budget,
+                               max_block_len=cfg.max_block_len)
+    sel = core.select(scores, plan)
+    req.tokens_attended += int(sel.counts.sum())
+    req.kept.append(sel.blocks[0])
+    slots = core.positions_to_slots(sel.positions, torch.arange(seq)[None])
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = core.sparse_decode_attention(q[None], k, v, slots, scale)  # [1, Hq, D]
+    return out[:, None], None  # [B, q_len, Hq, D]
+
+
+AttentionInterface.register(_ATTN, _core_attention)
+# Without a registered mask function transformers gives a custom attention no causal mask.
+AttentionMaskInterface.register(_ATTN, sdpa_mask)
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: list[int], cfg: DynSplitConfig | None = None):
+    """Dense prefill; returns (cache, last logits, importance scores or None)."""
+    ids = torch.tensor([input_ids])
+    cache = DynamicCache()
+    scores = None
+    if cfg is not None and cfg.strategy == "dynsplit":
+        with capture_importance(model, cfg) as acc:
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        scores = acc.scores(len(input_ids))
+    else:
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, out.logits[0, -1], scores
+
+
+def segmentation(tokenizer, input_ids: list[int], cfg: DynSplitConfig, scores=None):
+    """The prompt's blocks as SGLang closes them (complete segmentation of [0, L))."""
+    length = len(input_ids)
+    mode = {"dynsplit": cfg.candidates, "delimiter": "sentence"}.get(cfg.strategy)
+    ids = torch.tensor(input_ids)
+    cands = candidates_for(ids, candidate_mask(tokenizer, mode)) if mode else None
+    return segment(cfg, length, scores, cands)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_new_tokens: int,
+             prefilled=None) -> dict:
+    """Greedy answer of one request under cfg through the pure core.
+
+    prefilled: (cache, logits, scores) of a dense prefill of this prompt to reuse (the cache is
+    cropped back afterwards; scores must be the dynsplit ones when cfg.strategy is dynsplit)."""
+    global _active
+    length = len(input_ids)
+    if prefilled is None:
+        prefilled = prefill(model, input_ids, cfg)
+    cache, logits, scores = prefilled
+    seg = segmentation(tokenizer, input_ids, cfg, scores)
+    table = core.BlockTable.from_ends([seg.ends])
+    req = _Request(cfg, table, length)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    out = [int(logits.argmax())]
+    prev_impl = model.config._attn_implementation
+    model.set_attn_implementation(_ATTN)
+    _active = req
+    try:
+        for step in range(1, max_new_tokens):
+            if out[-1] in eos:
+                break
+            pos = torch.tensor([[length + step - 1]])
+            lg = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache,
+                       position_ids=pos, cache_position=pos[0], use_cache=True).logits[0, -1]
+            out.append(int(lg.argmax()))
+    finally:
+        _active = None
+        model.set_attn_implementation(prev_impl)
+        cache.crop(length)
+    return {"output_ids": out, "tokens_attended": req.tokens_attended,
+            "block_starts": table.starts[0, : int(table.counts[0])].tolist(),
+            "block_lens": table.lens[0, : int(table.counts[0])].tolist(), "kept": req.kept}

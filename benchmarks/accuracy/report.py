@@ -1,0 +1,273 @@
+"""Markdown table, target check and PNG plots (accuracy vs budget) from a results JSON.
+
+    python benchmarks/accuracy/report.py benchmarks/accuracy/results/quick.json
+
+Writes next to the JSON: ``<stem>.md`` (tables + targets), ``<stem>-<model>.png`` (one panel per
+task x context, accuracy vs budget per method) and ``README-section.md`` (the block the README
+shows: date, versions, table, plot links).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RIGID = ("fixed", "delimiter", "streaming")
+KVPRESS_TARGETS = ("kvpress-chunkkv", "kvpress-snapkv")
+ORDER = ("none", "dynsplit", "fixed", "delimiter", "streaming", "kvpress-snapkv",
+         "kvpress-chunkkv", "kvpress-streamingllm")
+STYLE = {
+    "none": dict(color="black", ls="--", marker=""),
+    "dynsplit": dict(color="tab:red", ls="-", marker="o", lw=2.2),
+    "fixed": dict(color="tab:blue", ls="-", marker="s"),
+    "delimiter": dict(color="tab:cyan", ls="-", marker="^"),
+    "streaming": dict(color="tab:gray", ls="-", marker="v"),
+    "kvpress-snapkv": dict(color="tab:green", ls=":", marker="D"),
+    "kvpress-chunkkv": dict(color="tab:olive", ls=":", marker="P"),
+    "kvpress-streamingllm": dict(color="tab:purple", ls=":", marker="x"),
+}
+
+
+def _frac(b: float) -> str:
+    return "full" if b >= 1 else f"1/{round(1 / b)}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}"
+
+
+def _method_order(m: str) -> tuple:
+    return (ORDER.index(m) if m in ORDER else len(ORDER), m)
+
+
+def load(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _index(rows):
+    acc = {}
+    for r in rows:
+        acc[(r["model"], r["task"], r["context_len"], r["method"], r["budget"])] = r
+    return acc
+
+
+def tables(data: dict) -> str:
+    rows = data["rows"]
+    idx = _index(rows)
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model]
+        cols = sorted({(r["task"], r["context_len"]) for r in mrows},
+                      key=lambda tc: (_task_order(tc[0]), tc[1]))
+        ns = sorted({r["n"] for r in mrows})
+        out.append(f"**{model}** — accuracy (%) per task and context; "
+                   f"n = {ns[0] if len(ns) == 1 else f'{ns[0]}–{ns[-1]}'} samples per cell\n")
+        head = "| method | budget | " + " | ".join(f"{t} {c // 1024}k" for t, c in cols) + " | mean |"
+        out += [head, "|" + "---|" * (len(cols) + 3)]
+        methods = sorted({r["method"] for r in mrows}, key=_method_order)
+        budgets = sorted({r["budget"] for r in mrows}, reverse=True)
+        for b in budgets:
+            for m in methods:
+                vals = [idx.get((model, t, c, m, b)) for t, c in cols]
+                if not any(vals):
+                    continue
+                got = [v["accuracy"] for v in vals if v]
+                mean = sum(got) / len(got) if len(got) == len(vals) else None
+                name = f"**{m}**" if m == "dynsplit" else m
+                out.append(f"| {name} | {_frac(b)} | "
+                           + " | ".join(_pct(v["accuracy"] if v else None) for v in vals)
+                           + f" | {_pct(mean)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _task_order(t: str) -> int:
+    order = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt")
+    return order.index(t) if t in order else len(order)
+
+
+def targets(data: dict) -> str:
+    """The issue's targets, checked per model from the rows (points = accuracy x 100)."""
+    rows = data["rows"]
+    idx = _index(rows)
+    lines = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model]
+        cells = sorted({(r["task"], r["context_len"]) for r in mrows})
+        budgets = sorted({r["budget"] for r in mrows if r["budget"] < 1}, reverse=True)
+
+        def mean(method, b):
+            v = [idx.get((model, t, c, method, b)) for t, c in cells]
+            return None if not all(v) else 100 * sum(x["accuracy"] for x in v) / len(v)
+
+        full = mean("none", 1.0)
+        lines.append(f"**{model}**\n")
+        if 0.125 in budgets and full is not None and mean("dynsplit", 0.125) is not None:
+            d = mean("dynsplit", 0.125)
+            ok = d >= full - 2
+            lines.append(f"- budget 1/8: dynsplit mean {d:.1f} vs full KV {full:.1f} "
+                         f"({d - full:+.1f} points; target ≥ −2): **{'met' if ok else 'missed'}**")
+        misses, total = [], 0
+        for b in budgets:
+            for t, c in cells:
+                dv = idx.get((model, t, c, "dynsplit", b))
+                if not dv:
+                    continue
+                for m in RIGID:
+                    rv = idx.get((model, t, c, m, b))
+                    if rv:
+                        total += 1
+                        if dv["accuracy"] < rv["accuracy"]:
+                            misses.append(f"{m} on {t} {c // 1024}k at {_frac(b)} "
+                                          f"({100 * (dv['accuracy'] - rv['accuracy']):+.0f})")
+        if total:
+            lines.append(f"- dynsplit ≥ every rigid strategy in every (task, context, budget) "
+                         f"cell: {total - len(misses)}/{total} cells: "
+                         f"**{'met' if not misses else 'missed'}**"
+                         + (f" — behind in: {'; '.join(misses)}" if misses else ""))
+        for b in budgets:
+            d = mean("dynsplit", b)
+            parts = []
+            for m in RIGID + KVPRESS_TARGETS + ("kvpress-streamingllm",):
+                v = mean(m, b)
+                if d is not None and v is not None:
+                    parts.append(f"{m} {v:.1f} ({d - v:+.1f})")
+            if d is not None:
+                lines.append(f"- budget {_frac(b)} means: dynsplit {d:.1f}; " + ", ".join(parts))
+        for b in budgets:
+            d = mean("dynsplit", b)
+            for m in KVPRESS_TARGETS:
+                v = mean(m, b)
+                if d is not None and v is not None:
+                    lines.append(f"- dynsplit ≥ {m} at {_frac(b)} (mean over cells): "
+                                 f"{d:.1f} vs {v:.1f}: **{'met' if d >= v else 'missed'}**")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(data: dict, json_path: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    idx = _index(rows)
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model]
+        task_list = sorted({r["task"] for r in mrows}, key=_task_order)
+        ctxs = sorted({r["context_len"] for r in mrows})
+        budgets = sorted({r["budget"] for r in mrows if r["budget"] < 1})
+        methods = sorted({r["method"] for r in mrows if "(" not in r["method"]
+                          and r["method"] != "none"}, key=_method_order)
+        fig, axes = plt.subplots(len(ctxs), len(task_list), squeeze=False, sharey=True,
+                                 figsize=(3.6 * len(task_list) + 2.2, 2.9 * len(ctxs) + 0.6))
+        for i, c in enumerate(ctxs):
+            for j, t in enumerate(task_list):
+                ax = axes[i][j]
+                full = idx.get((model, t, c, "none", 1.0))
+                if full:
+                    ax.axhline(100 * full["accuracy"], **{k: v for k, v in STYLE["none"].items()
+                                                         if k != "marker"}, label="full KV")
+                for m in methods:
+                    pts = [(b, idx[(model, t, c, m, b)]["accuracy"]) for b in budgets
+                           if (model, t, c, m, b) in idx]
+                    if pts:
+                        xs, ys = zip(*pts)
+                        ax.plot(xs, [100 * y for y in ys], label=m, **STYLE.get(m, {}))
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(budgets)
+                ax.set_xticklabels([_frac(b) for b in budgets])
+                ax.set_ylim(-5, 105)
+                ax.grid(alpha=0.3)
+                ax.set_title(f"{t}, {c // 1024}k", fontsize=10)
+                if j == 0:
+                    ax.set_ylabel("accuracy (%)")
+                if i == len(ctxs) - 1:
+                    ax.set_xlabel("KV budget (fraction of context)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=9)
+        meta = data.get("meta", {})
+        n = sorted({r["n"] for r in mrows})
+        fig.suptitle(f"{model}: accuracy vs KV budget (n={n[0] if len(n) == 1 else n}, "
+                     f"{meta.get('date', '')})", fontsize=11)
+        fig.tight_layout(rect=(0, 0, 1 - 2.1 / fig.get_figwidth(), 0.95))
+        path = json_path.with_name(f"{json_path.stem}-{model}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def _repo_rel(p: Path) -> str:
+    here = Path(__file__).resolve().parents[2]
+    try:
+        return str(p.resolve().relative_to(here))
+    except ValueError:
+        return str(p)
+
+
+def header(data: dict) -> str:
+    meta = data.get("meta", {})
+    v = meta.get("versions", {})
+    cfg = meta.get("config", {})
+    phases = meta.get("phases", {})
+    wall = meta.get("wall_s_total") or meta.get("wall_s_this_invocation")
+    lines = [
+        f"Generated by `{meta.get('command', 'benchmarks/accuracy/run.py')}` on {meta.get('date')}"
+        f" ({meta.get('machine', {}).get('cpus')} CPU cores, no GPU"
+        + (f"; wall time {wall / 60:.0f} min" if wall else "") + ").",
+        f"Versions: dynsplit-sglang {v.get('dynsplit-sglang')} (git {v.get('git')}), "
+        f"SGLang {v.get('sglang')}, torch {v.get('torch')}, transformers {v.get('transformers')}; "
+        f"kvpress {v.get('kvpress')} (own venv, transformers "
+        f"{v.get('transformers (kvpress venv)')}).",
+        f"Tasks generated locally (seed {cfg.get('seed')}): see `benchmarks/accuracy/tasks.py`; "
+        "score = fraction of expected strings found verbatim in the greedy output. "
+        "Budget = KV tokens attended per KV head per compressed layer, as a fraction of the "
+        f"context (sink + recent included; the first {cfg.get('dynsplit_defaults', {}).get('dense_layers')} "
+        "layers stay dense on both sides). DynSplit and the rigid baselines run through one "
+        "SGLang server (per-request overrides, each prompt prefilled once); kvpress presses "
+        "compress the whole prompt (context + question) after one shared dense prefill.",
+    ]
+    for model, ph in phases.items():
+        agree = ph.get("full_kv_agreement")
+        if agree:
+            lines.append(f"Full-KV cross-check ({model}): SGLang and HF transformers give the same "
+                         f"output text on {100 * agree['same_text']:.0f}% of {agree['n']} prompts.")
+    return "\n".join(lines)
+
+
+def write(json_path: Path) -> dict:
+    json_path = Path(json_path)
+    data = load(json_path)
+    pngs = plots(data, json_path)
+    body = tables(data)
+    tgt = targets(data)
+    md = (f"# Accuracy: {json_path.stem}\n\n{header(data)}\n\n{body}\n## Targets\n\n{tgt}\n"
+          + "".join(f"![{p.stem}]({p.name})\n" for p in pngs))
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(md)
+    section = (f"### Accuracy ({data.get('meta', {}).get('mode', json_path.stem)} mode)\n\n"
+               f"{header(data)}\n\n{body}\n{tgt}\n"
+               + "".join(f"![{p.stem}]({_repo_rel(p)})\n" for p in pngs)
+               + f"\nFull results: [`{_repo_rel(json_path)}`]({_repo_rel(json_path)}), "
+                 f"details in [`{_repo_rel(md_path)}`]({_repo_rel(md_path)}).\n")
+    (json_path.parent / "README-section.md").write_text(section)
+    return {"md": md_path, "pngs": pngs}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=Path)
+    args = ap.parse_args(argv)
+    out = write(args.results)
+    print(out["md"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

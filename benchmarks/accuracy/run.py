@@ -1,0 +1,577 @@
+"""Accuracy suite: DynSplit-KV vs rigid splitting and kvpress peers, through the real SGLang
+server, on real pretrained models.
+
+    python benchmarks/accuracy/run.py --quick --out benchmarks/accuracy/results/quick.json
+    python benchmarks/accuracy/run.py --full  --out benchmarks/accuracy/results/full.json
+
+Quick: SmolLM2-135M-Instruct, tasks passkey / niah_single / niah_multikey, contexts 2k and 4k,
+budgets 1/4 and 1/8, 20 samples per cell. Full: + Qwen2.5-Coder-0.5B-Instruct (contexts 4k, 8k,
+16k), all five tasks, budgets 1/4, 1/8, 1/16, 50 samples per cell.
+
+SGLang methods (``none``, ``dynsplit``, ``fixed``, ``delimiter``, ``streaming`` and the DD-Select
+ablations of ``--ablations``) all run on ONE radix-cached server started with
+``--kv-compression dynsplit``, the method and budget in each request id
+(``dynsplit_sglang.overrides``). Per prompt, the full-KV request runs first and alone: its dense
+prefill puts the prompt in the radix cache. Then the compressed (method, budget) requests of
+``--group`` prompts go in one batch, every one served from the cache (``cached_tokens`` is
+recorded; the prefill is paid once per prompt). Samples of a task share their haystack up to the
+first needle and are sent deepest-needle first, so most of a prompt is a cached prefix too.
+On CPU the server gets ``sglang_boost/`` on its PYTHONPATH: SGLang's torch_native extend
+attends with a full-length redundant query, which makes a cached 1-token extend cost a whole
+prompt's attention; the boost attends with the new queries only (same outputs; see there).
+
+kvpress peers (SnapKV, ChunkKV, StreamingLLM) run in their own virtual environment
+(``.cache/venv-kvpress``, created here on first use from ``requirements/kvpress.txt``) through HF
+transformers on the same model folder and the same token ids (``kvpress_runner.py``), side by
+side with the SGLang phase.
+
+Results: ``--out`` (JSON: ``meta`` + ``rows`` of {model, task, context_len, method, budget, n,
+accuracy, seed}), ``<out stem>.samples.jsonl`` (every output; makes a re-run resume where it
+stopped), and the report (``<stem>.md``, ``<stem>-<model>.png``, ``README-section.md``) from
+``report.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import tasks as T  # noqa: E402
+
+SGLANG_METHODS = ("none", "dynsplit", "fixed", "delimiter", "streaming")
+KVPRESS_METHODS = ("kvpress-snapkv", "kvpress-chunkkv", "kvpress-streamingllm")
+ALL_METHODS = SGLANG_METHODS + KVPRESS_METHODS
+QWEN = "qwen2.5-coder-0.5b-instruct"
+
+MODES = {
+    "quick": dict(
+        models=["smollm2-135m-instruct"],
+        tasks=["passkey", "niah_single", "niah_multikey"],
+        contexts={"smollm2-135m-instruct": [2048, 4096]},
+        budgets=[0.25, 0.125], n=20,
+    ),
+    "full": dict(
+        models=["smollm2-135m-instruct", QWEN],
+        tasks=list(T.TASKS),
+        contexts={"smollm2-135m-instruct": [2048, 4096], QWEN: [4096, 8192, 16384]},
+        budgets=[0.25, 0.125, 0.0625], n=50,
+    ),
+}
+# DD-Select ablations offered by --ablations default (per-request overrides of dynsplit).
+DEFAULT_ABLATIONS = ["alpha=0", "alpha=4", "block_size=8", "block_size=32", "tolerance=0",
+                     "tolerance=8", "candidates=all"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # row name: "dynsplit", "kvpress-snapkv", "dynsplit(alpha=0)", ...
+    budget: float  # fraction of the context (1.0 for full KV)
+    engine: str  # "sglang" | "kvpress"
+    overrides: tuple = field(default=())  # request-id overrides for the SGLang engine
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.budget:g}"
+
+
+def parse_ablation(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        if not _:
+            raise SystemExit(f"--ablations: {item!r} is not FIELD=VALUE")
+        for conv in (int, float):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = v
+    return out
+
+
+def build_methods(methods, budgets, ablations) -> list[Method]:
+    out = []
+    if "none" in methods:
+        # Full KV: a budget covering the whole context runs dense. (strategy=none batched with
+        # compressed requests crashes this build's scheduler: see the closing note.)
+        out.append(Method("none", 1.0, "sglang", (("budget_fraction", 1.0),)))
+    for b in budgets:
+        for m in methods:
+            if m in ("none",) or m.startswith("kvpress-"):
+                continue
+            out.append(Method(m, b, "sglang", (("strategy", m), ("budget_fraction", b))))
+        for a in ablations:
+            ov = parse_ablation(a)
+            name = "dynsplit(" + ",".join(f"{k}={v}" for k, v in ov.items()) + ")"
+            out.append(Method(name, b, "sglang",
+                              tuple(sorted({"strategy": "dynsplit", **ov,
+                                            "budget_fraction": b}.items()))))
+        for m in methods:
+            if m.startswith("kvpress-"):
+                out.append(Method(m, b, "kvpress"))
+    return out
+
+
+# -- results file ---------------------------------------------------------------------------------
+
+
+class Results:
+    """Per-output records in <stem>.samples.jsonl (append-only: resume), rows in <out>."""
+
+    def __init__(self, out: Path):
+        import threading
+
+        self.lock = threading.RLock()  # the SGLang and kvpress phases run side by side
+        self.out = out
+        self.samples_path = out.with_name(out.stem + ".samples.jsonl")
+        self.records: dict[tuple, dict] = {}
+        if self.samples_path.exists():
+            for line in self.samples_path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    self.records[(r["model"], r["sample"], r["method"], r["budget"])] = r
+        self.meta: dict = {}
+        if out.exists():
+            try:
+                self.meta = json.loads(out.read_text()).get("meta", {})
+            except ValueError:
+                pass
+
+    def done(self, model: str, sample: str, m: Method) -> bool:
+        return (model, sample, m.name, m.budget) in self.records
+
+    def add(self, recs: list[dict]) -> None:
+        with self.lock, open(self.samples_path, "a") as f:
+            for r in recs:
+                self.records[(r["model"], r["sample"], r["method"], r["budget"])] = r
+                f.write(json.dumps(r) + "\n")
+
+    def rows(self, keep=None) -> list[dict]:
+        groups = defaultdict(list)
+        for r in self.records.values():
+            if keep is not None and not keep(r):
+                continue
+            groups[(r["model"], r["task"], r["context_len"], r["method"], r["budget"],
+                    r["seed"])].append(r["score"])
+        rows = []
+        for (model, task, ctx, method, budget, seed), scores in sorted(groups.items()):
+            rows.append(dict(model=model, task=task, context_len=ctx, method=method,
+                             budget=budget, n=len(scores),
+                             accuracy=round(sum(scores) / len(scores), 4), seed=seed))
+        return rows
+
+    def save(self, keep=None) -> None:
+        with self.lock:
+            data = {"meta": self.meta, "rows": self.rows(keep)}
+            tmp = self.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            tmp.replace(self.out)
+
+
+# -- models and environments ----------------------------------------------------------------------
+
+
+def model_dir(name: str) -> Path:
+    from dynsplit_sglang.models import DEFAULT_MODEL, ensure
+
+    if name == DEFAULT_MODEL:
+        return ensure(DEFAULT_MODEL)
+    if name == QWEN:
+        import qwen_model
+
+        return qwen_model.ensure()
+    raise SystemExit(f"unknown model {name!r}; known: {DEFAULT_MODEL}, {QWEN}")
+
+
+def kvpress_python() -> Path:
+    """The kvpress venv's interpreter, created on first use (CPU torch only)."""
+    from dynsplit_sglang.models import cache_dir
+
+    venv = cache_dir() / "venv-kvpress"
+    py = venv / "bin" / "python"
+    req = REPO / "requirements" / "kvpress.txt"
+    stamp = venv / ".dynsplit-kvpress"
+    want = req.read_text()
+    if py.exists() and stamp.exists() and stamp.read_text() == want:
+        return py
+    print(f"[accuracy] creating {venv} (kvpress + CPU torch; about a minute)", file=sys.stderr)
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    if Path("/opt/wheels").is_dir():
+        pip += ["--find-links", "/opt/wheels"]
+    subprocess.run(pip + ["-r", str(req)], check=True)
+    listing = subprocess.run([str(py), "-m", "pip", "list"], capture_output=True, text=True).stdout
+    bad = [ln for ln in listing.splitlines()
+           if ln.lower().startswith("nvidia-") or ("torch " in ln.lower() and "+cu" in ln)]
+    if bad:
+        raise SystemExit(f"{venv}: pip pulled CUDA wheels ({bad}); delete the venv and check "
+                         "requirements/kvpress.txt")
+    stamp.write_text(want)
+    return py
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("dynsplit-sglang", "sglang", "torch", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "dynsplit_sglang", "kernels", "patches"],
+                               capture_output=True, text=True).stdout.strip()
+        out["git"] = rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        out["git"] = None
+    return out
+
+
+# -- SGLang phase ---------------------------------------------------------------------------------
+
+
+def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Method],
+               results: Results, tok, args, bar, log_dir: Path) -> dict:
+    from dynsplit_sglang.launcher import post_json, start_server
+    from dynsplit_sglang.overrides import request_id
+
+    todo = [s for s in samples if any(not results.done(model, s.id, m) for m in methods)]
+    bar.update(len(samples) - len(todo))
+    if not todo:
+        return {}
+    max_ctx = max(s.context_len for s in samples)
+    stats_path = log_dir / f"dynsplit-stats-{model}.json"
+    env = dict(os.environ, DYNSPLIT_STATS_PATH=str(stats_path))
+    if args.threads:  # the kvpress runner works side by side: one core each, no spin-waiting
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.fast_extend:  # see sglang_boost/sitecustomize.py
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "sglang_boost"),
+                                                          env.get("PYTHONPATH")]))
+    n_req = len(methods) + 1
+    server_args = [
+        "--kv-compression", "dynsplit",
+        "--max-total-tokens", str(args.max_total_tokens or (args.group + 3) * max_ctx + 4096),
+        "--chunked-prefill-size", str(args.chunked_prefill),
+        "--max-running-requests", str(max(16, n_req * max(1, args.group))),
+        "--context-length", str(max_ctx + 256),
+        *args.server_arg,
+    ]
+    info = {"server_args": server_args, "cached_fraction": [], "warm_s": 0.0, "batch_s": 0.0}
+    t0 = time.perf_counter()
+    with start_server(path, server_args, log_path=log_dir / f"sglang-{model}.log", env=env,
+                      health_timeout=600) as h:
+        info["startup_s"] = round(time.perf_counter() - t0, 1)
+        url = h.base_url + "/generate"
+        group = max(1, args.group)
+        for g0 in range(0, len(todo), group):
+            chunk = todo[g0:g0 + group]
+            t1 = time.perf_counter()
+            # 1) per prompt, full KV alone: its dense prefill puts the prompt into the radix
+            #    cache (deepest needle first, so most of it is already there). A dense request
+            #    batched with compressed ones would make the batch's sparse decode plan as wide
+            #    as the context. Without `none`, a 1-token warm request does the prefill.
+            firsts, jobs = {}, []
+            for s in chunk:
+                ms = [m for m in methods if not results.done(model, s.id, m)]
+                first = next((m for m in ms if m.name == "none"), None)
+                gen = {"max_new_tokens": s.max_new_tokens if first else 1, "temperature": 0}
+                firsts[s.id] = (first, post_json(url, {
+                    "input_ids": s.input_ids, "rid": request_id(budget_fraction=1.0),
+                    "sampling_params": gen}))
+                jobs += [(s, m) for m in ms if m is not first]
+            t2 = time.perf_counter()
+            # 2) every compressed (method, budget) of the chunk's prompts in one batch, each
+            #    request served from the radix cache (checked through cached_tokens)
+            out = []
+            if jobs:
+                out = post_json(url, {
+                    "input_ids": [s.input_ids for s, _ in jobs],
+                    "rid": [request_id(**dict(m.overrides)) for _, m in jobs],
+                    "sampling_params": [{"max_new_tokens": s.max_new_tokens, "temperature": 0}
+                                        for s, _ in jobs]})
+            t3 = time.perf_counter()
+            info["warm_s"] += t2 - t1
+            info["batch_s"] += t3 - t2
+            pairs = list(zip(jobs, out)) + [((s, f), o) for s in chunk
+                                            for f, o in [firsts[s.id]] if f is not None]
+            recs = []
+            for (s, m), o in pairs:
+                meta = o.get("meta_info", {})
+                cached = meta.get("cached_tokens", 0)
+                if m.name != "none":
+                    info["cached_fraction"].append(cached / len(s.input_ids))
+                ids = o.get("output_ids")
+                text = tok.decode(ids, skip_special_tokens=True) if ids is not None else o["text"]
+                recs.append(_record(model, s, m, text, engine="sglang", cached_tokens=cached))
+            results.add(recs)
+            results.save(args.keep)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"sglang {chunk[-1].task} {chunk[-1].context_len}")
+        try:
+            info["counters"] = json.loads(stats_path.read_text())
+        except (OSError, ValueError):
+            info["counters"] = None
+    cf = info.pop("cached_fraction")
+    info["min_cached_fraction"] = round(min(cf), 4) if cf else None
+    info["mean_cached_fraction"] = round(sum(cf) / len(cf), 4) if cf else None
+    info["wall_s"] = round(time.perf_counter() - t0, 1)
+    info["warm_s"] = round(info["warm_s"], 1)
+    info["batch_s"] = round(info["batch_s"], 1)
+    return info
+
+
+def _record(model, s: T.Sample, m: Method, text: str, **extra) -> dict:
+    return dict(model=model, sample=s.id, task=s.task, context_len=s.context_len, seed=s.seed,
+                method=m.name, budget=m.budget, score=T.score(text, s.answers), output=text,
+                answers=s.answers, **extra)
+
+
+# -- kvpress phase --------------------------------------------------------------------------------
+
+
+def run_kvpress(model: str, path: Path, samples: list[T.Sample], methods: list[Method],
+                results: Results, tok, args, bar, log_dir: Path) -> dict:
+    kmethods = [m for m in methods if m.engine == "kvpress"]
+    if not kmethods:
+        return {}
+    full = Method("hf-full", 1.0, "kvpress")
+    todo = [s for s in samples if any(not results.done(model, s.id, m) for m in kmethods)]
+    bar.update(len(samples) - len(todo))
+    if not todo or not kmethods:
+        return {}
+    py = kvpress_python()
+    presses = sorted({m.name.removeprefix("kvpress-") for m in kmethods})
+    budgets = sorted({m.budget for m in kmethods}, reverse=True)
+    sfile = log_dir / f"kvpress-samples-{model}.json"
+    sfile.write_text(json.dumps([s.to_dict() for s in todo]))
+    cmd = [str(py), str(HERE / "kvpress_runner.py"), "--model", str(path), "--samples", str(sfile),
+           "--presses", *presses, "--budgets", *map(str, budgets),
+           "--dense-layers", str(args.kvpress_dense_layers), "--full-every", str(args.full_every),
+           "--threads", str(args.threads)]
+    by_id = {s.id: s for s in todo}
+    by_key = {(m.name.removeprefix("kvpress-"), m.budget): m for m in kmethods}
+    info = {"prefilled_tokens": 0, "prompt_tokens": 0}
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH="")  # the runner must not see the main venv's packages
+    with open(log_dir / f"kvpress-{model}.log", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                cwd=log_dir)
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if "hello" in msg:
+                info.update(msg["hello"])
+                continue
+            s = by_id[msg["sample"]]
+            recs = []
+            full_text = None
+            for key, ids in msg["outputs"].items():
+                press, _, b = key.partition("@")
+                text = tok.decode(ids, skip_special_tokens=True)
+                if press == "full":
+                    full_text = text
+                    continue
+                m = by_key.get((press, float(b)))
+                if m is not None and not results.done(model, s.id, m):
+                    recs.append(_record(model, s, m, text, engine="kvpress",
+                                        kept_per_layer=msg["kept_per_layer"].get(key)))
+            if full_text is not None:
+                recs.append(_record(model, s, full, full_text, engine="kvpress"))
+            results.add(recs)
+            results.save(args.keep)
+            info["prefill_s"] = round(info.get("prefill_s", 0) + msg["prefill_s"], 1)
+            info["runner_s"] = round(info.get("runner_s", 0) + msg["total_s"], 1)
+            info["prefilled_tokens"] += msg["prefilled"]
+            info["prompt_tokens"] += len(s.input_ids)
+            bar.update(1)
+            bar.set_postfix_str(f"kvpress {s.task} {s.context_len}")
+        rc = proc.wait()
+    if rc != 0:
+        raise SystemExit(f"kvpress runner failed (rc {rc}); see {log_dir}/kvpress-{model}.log")
+    info["wall_s"] = round(time.perf_counter() - t0, 1)
+    return info
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", action="store_true", help="the < 45 min CPU configuration")
+    mode.add_argument("--full", action="store_true", help="both models, all tasks, 50 samples")
+    ap.add_argument("--out", required=True, type=Path, help="results JSON (resumed if present)")
+    ap.add_argument("--models", nargs="+", help="override the mode's models")
+    ap.add_argument("--tasks", nargs="+", choices=T.TASKS, help="override the mode's tasks")
+    ap.add_argument("--contexts", nargs="+", type=int, help="override the contexts (all models)")
+    ap.add_argument("--budgets", nargs="+", type=float, help="override the budgets (fractions)")
+    ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
+    ap.add_argument("-n", "--samples", type=int, help="samples per (task, context) cell")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ablations", nargs="*", default=None, metavar="FIELD=V[,FIELD=V]",
+                    help="DD-Select ablations as extra dynsplit methods (per-request overrides "
+                         f"of alpha, block_size, tolerance, candidates, recent); bare flag: "
+                         f"{' '.join(DEFAULT_ABLATIONS)}")
+    ap.add_argument("--no-report", action="store_true", help="skip the markdown/PNG report")
+    ap.add_argument("--kvpress-dense-layers", type=int, default=None,
+                    help="layers kvpress leaves uncompressed (default: the product's "
+                         "dense_layers, so both sides compress the same layers)")
+    ap.add_argument("--max-total-tokens", type=int, default=0)
+    ap.add_argument("--chunked-prefill", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the SGLang server and of the kvpress runner, which "
+                         "run side by side (default 1 each: no oversubscription of 2 cores); "
+                         "0 = torch's default")
+    ap.add_argument("--group", type=int, default=3,
+                    help="prompts whose compressed requests decode in one batch (SGLang)")
+    ap.add_argument("--full-every", type=int, default=3,
+                    help="kvpress runner: full-KV HF decode (the cross-check of SGLang's full "
+                         "KV) on every k-th prompt; 0 = never")
+    ap.add_argument("--no-fast-extend", dest="fast_extend", action="store_false",
+                    help="run SGLang's stock torch_native extend (a cached 1-token extend then "
+                         "costs a full prompt's attention; see sglang_boost/sitecustomize.py)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra launch_server flag (repeat; e.g. --server-arg=--dynsplit-sink=4)")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # SIGTERM -> SystemExit, so the server's `with` block stops it (no orphaned scheduler).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from dynsplit_sglang.core import DynSplitConfig
+
+    cfg = MODES["quick" if args.quick else "full"]
+    models = args.models or cfg["models"]
+    task_names = args.tasks or cfg["tasks"]
+    budgets = args.budgets or cfg["budgets"]
+    n = args.samples or cfg["n"]
+    ablations = [] if args.ablations is None else (args.ablations or DEFAULT_ABLATIONS)
+    if args.kvpress_dense_layers is None:
+        args.kvpress_dense_layers = DynSplitConfig().dense_layers
+    methods = build_methods(args.methods, budgets, ablations)
+    sg_methods = [m for m in methods if m.engine == "sglang"]
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out)
+    # Rows only for what this invocation asks (a results file may hold other configurations).
+    wanted = {(m.name, m.budget) for m in methods}
+    args.keep = lambda r: (r["model"] in models and r["task"] in task_names
+                           and (r["method"], r["budget"]) in wanted and r["seed"] == args.seed)
+    from dynsplit_sglang.models import cache_dir
+
+    log_dir = cache_dir() / "logs" / "accuracy"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    meta = results.meta
+    meta.update(
+        mode="quick" if args.quick else "full", command=" ".join(["python"] + sys.argv),
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        versions=versions(), machine={"cpus": os.cpu_count(), "platform": platform.platform()},
+        config=dict(models=models, tasks=task_names, budgets=budgets, n=n, seed=args.seed,
+                    methods=[m.key for m in methods], ablations=ablations,
+                    contexts={m: args.contexts or cfg["contexts"].get(m, [4096]) for m in models},
+                    dynsplit_defaults=DynSplitConfig().to_dict(),
+                    kvpress_dense_layers=args.kvpress_dense_layers,
+                    sglang_fast_extend=args.fast_extend,
+                    kvpress_setting="presses applied to the whole prompt (context + question) "
+                                    "after a dense prefill; first answer token from the dense "
+                                    "prefill, as on the SGLang side"),
+    )
+    meta.setdefault("phases", {})
+
+    # Samples per model (tokenizer-specific), in serving order: per task, deepest first needle
+    # first, so each prompt's haystack prefix is already in the cache.
+    plan = []
+    for model in models:
+        path = model_dir(model)
+        tok = AutoTokenizer.from_pretrained(path)
+        samples = []
+        for task in task_names:
+            ts = []
+            for ctx in args.contexts or cfg["contexts"].get(model, [4096]):
+                ts += T.generate(task, tok, ctx, n, seed=args.seed)
+            samples += sorted(ts, key=lambda s: (-s.needle_pos, s.context_len, s.id))
+        plan.append((model, path, tok, samples))
+
+    total = sum(len(s) for *_, s in plan) * (1 + any(m.engine == "kvpress" for m in methods))
+    with tqdm(total=total, desc="accuracy", unit="prompt", dynamic_ncols=True) as bar:
+        for model, path, tok, samples in plan:
+            ph = meta["phases"].setdefault(model, {})
+            # The kvpress runner (its own process) works side by side with the SGLang server.
+            kv_info, kv_err = {}, []
+
+            def kv_phase():
+                try:
+                    kv_info.update(run_kvpress(model, path, samples, methods, results, tok, args,
+                                               bar, log_dir))
+                except BaseException as e:  # re-raised below
+                    kv_err.append(e)
+
+            import threading
+
+            kv_thread = threading.Thread(target=kv_phase, daemon=True)
+            kv_thread.start()
+            if sg_methods:
+                info = run_sglang(model, path, samples, sg_methods, results, tok, args, bar,
+                                  log_dir)
+                if info:
+                    ph["sglang"] = info
+            kv_thread.join()
+            if kv_err:
+                raise kv_err[0]
+            if kv_info:
+                ph["kvpress"] = kv_info
+                meta["versions"]["kvpress"] = kv_info.get("kvpress")
+                meta["versions"]["transformers (kvpress venv)"] = kv_info.get("transformers")
+            # Agreement of the two full-KV paths (SGLang vs HF transformers) on the same ids.
+            agree = [results.records.get((model, s.id, "none", 1.0)) for s in samples]
+            hf = [results.records.get((model, s.id, "hf-full", 1.0)) for s in samples]
+            pairs = [(a, b) for a, b in zip(agree, hf) if a and b]
+            if pairs:
+                ph["full_kv_agreement"] = {
+                    "n": len(pairs),
+                    "same_score": sum(a["score"] == b["score"] for a, b in pairs) / len(pairs),
+                    "same_text": sum(a["output"].strip() == b["output"].strip()
+                                     for a, b in pairs) / len(pairs),
+                    "hf_full_accuracy": sum(b["score"] for _, b in pairs) / len(pairs),
+                }
+            results.save(args.keep)
+    meta["wall_s_this_invocation"] = round(time.perf_counter() - started, 1)
+    # A resumed run adds up its invocations (what the results cost in all).
+    meta["wall_s_total"] = round(meta.get("wall_s_total", 0) + meta["wall_s_this_invocation"], 1)
+    results.save(args.keep)
+    print(f"[accuracy] {len(results.rows(args.keep))} rows -> {args.out} "
+          f"({meta['wall_s_this_invocation']:.0f} s)", file=sys.stderr)
+    if not args.no_report:
+        import report
+
+        report.write(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

