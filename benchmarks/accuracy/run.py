@@ -16,9 +16,8 @@ prefill puts the prompt in the radix cache. Then the compressed (method, budget)
 ``--group`` prompts go in one batch, every one served from the cache (``cached_tokens`` is
 recorded; the prefill is paid once per prompt). Samples of a task share their haystack up to the
 first needle and are sent deepest-needle first, so most of a prompt is a cached prefix too.
-On CPU the server gets ``sglang_boost/`` on its PYTHONPATH: SGLang's torch_native extend
-attends with a full-length redundant query, which makes a cached 1-token extend cost a whole
-prompt's attention; the boost attends with the new queries only (same outputs; see there).
+That the cache hit is cheap on CPU relies on the plugin's ``patches/native_extend.py`` (SGLang's
+torch_native extend otherwise pays a whole prompt's attention for a cached 1-token extend).
 
 kvpress peers (SnapKV, ChunkKV, StreamingLLM) run in their own virtual environment
 (``.cache/venv-kvpress``, created here on first use from ``requirements/kvpress.txt``) through HF
@@ -265,9 +264,6 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
     env = dict(os.environ, DYNSPLIT_STATS_PATH=str(stats_path))
     if args.threads:  # the kvpress runner works side by side: one core each, no spin-waiting
         env["OMP_NUM_THREADS"] = str(args.threads)
-    if args.fast_extend:  # see sglang_boost/sitecustomize.py
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "sglang_boost"),
-                                                          env.get("PYTHONPATH")]))
     n_req = len(methods) + 1
     server_args = [
         "--kv-compression", "dynsplit",
@@ -448,9 +444,6 @@ def main(argv=None) -> int:
     ap.add_argument("--full-every", type=int, default=3,
                     help="kvpress runner: full-KV HF decode (the cross-check of SGLang's full "
                          "KV) on every k-th prompt; 0 = never")
-    ap.add_argument("--no-fast-extend", dest="fast_extend", action="store_false",
-                    help="run SGLang's stock torch_native extend (a cached 1-token extend then "
-                         "costs a full prompt's attention; see sglang_boost/sitecustomize.py)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra launch_server flag (repeat; e.g. --server-arg=--dynsplit-sink=4)")
     args = ap.parse_args(argv)
@@ -496,7 +489,6 @@ def main(argv=None) -> int:
                     contexts={m: args.contexts or cfg["contexts"].get(m, [4096]) for m in models},
                     dynsplit_defaults=DynSplitConfig().to_dict(),
                     kvpress_dense_layers=args.kvpress_dense_layers,
-                    sglang_fast_extend=args.fast_extend,
                     kvpress_setting="presses applied to the whole prompt (context + question) "
                                     "after a dense prefill; first answer token from the dense "
                                     "prefill, as on the SGLang side"),
