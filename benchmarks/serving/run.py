@@ -133,6 +133,21 @@ def gpu_server_command(model, port, args, flags) -> list[str]:
             "--disable-cuda-graph", *flags]
 
 
+_LIVE: dict[int, launcher.ServerHandle] = {}  # servers up now, for the SIGTERM handler
+
+
+def _on_sigterm(*_):
+    """Stop the servers first: a session blocked on a stream then fails at once, and the
+    frontend's thread pool, which waits for its sessions, lets SystemExit through."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for h in list(_LIVE.values()):
+        try:
+            os.killpg(h.proc.pid, signal.SIGTERM)  # the launcher starts each in its own group
+        except OSError:
+            pass
+    raise SystemExit(143)
+
+
 @contextmanager
 def server(args, cfg: Config, log_dir: Path):
     log = log_dir / f"server-{cfg.label.replace('/', '_').replace('@', '-')}.log"
@@ -160,9 +175,11 @@ def server(args, cfg: Config, log_dir: Path):
             h.stop()
             raise
     h.stats_path = stats
+    _LIVE[h.proc.pid] = h
     try:
         yield h
     finally:
+        _LIVE.pop(h.proc.pid, None)
         h.stop()
 
 
@@ -383,7 +400,8 @@ def main(argv=None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(args.log_dir or cache_dir() / "logs" / "serving")
     log_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, lambda *a: _on_sigterm(*a))
 
     from transformers import AutoTokenizer
 
