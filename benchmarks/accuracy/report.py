@@ -3,8 +3,8 @@
     python benchmarks/accuracy/report.py benchmarks/accuracy/results/quick.json
 
 Writes next to the JSON: ``<stem>.md`` (tables + targets), ``<stem>-<model>.png`` (one panel per
-task x context, accuracy vs budget per method) and ``README-section.md`` (the block the README
-shows: date, versions, table, plot links).
+task x context, accuracy vs budget per method) and, for the ``quick``/``full`` runs,
+``README-section.md`` (the block the README shows: date, versions, table, plot links).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RIGID = ("fixed", "delimiter", "streaming")
+README_STEMS = ("quick", "full")  # the runs whose table the README shows
 KVPRESS_TARGETS = ("kvpress-chunkkv", "kvpress-snapkv")
 ORDER = ("none", "dynsplit", "fixed", "delimiter", "streaming", "kvpress-snapkv",
          "kvpress-chunkkv", "kvpress-streamingllm")
@@ -54,6 +55,14 @@ def _index(rows):
     return acc
 
 
+def resolution(n: int, cells: int) -> str:
+    """How far apart two numbers must be to mean something: binomial noise at 50%."""
+    se_cell = 100 * (0.25 / n) ** 0.5
+    se_mean = se_cell / cells ** 0.5
+    return (f"one sample = {100 / n:.0f} points; standard error at 50% accuracy "
+            f"±{se_cell:.0f} points per cell, ±{se_mean:.0f} on a {cells}-cell mean")
+
+
 def tables(data: dict) -> str:
     rows = data["rows"]
     idx = _index(rows)
@@ -64,7 +73,8 @@ def tables(data: dict) -> str:
                       key=lambda tc: (_task_order(tc[0]), tc[1]))
         ns = sorted({r["n"] for r in mrows})
         out.append(f"**{model}** — accuracy (%) per task and context; "
-                   f"n = {ns[0] if len(ns) == 1 else f'{ns[0]}–{ns[-1]}'} samples per cell\n")
+                   f"n = {ns[0] if len(ns) == 1 else f'{ns[0]}–{ns[-1]}'} samples per cell "
+                   f"({resolution(ns[0], len(cols))})\n")
         head = "| method | budget | " + " | ".join(f"{t} {c // 1024}k" for t, c in cols) + " | mean |"
         out += [head, "|" + "---|" * (len(cols) + 3)]
         methods = sorted({r["method"] for r in mrows}, key=_method_order)
@@ -256,7 +266,8 @@ def write(json_path: Path) -> dict:
                + "".join(f"![{p.stem}]({_repo_rel(p)})\n" for p in pngs)
                + f"\nFull results: [`{_repo_rel(json_path)}`]({_repo_rel(json_path)}), "
                  f"details in [`{_repo_rel(md_path)}`]({_repo_rel(md_path)}).\n")
-    (json_path.parent / "README-section.md").write_text(section)
+    if json_path.stem in README_STEMS:  # side runs (ablations, ...) must not replace it
+        (json_path.parent / "README-section.md").write_text(section)
     return {"md": md_path, "pngs": pngs}
 
 
