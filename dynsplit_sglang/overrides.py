@@ -63,10 +63,26 @@ def parse_request_id(rid: str | None, base: DynSplitConfig) -> DynSplitConfig | 
             changes[name] = _value(name, text)
         except ValueError:
             raise ConfigError(f"request override: {name}={text!r} is not a valid value") from None
-    return _apply(base, changes)
+    return _check_geometry(_apply(base, changes), base)
 
 
 def _apply(base: DynSplitConfig, changes: dict) -> DynSplitConfig:
     if changes.get("strategy") == "none":
         changes.update(strategy=base.strategy, budget=_DENSE, budget_fraction=None)
     return base.replace(**changes)
+
+
+def _check_geometry(cfg: DynSplitConfig, base: DynSplitConfig) -> DynSplitConfig:
+    # The server sizes its per-request block tables for its own shortest block; a finer request
+    # would overflow them and silently attend densely, so it is refused instead.
+    if _min_block(cfg) < _min_block(base):
+        raise ConfigError(
+            f"request override: block_size={cfg.block_size}, tolerance={cfg.tolerance} allows "
+            f"{_min_block(cfg)}-token blocks, finer than the server's {_min_block(base)} "
+            "(its block tables are sized for those); start the server with "
+            "--dynsplit-block-size/--dynsplit-tolerance for finer blocks")
+    return cfg
+
+
+def _min_block(cfg: DynSplitConfig) -> int:
+    return max(1, cfg.block_size - cfg.tolerance)

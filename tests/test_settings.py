@@ -110,3 +110,9 @@ def test_request_overrides_round_trip_and_validate():
         request_id(budget=3)
     with pytest.raises(ConfigError, match="per request"):
         parse_request_id("dynsplit:sink=2:x", base)
+    # Finer blocks than the server's would overflow its block tables (silent dense fallback).
+    with pytest.raises(ConfigError, match="finer than the server's 12"):
+        parse_request_id(request_id(block_size=8, unique="x2"), base)
+    fine = DynSplitConfig(block_size=8, tolerance=4)
+    assert parse_request_id(request_id(block_size=8, unique="x3"), fine).block_size == 8
+    assert parse_request_id(request_id(block_size=32, unique="x4"), base).block_size == 32

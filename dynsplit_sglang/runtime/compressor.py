@@ -92,7 +92,7 @@ class Compressor:
             num_slots=num_slots,
             max_rows=max_rows,
             max_blocks_per_row=max_context // min_len + 4,
-            max_entries=2 * (num_slots // min_len) + 8 * max_rows + 64,
+            max_entries=BlockStore.entry_capacity(num_slots, max_rows, min_len),
             compressed_layers=num_layers - self.first_compressed,
             kv_heads=kv_heads,
             head_dim=head_dim,

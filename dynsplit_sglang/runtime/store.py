@@ -58,6 +58,12 @@ class BlockStore:
         self.row_entry = torch.full((max_rows, max_blocks_per_row), -1, dtype=torch.int64,
                                     device=device)
 
+    @staticmethod
+    def entry_capacity(num_slots: int, max_rows: int, min_block: int) -> int:
+        """Entries for a pool of `num_slots`: every slot's own blocks, plus as many again for
+        requests that split a shared prefix their own way (another strategy or geometry)."""
+        return 2 * (num_slots // min_block) + 8 * max_rows + 64
+
     @property
     def max_blocks_per_row(self) -> int:
         return self.row_start.shape[1]
