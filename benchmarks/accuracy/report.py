@@ -244,6 +244,12 @@ def header(data: dict) -> str:
         "compress the whole prompt (context + question) after one shared dense prefill.",
     ]
     for model, ph in phases.items():
+        sg = ph.get("sglang") or {}
+        fell = sg.get("fallback_rows", (sg.get("counters") or {}).get("fallback_rows", 0))
+        if fell:
+            lines.append(f"**Caveat ({model}): {fell} compressed SGLang requests fell back to "
+                         "dense attention (block store full)**; their batches are flagged per "
+                         "sample (`fallback_rows_in_batch` in the samples file).")
         agree = ph.get("full_kv_agreement")
         if agree:
             lines.append(f"Full-KV cross-check ({model}): SGLang and HF transformers give the same "

@@ -71,8 +71,10 @@ MODES = {
     ),
 }
 # DD-Select ablations offered by --ablations default (per-request overrides of dynsplit).
-DEFAULT_ABLATIONS = ["alpha=0", "alpha=4", "block_size=8", "block_size=32", "tolerance=0",
-                     "tolerance=8", "candidates=all"]
+# Blocks finer than the server's (block_size - tolerance < 12) are refused per request: run them
+# server-wide instead (--server-arg=--dynsplit-block-size=8), which moves every strategy.
+DEFAULT_ABLATIONS = ["alpha=0", "alpha=4", "block_size=32", "tolerance=0",
+                     "block_size=20,tolerance=8", "candidates=all"]
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,49 @@ def versions() -> dict:
 # -- SGLang phase ---------------------------------------------------------------------------------
 
 
+def server_config(server_args: list[str]):
+    """The server's DynSplit defaults: DynSplitConfig() plus the geometry in --server-arg."""
+    from dynsplit_sglang.core import DynSplitConfig
+
+    flags = dict(a.split("=", 1) for a in server_args if a.startswith("--dynsplit-") and "=" in a)
+    it = iter(server_args)
+    flags.update({a: next(it, "") for a in it if a.startswith("--dynsplit-") and "=" not in a})
+    geometry = {f: int(flags[f"--dynsplit-{f.replace('_', '-')}"])
+                for f in ("block_size", "tolerance") if f"--dynsplit-{f.replace('_', '-')}" in flags}
+    return DynSplitConfig(**geometry)
+
+
+def check_overrides(methods: list[Method], base) -> None:
+    """Refuse, before anything starts, an override the server would reject (it would then run
+    the server's settings under the ablation's name)."""
+    from dynsplit_sglang.core import ConfigError
+    from dynsplit_sglang.overrides import parse_request_id, request_id
+
+    for m in methods:
+        if m.engine == "sglang" and m.overrides:
+            try:
+                parse_request_id(request_id(**dict(m.overrides)), base)
+            except ConfigError as e:
+                raise SystemExit(f"{m.name}: {e} (e.g. --server-arg=--dynsplit-block-size=8)")
+
+
+def slots_for_group(methods: list[Method], base, max_ctx: int, rows: int, group: int) -> int:
+    """KV slots a server needs so that its block store (sized from the slots) holds, besides the
+    blocks registered on the cached prompts, the blocks of every request in a batch that splits
+    a prompt its own way (all but the server's own dynsplit). A full store means dense fallback."""
+    from dynsplit_sglang.runtime.store import BlockStore
+
+    own = [dict(m.overrides) for m in methods if m.engine == "sglang"
+           and m.name not in ("none", "dynsplit") and dict(m.overrides).get("strategy") != "streaming"]
+    per_prompt = sum(-(-max_ctx // o.get("block_size", base.block_size)) for o in own)
+    min_block = max(1, base.block_size - base.tolerance)
+    slots = 4096
+    while (BlockStore.entry_capacity(slots, rows, min_block) - slots // base.block_size
+           < 1.25 * group * per_prompt):
+        slots += 4096
+    return slots
+
+
 def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Method],
                results: Results, tok, args, bar, log_dir: Path) -> dict:
     from dynsplit_sglang.launcher import post_json, start_server
@@ -265,21 +310,27 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
     if args.threads:  # the kvpress runner works side by side: one core each, no spin-waiting
         env["OMP_NUM_THREADS"] = str(args.threads)
     n_req = len(methods) + 1
+    group = max(1, args.group)
+    rows = max(16, n_req * group)
+    slots = args.max_total_tokens or max(
+        (group + 3) * max_ctx + 4096,
+        slots_for_group(methods, server_config(args.server_arg), max_ctx, rows, group))
     server_args = [
         "--kv-compression", "dynsplit",
-        "--max-total-tokens", str(args.max_total_tokens or (args.group + 3) * max_ctx + 4096),
+        "--max-total-tokens", str(slots),
         "--chunked-prefill-size", str(args.chunked_prefill),
-        "--max-running-requests", str(max(16, n_req * max(1, args.group))),
+        "--max-running-requests", str(rows),
         "--context-length", str(max_ctx + 256),
         *args.server_arg,
     ]
-    info = {"server_args": server_args, "cached_fraction": [], "warm_s": 0.0, "batch_s": 0.0}
+    info = {"server_args": server_args, "cached_fraction": [], "warm_s": 0.0, "batch_s": 0.0,
+            "group": group, "fallback_rows": 0}
     t0 = time.perf_counter()
     with start_server(path, server_args, log_path=log_dir / f"sglang-{model}.log", env=env,
                       health_timeout=600) as h:
         info["startup_s"] = round(time.perf_counter() - t0, 1)
         url = h.base_url + "/generate"
-        group = max(1, args.group)
+        fallback_seen = _counter(stats_path, "fallback_rows")
         for g0 in range(0, len(todo), group):
             chunk = todo[g0:g0 + group]
             t1 = time.perf_counter()
@@ -307,6 +358,9 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
                     "sampling_params": [{"max_new_tokens": s.max_new_tokens, "temperature": 0}
                                         for s, _ in jobs]})
             t3 = time.perf_counter()
+            fell_back = _counter(stats_path, "fallback_rows") - fallback_seen
+            fallback_seen += fell_back
+            info["fallback_rows"] += fell_back
             info["warm_s"] += t2 - t1
             info["batch_s"] += t3 - t2
             pairs = list(zip(jobs, out)) + [((s, f), o) for s in chunk
@@ -319,7 +373,8 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
                     info["cached_fraction"].append(cached / len(s.input_ids))
                 ids = o.get("output_ids")
                 text = tok.decode(ids, skip_special_tokens=True) if ids is not None else o["text"]
-                recs.append(_record(model, s, m, text, engine="sglang", cached_tokens=cached))
+                recs.append(_record(model, s, m, text, engine="sglang", cached_tokens=cached,
+                                    fallback_rows_in_batch=fell_back))
             results.add(recs)
             results.save(args.keep)
             bar.update(len(chunk))
@@ -335,6 +390,13 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
     info["warm_s"] = round(info["warm_s"], 1)
     info["batch_s"] = round(info["batch_s"], 1)
     return info
+
+
+def _counter(stats_path: Path, name: str) -> int:
+    try:
+        return int(json.loads(stats_path.read_text()).get(name, 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def _record(model, s: T.Sample, m: Method, text: str, **extra) -> dict:
@@ -466,6 +528,7 @@ def main(argv=None) -> int:
     if args.kvpress_dense_layers is None:
         args.kvpress_dense_layers = DynSplitConfig().dense_layers
     methods = build_methods(args.methods, budgets, ablations)
+    check_overrides(methods, server_config(args.server_arg))
     sg_methods = [m for m in methods if m.engine == "sglang"]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
