@@ -44,6 +44,23 @@ COMPRESSION_ARGS = [
 ]  # fmt: skip
 
 
+# The default model's server, shared by the tests that need a real pretrained model. No overlap
+# scheduling: the DynSplit counters then cover exactly the forwards of the request in flight.
+DEFAULT_MODEL_ARGS = ["--kv-compression", "dynsplit", "--dynsplit-budget", "512",
+                      "--max-total-tokens", "8192", "--disable-overlap-schedule"]
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory):
+    """SmolLM2-135M-Instruct (fp32) behind one server for the session; ``.stats_path`` as below."""
+    log_dir = tmp_path_factory.mktemp("default")
+    stats = log_dir / "dynsplit-stats.json"
+    with start_server(models.ensure(models.DEFAULT_MODEL), DEFAULT_MODEL_ARGS, log_dir,
+                      env={"DYNSPLIT_STATS_PATH": str(stats)}) as handle:
+        handle.stats_path = stats
+        yield handle
+
+
 @pytest.fixture(scope="session")
 def sglang_server_args() -> list[str]:
     """Extra launch_server flags for the session server."""

@@ -3,20 +3,11 @@ nothing, token for token, single requests and a batch of 8 mixed-length requests
 
 import pytest
 
-from dynsplit_sglang.models import DEFAULT_MODEL, ensure
 from dynsplit_sglang.overrides import request_id
 
 from .client import generate, text
-from .conftest import start_server
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
-    args = ["--kv-compression", "dynsplit", "--dynsplit-budget", "512"]
-    with start_server(ensure(DEFAULT_MODEL), args, tmp_path_factory.mktemp("default")) as s:
-        yield s
 
 
 def test_covering_budget_is_token_identical_to_dense(default_server):
