@@ -20,7 +20,8 @@ from pathlib import Path
 # torch_native: the attention backend SGLang runs on CPU without sgl_kernel/flashinfer.
 # No CUDA graphs on CPU; warm-up is skipped because /health is polled anyway.
 # A small KV pool keeps RSS low on a 2-core/24 GiB host; enable-cache-report puts
-# cached_tokens into the OpenAI usage block.
+# cached_tokens into the OpenAI usage block. sleep-on-idle: an idle scheduler otherwise spins a
+# whole core, which on 2 cores halves whatever else runs (a test session keeps servers alive).
 CPU_SERVER_ARGS = [
     "--device", "cpu",
     "--attention-backend", "torch_native",
@@ -31,6 +32,7 @@ CPU_SERVER_ARGS = [
     "--mem-fraction-static", "0.2",
     "--max-running-requests", "8",
     "--enable-cache-report",
+    "--sleep-on-idle",
 ]  # fmt: skip
 
 
