@@ -3,9 +3,9 @@
 One module per SGLang surface; each names the SGLang symbol and version it touches:
 ``server_args`` (the CLI flags), ``engine`` (``sgl.Engine`` keyword arguments), ``attention``
 (the compressed-decode backend), ``native_extend`` (torch_native's extend attention without its
-redundant full-length query, which made radix-cache hits cost a full prefill). ``cpu_host/`` holds the start-up workarounds that let SGLang run
-on a CPU-only host; they run from a ``.pth`` file, not from here, because SGLang's plugin loader
-runs too late for them.
+redundant full-length query, which made radix-cache hits cost a full prefill). ``cpu_host/``
+holds the start-up workarounds that let SGLang run on a CPU-only host; they run from a ``.pth``
+file, not from here, because SGLang's plugin loader runs too late for them.
 
 SGLang logs and swallows a hook that fails to apply, so ``apply_all`` checks that each one really
 did; when KV compression was asked for, a missing hook stops the process with a message instead

@@ -253,15 +253,11 @@ def versions() -> dict:
 
 
 def server_config(server_args: list[str]):
-    """The server's DynSplit defaults: DynSplitConfig() plus the geometry in --server-arg."""
-    from dynsplit_sglang.core import DynSplitConfig
+    """The server's DynSplit defaults: its --dynsplit-* flags in --server-arg, parsed as the
+    server parses them."""
+    from dynsplit_sglang.settings import strip_and_parse
 
-    flags = dict(a.split("=", 1) for a in server_args if a.startswith("--dynsplit-") and "=" in a)
-    it = iter(server_args)
-    flags.update({a: next(it, "") for a in it if a.startswith("--dynsplit-") and "=" not in a})
-    geometry = {f: int(flags[f"--dynsplit-{f.replace('_', '-')}"])
-                for f in ("block_size", "tolerance") if f"--dynsplit-{f.replace('_', '-')}" in flags}
-    return DynSplitConfig(**geometry)
+    return strip_and_parse(["--kv-compression", "dynsplit", *server_args])[1].config
 
 
 def check_overrides(methods: list[Method], base) -> None:

@@ -238,8 +238,8 @@ LAYERS, COMPRESSED_LAYERS = 30, 28  # the default model; 2 dense layers
 
 
 def bottleneck_lines(p) -> list[str]:
-    """The bottleneck, from the live server's profile (the in-process replay runs on a small,
-    cache-warm pool and underestimates the server's attention cost)."""
+    """The bottleneck, from the live server's profile (the in-process replay measures less
+    attention time than the server spends, so the live split is the reference)."""
     sp = p.get("server_profile") or {}
     dense, b8 = sp.get("dense"), sp.get("0.125")
     if not dense or not b8:
