@@ -21,7 +21,7 @@ PREFIX = "dynsplit:"
 # Server-wide by construction: the compressed layers, the vote width and the sink size the
 # block store and the decode plan of the whole batch.
 _FIELDS = {f.name for f in dataclasses.fields(DynSplitConfig)} - {
-    "dense_layers", "future_window", "sink", "score_layers"}
+    "dense_layers", "future_window", "sink", "score_layers", "evict"}
 _DENSE = 2**31 - 1  # strategy=none: a budget no context reaches
 
 

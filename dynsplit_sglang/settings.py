@@ -21,6 +21,9 @@ ENV = "SGLANG_DYNSPLIT"
 METHODS = ("none", "dynsplit", "fixed", "delimiter", "streaming")
 SUPPORTED_BACKENDS = ("torch_native", "triton")
 _TYPES = {"budget": int, "budget_fraction": float, "alpha": float}
+_BOOL_HELP = {"evict": "Free the KV slots of each request's least important blocks once its "
+                       "prompt is split, keeping sink, recent window and top blocks within the "
+                       "budget (memory, not only attention). Needs --disable-overlap-schedule."}
 
 
 def _flag(field: str) -> str:
@@ -83,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DynSplitConfig()
     for f in dataclasses.fields(DynSplitConfig):
         if f.name == "strategy":
+            continue
+        if isinstance(getattr(defaults, f.name), bool):
+            group.add_argument(_flag(f.name), action="store_const", const=True, default=None,
+                               help=_BOOL_HELP[f.name])
             continue
         typ = _TYPES.get(f.name) or type(getattr(defaults, f.name))
         group.add_argument(_flag(f.name), type=typ, default=None,
@@ -148,6 +155,19 @@ def validate_server_args(settings: Settings, sa: Any) -> None:
          f"--kv-cache-dtype {getattr(sa, 'kv_cache_dtype', None)}: quantized KV is not "
          "supported; use auto"),
     ]
+    if settings.config.evict:
+        checks += [
+            (getattr(sa, "radix_cache_backend", None) not in (None, "dynsplit-evict"),
+             f"--dynsplit-evict with --radix-cache-backend {getattr(sa, 'radix_cache_backend', None)}"
+             ": eviction needs the dynsplit-evict radix cache (the default when it is omitted)"),
+            (not bool(getattr(sa, "disable_overlap_schedule", False)),
+             "--dynsplit-evict without --disable-overlap-schedule: eviction frees KV slots "
+             "inside the forward, which must not overlap the scheduler's allocations"),
+            (getattr(sa, "attention_backend", "torch_native") != "torch_native"
+             or getattr(sa, "prefill_attention_backend", None) not in (None, "torch_native"),
+             "--dynsplit-evict with an attention backend other than torch_native: only its "
+             "extend attention masks evicted slots so far"),
+        ]
     problems += [msg for bad, msg in checks if bad]
     if problems:
         raise ConfigError(f"--kv-compression {settings.method} cannot run with: "

@@ -2,7 +2,8 @@
 
 One module per SGLang surface; each names the SGLang symbol and version it touches:
 ``server_args`` (the CLI flags), ``engine`` (``sgl.Engine`` keyword arguments), ``attention``
-(the compressed-decode backend), ``native_extend`` (torch_native's extend attention without its
+(the compressed-decode backend), ``eviction`` (the radix cache that counts freed slots),
+``native_extend`` (torch_native's extend attention without its
 redundant full-length query, which made radix-cache hits cost a full prefill). ``cpu_host/``
 holds the start-up workarounds that let SGLang run on a CPU-only host; they run from a ``.pth``
 file, not from here, because SGLang's plugin loader runs too late for them.
@@ -37,7 +38,9 @@ def apply_all() -> list[str]:
         _done = True
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        from . import attention, engine, native_extend, server_args
+        from dynsplit_sglang.settings import Settings
+
+        from . import attention, engine, eviction, native_extend, server_args
 
         targets = server_args.register(HookRegistry, HookType)
         targets += engine.register(HookRegistry, HookType)
@@ -45,9 +48,11 @@ def apply_all() -> list[str]:
         names = attention.register()
         extend = native_extend.register()
         names += extend
+        names += eviction.register(Settings.from_env().config.evict)
         missing = [t for t in targets if t not in HookRegistry._patched]
         missing += [n for n in attention.WRAPPED if n not in attention.applied()]
         missing += [n for n in extend if not native_extend.applied()]
+        missing += [] if eviction.applied() else [eviction.TARGET]
         if missing:
             msg = f"dynsplit-sglang: hooks did not apply: {missing} (is this SGLang 0.5.23?)"
             if _requested():

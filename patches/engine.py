@@ -24,6 +24,11 @@ def _before_engine_init(*args, **kwargs):
     data = json.loads(extra) if isinstance(extra, str) else dict(extra or {})
     data["kv_compression"] = method or data.get("strategy", "dynsplit")
     settings = Settings.from_mapping(data)
+    if settings.enabled and settings.config.evict:
+        from .eviction import NAME
+
+        kwargs.setdefault("radix_cache_backend", NAME)
+        kwargs.setdefault("disable_overlap_schedule", True)
     if settings.enabled:
         os.environ[ENV] = settings.to_json()
     else:

@@ -27,6 +27,9 @@ TARGET = (
     "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend"
 )
 ENV = "DYNSPLIT_NATIVE_EXTEND"
+# Set by patches.eviction under --dynsplit-evict: prefix positions whose slot is 0 were evicted
+# and are left out of the keys (the causal offset is then the number of live prefix keys).
+MASK_EVICTED = False
 
 
 def prefix_offset_extend(
@@ -62,6 +65,10 @@ def prefix_offset_extend(
     for i, (n, p, length) in enumerate(zip(*lens)):
         q = q_all[:, start : start + n]
         slots = req_to_token[req_pool_indices[i], :length]
+        if MASK_EVICTED and p > 0:
+            live = slots[:p] != 0
+            slots = torch.cat([slots[:p][live], slots[p:]])
+            p, length = slots.numel() - n, slots.numel()
         k = k_cache[slots].movedim(0, 1)
         v = v_cache[slots].movedim(0, 1)
         if not (q.dtype == k.dtype == v.dtype):

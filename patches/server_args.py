@@ -29,8 +29,24 @@ def _after_add_cli_args(result, parser, *args, **kwargs):
     return result
 
 
+def eviction_args(settings: Settings, argv: list[str]) -> list[str]:
+    """SGLang flags --dynsplit-evict implies (added unless given): the slot-counting radix cache,
+    and no overlap scheduling (eviction frees slots inside the forward)."""
+    if not (settings and settings.enabled and settings.config.evict):
+        return []
+    from .eviction import NAME
+
+    extra = []
+    if "--radix-cache-backend" not in argv:
+        extra += ["--radix-cache-backend", NAME]
+    if "--disable-overlap-schedule" not in argv:
+        extra.append("--disable-overlap-schedule")
+    return extra
+
+
 def _around_prepare_server_args(original, argv, *args, **kwargs):
     rest, settings = strip_and_parse(list(argv))
+    rest += eviction_args(settings, rest)
     server_args = original(rest, *args, **kwargs)
     settings = settings or Settings.from_env()
     validate_server_args(settings, server_args)

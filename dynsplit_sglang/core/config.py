@@ -51,6 +51,7 @@ class DynSplitConfig:
     candidates: str = "punct"
     dense_layers: int = 2
     score_layers: int = 4  # layers (evenly spaced) averaged in the importance score; 0 = all
+    evict: bool = False  # free the KV slots of the least important blocks (server-wide)
 
     def __post_init__(self) -> None:
         if self.budget is None and self.budget_fraction is None:
@@ -80,6 +81,9 @@ class DynSplitConfig:
                  self.dense_layers, "an integer in [0, 1024]")
         _require(_is_int(self.score_layers) and 0 <= self.score_layers <= 1024, "score_layers",
                  self.score_layers, "an integer in [0, 1024] (0 = all layers)")
+        _require(isinstance(self.evict, bool), "evict", self.evict, "true or false")
+        _require(not (self.evict and self.strategy == "streaming"), "evict", self.evict,
+                 "false with strategy=streaming (it has no blocks to evict)")
         if self.budget is not None:
             _require(_is_int(self.budget) and self.budget >= self.sink + self.recent, "budget",
                      self.budget, f"an integer >= sink + recent = {self.sink + self.recent}")

@@ -26,17 +26,13 @@ from .config import DynSplitConfig
 _LSE_CHUNK = 256
 
 
-def causal_lse(q: torch.Tensor, k: torch.Tensor, q_start: int, scale: float) -> torch.Tensor:
-    """Log-sum-exp of each query's causal attention logits.
-
-    q: [Lq, Hq, D] at absolute positions q_start.. ; k: [>= q_start+Lq, Hkv, D].
-    Returns [Lq, Hkv, G] with G = Hq // Hkv (query heads grouped by their KV head).
-    """
+def _causal_logits(q, k, q_start, scale, key_ok=None):
+    """Chunks of causal attention logits: yields (c0, c1, logits [Hkv, G, c, kend]), with keys
+    after each query and keys where key_ok [len(k)] is False at -inf."""
     lq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     qg = q.float().reshape(lq, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, Lq, D]
-    out = torch.empty(hkv, g, lq, dtype=torch.float32, device=q.device)
     for c0 in range(0, lq, _LSE_CHUNK):
         c1 = min(c0 + _LSE_CHUNK, lq)
         kend = q_start + c1
@@ -44,9 +40,40 @@ def causal_lse(q: torch.Tensor, k: torch.Tensor, q_start: int, scale: float) -> 
         logits = torch.matmul(qg[:, :, c0:c1], kk) * scale  # [Hkv, G, c, kend]
         qpos = torch.arange(q_start + c0, q_start + c1, device=q.device)
         kpos = torch.arange(kend, device=q.device)
-        logits.masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
+        hidden = kpos[None, :] > qpos[:, None]
+        if key_ok is not None:
+            hidden = hidden | ~key_ok[None, :kend]
+        logits.masked_fill_(hidden, float("-inf"))
+        yield c0, c1, logits
+
+
+def causal_lse(q: torch.Tensor, k: torch.Tensor, q_start: int, scale: float,
+               key_ok: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-sum-exp of each query's causal attention logits.
+
+    q: [Lq, Hq, D] at absolute positions q_start.. ; k: [>= q_start+Lq, Hkv, D]; key_ok: keys
+    that exist (evicted ones do not). Returns [Lq, Hkv, G] with G = Hq // Hkv (query heads
+    grouped by their KV head).
+    """
+    lq, hq, _ = q.shape
+    hkv = k.shape[1]
+    out = torch.empty(hkv, hq // hkv, lq, dtype=torch.float32, device=q.device)
+    for c0, c1, logits in _causal_logits(q, k, q_start, scale, key_ok):
         out[:, :, c0:c1] = torch.logsumexp(logits, dim=-1)
     return out.permute(2, 0, 1).contiguous()
+
+
+def key_distinctiveness(k: torch.Tensor) -> torch.Tensor:
+    """Query-agnostic importance of keys k [L, Hkv, D]: 1 - cos(key, mean key direction),
+    averaged over KV heads; float32 [L].
+
+    The idea of KeyDiff (Park et al., 2025): keys that point where most keys point draw attention
+    from every query alike and carry little, distinctive keys are the ones a specific later
+    question retrieves. Needs no query, so it can decide on a prefix before its question exists.
+    """
+    kn = torch.nn.functional.normalize(k.float(), dim=-1)
+    anchor = torch.nn.functional.normalize(kn.mean(dim=0, keepdim=True), dim=-1)
+    return (1.0 - (kn * anchor).sum(dim=-1)).mean(dim=-1)
 
 
 def layer_votes(

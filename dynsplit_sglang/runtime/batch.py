@@ -28,6 +28,13 @@ def _tp_all_reduce(t):
     return get_tp_group().all_reduce(t)
 
 
+def _allocator_hooks(model_runner) -> dict:
+    alloc = getattr(model_runner, "token_to_kv_pool_allocator", None)
+    if alloc is None:
+        return {}
+    return {"free_slots": alloc.free, "used_slots": lambda: alloc.size - alloc.available_size()}
+
+
 def build_compressor(model_runner, settings: Settings) -> Compressor:
     pool = model_runner.token_to_kv_pool
     req_to_token = model_runner.req_to_token_pool.req_to_token
@@ -53,6 +60,7 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
                           prometheus=bool(getattr(sa, "enable_metrics", False))),
         tp_size=sa.tp_size,
         all_reduce=_tp_all_reduce if sa.tp_size > 1 else None,
+        **_allocator_hooks(model_runner),
     )
     logger.info(
         "dynsplit-sglang: %s compression on %d layers (%d dense), %d KV heads x %d, %d slots; %s",

@@ -17,8 +17,11 @@ from typing import Callable
 
 import torch
 
-from ..core import BlockTable, DynSplitConfig, candidates_for, layer_votes, segment
+from ..core import (BlockTable, DynSplitConfig, candidates_for, causal_lse, key_distinctiveness,
+                    layer_votes, segment)
+from ..kernels import dispatch
 from ..kernels.dispatch import block_summaries
+from .eviction import block_heat, pick_victims
 from ..kernels.wrapper import SparseDecodeWrapper
 from .report import Reporter
 from .store import BlockStore
@@ -78,6 +81,8 @@ class Compressor:
         reporter: Reporter | None = None,
         tp_size: int = 1,
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        free_slots: Callable[[torch.Tensor], None] | None = None,
+        used_slots: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
@@ -99,7 +104,16 @@ class Compressor:
             future_window=cfg.future_window,
             dtype=dtype,
             device=device,
+            track_heat=cfg.evict,
         )
+        # Eviction hands KV slots back to the allocator; its padding slot 0 marks a position
+        # whose K/V are gone, which every attention path of this module skips.
+        self.evict = cfg.evict
+        if self.evict and free_slots is None:
+            raise ValueError("Compressor: eviction needs free_slots (the KV allocator's free)")
+        self.free_slots = free_slots
+        self.used_slots = used_slots
+        self._kept = None  # decode: every position that still has K/V, per request
         self.token = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self.rows: dict[int, RowState] = {}
         self.stats: Counter = Counter()
@@ -121,7 +135,10 @@ class Compressor:
         self.store.invalidate_slots(batch.out_cache_loc)
         self.token[batch.out_cache_loc.long()] = batch.input_ids.long()
         states = [self._row_state(i) for i in range(len(batch.rows))]
+        self._kept = None
         if batch.is_decode:
+            self._note_usage()
+            self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch.rows))
             for i, st in enumerate(states):
                 self._advance_decode(st, batch.rows[i], batch.seq_lens[i] - 1)
             self._sparse = self._plan_decode(states)
@@ -139,12 +156,22 @@ class Compressor:
             return
         b, off = self.batch, 0
         for i, row in enumerate(b.rows):
-            n = b.seq_lens[i] - b.prefix_lens[i]
+            n, p = b.seq_lens[i] - b.prefix_lens[i], b.prefix_lens[i]
             st = self.rows[row]
-            if st.cfg.strategy == "dynsplit" and not st.prompt_done and n > 0:
-                keys = k_buffer[self.req_to_token[row, : b.seq_lens[i]].long()]
-                self._votes[i] += layer_votes(q[off:off + n], keys, b.prefix_lens[i], st.cfg,
-                                              scale=scale)
+            votes = st.cfg.strategy == "dynsplit" and not st.prompt_done and n > 0
+            heat = self.evict and not st.prompt_done and n > 0
+            if votes or heat:
+                slots = self.req_to_token[row, : b.seq_lens[i]].long()
+                keys, lse = k_buffer[slots], None
+                if heat:  # importance of this extend's own keys, for eviction
+                    h = key_distinctiveness(keys[max(p, st.shared_len):])
+                    own = slots[max(p, st.shared_len):]
+                    self.store.heat[own] = torch.maximum(self.store.heat[own], h)
+                if votes and self.evict:  # evicted keys (slot 0) are in no softmax
+                    lse = causal_lse(q[off:off + n], keys, p, scale, key_ok=slots != 0)
+                if votes:
+                    self._votes[i] += layer_votes(q[off:off + n], keys, p, st.cfg, scale=scale,
+                                                  lse=lse)
             off += n
 
     def end_extend(self) -> None:
@@ -159,14 +186,22 @@ class Compressor:
                 continue
             self._commit_votes(st, row, b.prefix_lens[i], self._votes[i])
             self._segment(st, row, b.seq_lens[i], complete=False)
+        if self.evict:
+            self._note_usage()  # the peak: this chunk's slots are held, nothing evicted yet
+            for i, row in enumerate(b.rows):
+                if not self.rows[row].prompt_done:
+                    self._evict(self.rows[row], row, b.prefix_lens[i], b.seq_lens[i])
         self._dump_stats()
 
     def is_sparse_layer(self, layer_id: int) -> bool:
-        """This decode step attends sparsely in this layer (else SGLang's dense path runs)."""
-        return self._sparse and layer_id >= self.first_compressed
+        """This module attends in this decode layer (else SGLang's dense path runs). With
+        eviction, every layer: SGLang's dense decode would read the evicted positions."""
+        return self.evict or (self._sparse and layer_id >= self.first_compressed)
 
     def decode_layer(self, layer_id, q, k_buffer, v_buffer, scale) -> torch.Tensor | None:
         """Compressed decode attention for this layer, or None where dense attention applies."""
+        if self.evict and (not self._sparse or layer_id < self.first_compressed):
+            return self._attend_kept(q, k_buffer, v_buffer, scale)
         if not self._sparse or layer_id < self.first_compressed:
             return None
         li = layer_id - self.first_compressed
@@ -213,8 +248,13 @@ class Compressor:
         slots = self.req_to_token[row, :p].long()
         ends = torch.nonzero(s.end_entry[slots] >= 0).flatten().tolist()
         kind = _kind(st.cfg)
+        live = torch.nonzero(slots != 0).flatten()
+        evicted = live.numel() < p
         expect, adopted = 0, []
         for e_pos in ends:
+            if evicted:  # an evicted run is a gap in the chain: the next block starts after it
+                at = int(torch.searchsorted(live, expect))
+                expect = int(live[at]) if at < live.numel() else p
             e = int(s.end_entry[slots[e_pos]])
             # The decision saw only shared tokens: either its whole look-ahead lies inside the
             # shared prefix (then it is what this request would decide alone), or everything
@@ -372,10 +412,13 @@ class Compressor:
         summary_index = self.store.row_entry[rows, :nb].clone()
         summary_index[table.lens == 0] = -1
         recents = [st.cfg.recent_for(bud) for st, bud in zip(states, budgets)]
+        token_slots = self.req_to_token[rows, : max(seq)]
+        if self.evict:  # slot 0 = evicted: the attention's padding value
+            token_slots = torch.where(token_slots == 0, -1, token_slots)
         self.wrapper.plan(
             table,
             summary_index,
-            self.req_to_token[rows, : max(seq)],
+            token_slots,
             torch.tensor(seq, device=dev),
             torch.tensor(budgets, device=dev),
             self.cfg.sink,
@@ -384,6 +427,69 @@ class Compressor:
             max_block_len=max(st.cfg.max_block_len for st in states),
         )
         return True
+
+    # -- eviction -------------------------------------------------------------------------------
+
+    def _evict(self, st: RowState, row: int, cached: int, length: int) -> None:
+        """Free the least important settled blocks of this extend's new tokens until what the
+        row keeps fits its budget at this length, sink and recent window excepted.
+
+        Only positions past `cached` (what the radix tree held before this forward): nobody
+        else can reference them yet, and the tree stores them as they are after this forward
+        (SGLang inserts a chunk once it has run). A shared prefix was thereby decided once, by
+        its owner, from the prefix alone; earlier chunks are not revisited."""
+        cfg, s = st.cfg, self.store
+        if st.fallback or st.nblocks == 0:
+            return
+        slots = self.req_to_token[row, :length]
+        excess = int((slots != 0).sum()) - cfg.token_budget(length)
+        if excess <= 0:
+            return
+        nb = st.nblocks
+        starts, lens = s.row_start[row, :nb].long(), s.row_len[row, :nb].long()
+        lo, hi = max(cached, st.shared_len, cfg.sink), length - cfg.recent
+        cand = torch.nonzero((lens > 0) & (starts >= lo) & (starts + lens <= hi)).flatten()
+        if cand.numel() == 0:
+            return
+        heat = block_heat(s.heat[slots.long()], starts[cand], lens[cand])
+        victims = cand[pick_victims(heat, lens[cand], excess)]
+        width = int(lens[victims].max())
+        offs = torch.arange(width, device=starts.device)
+        pos = starts[victims, None] + offs[None, :]
+        pos = pos[offs[None, :] < lens[victims, None]]
+        freed = slots[pos].long()
+        self.req_to_token[row, pos] = 0
+        s.invalidate_slots(freed)  # releases the victims' entries (registered at their end slot)
+        s.row_len[row, victims] = 0
+        s.row_entry[row, victims] = -1
+        self.free_slots(freed)
+        self.stats["slots_evicted"] += int(freed.numel())
+        self.stats["blocks_evicted"] += int(victims.numel())
+
+    def _attend_kept(self, q, k_buffer, v_buffer, scale) -> torch.Tensor:
+        """Dense decode over the positions that still have K/V (built once per step)."""
+        if self._kept is None:
+            b = self.batch
+            dev = self.req_to_token.device
+            rows = torch.tensor(b.rows, dtype=torch.long, device=dev)
+            seq = torch.tensor(b.seq_lens, device=dev)
+            t = self.req_to_token[rows, : max(b.seq_lens)].long()
+            ok = (torch.arange(t.shape[1], device=dev)[None, :] < seq[:, None]) & (t != 0)
+            # Valid entries first: the Triton kernel stops at each list's count.
+            order = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices
+            t = torch.gather(torch.where(ok, t, -1), 1, order)
+            h = self.kv_heads
+            self._kept = (t[:, None, :].expand(-1, h, -1).contiguous(),
+                          ok.sum(1)[:, None].expand(-1, h).contiguous())
+        slots, counts = self._kept
+        return dispatch.sparse_decode_attention(q, k_buffer, v_buffer, slots, scale,
+                                                counts=counts)
+
+    def _note_usage(self) -> None:
+        if self.used_slots is not None:
+            used = int(self.used_slots())
+            self.stats["slots_in_use"] = used
+            self.stats["peak_slots_in_use"] = max(self.stats["peak_slots_in_use"], used)
 
     def _dump_stats(self) -> None:
         if self._attended is not None:

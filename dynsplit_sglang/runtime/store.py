@@ -36,8 +36,12 @@ class BlockStore:
         future_window: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        track_heat: bool = False,
     ) -> None:
         self.device = device
+        # Eviction's importance per slot: the most attention a later query paid it.
+        self.heat = torch.zeros(num_slots if track_heat else 0, dtype=torch.float32,
+                                device=device)
         self.cand = torch.zeros(num_slots, dtype=torch.bool, device=device)
         self.votes = torch.zeros(num_slots, future_window, dtype=torch.float32, device=device)
         self.end_entry = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
@@ -95,4 +99,6 @@ class BlockStore:
             self.end_entry[slots] = -1
         self.votes[slots] = 0.0
         self.cand[slots] = False
+        if self.heat.numel():
+            self.heat[slots] = 0.0
         return int(dropped.numel())

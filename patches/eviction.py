@@ -1,0 +1,144 @@
+"""The radix cache and allocator side of ``--dynsplit-evict`` (SGLang 0.5.23).
+
+Eviction writes SGLang's padding slot 0 into ``req_to_token`` for the positions whose K/V it
+freed, so the radix tree stores those zeros like any slot value: a later request matching the
+prefix receives it compressed, node splits slice the zeros with the rest. Two things must then
+count KV *slots* rather than tree positions:
+
+* the allocator must never take slot 0 back (the tree frees node values that contain it);
+* the tree's ``evictable_size`` / ``protected_size`` feed admission (free + evictable) and the
+  idle leak invariant (free + evictable == total), so they leave the zeros out, and ``evict``
+  keeps going until it has freed the slots it was asked for, not the positions.
+
+Registry entry (not a HookRegistry target): ``sglang.srt.mem_cache.registry.
+register_radix_cache_backend("dynsplit-evict", ...)``, SGLang's own plugin point for tree caches;
+``--dynsplit-evict`` selects it (``--radix-cache-backend dynsplit-evict``). It builds the classic
+``sglang.srt.mem_cache.radix_cache.RadixCache`` with the accounting below: the default
+``UnifiedRadixCache`` keeps its sizes in per-component ledgers this plugin does not reach.
+``MASK_EVICTED`` makes the torch_native extend patch (``native_extend``) attend to live keys only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+NAME = "dynsplit-evict"
+TARGET = f"sglang.srt.mem_cache.registry.register_radix_cache_backend({NAME!r})"
+
+
+def _zeros(node) -> int:
+    """Evicted positions in a node's value (cached per value tensor: splits replace it)."""
+    value = getattr(node, "value", None)
+    if value is None:
+        return 0
+    cached = getattr(node, "_dynsplit_zeros", None)
+    if cached is not None and cached[0] is value:
+        return cached[1]
+    n = int((value == 0).sum())
+    node._dynsplit_zeros = (value, n)
+    return n
+
+
+def _path(cache, node, lock_ref: int) -> list:
+    """Nodes from `node` to the root whose lock count is `lock_ref` (the ones a lock change
+    moves between evictable and protected)."""
+    out = []
+    while node is not None and node is not cache.root_node:
+        if node.lock_ref == lock_ref:
+            out.append(node)
+        node = node.parent
+    return out
+
+
+def _drop_padding_slot(free):
+    def free_live(free_index: torch.Tensor):
+        if free_index.numel():
+            free_index = free_index[free_index != 0]
+        return free(free_index)
+
+    free_live.__dynsplit_wraps__ = free
+    return free_live
+
+
+def _cache_class():
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    class SlotCountingRadixCache(RadixCache):
+        """SGLang's RadixCache with evictable/protected sizes in KV slots."""
+
+        def inc_lock_ref(self, node):
+            moving = _path(self, node, 0)
+            result = super().inc_lock_ref(node)
+            z = sum(_zeros(n) for n in moving)
+            self.evictable_size_ += z
+            self.protected_size_ -= z
+            if z and result.delta is not None:
+                result = dataclasses.replace(result, delta=result.delta + z)
+            return result
+
+        def dec_lock_ref(self, node, params=None):
+            moving = _path(self, node, 1)
+            result = super().dec_lock_ref(node, params)
+            z = sum(_zeros(n) for n in moving)
+            self.evictable_size_ -= z
+            self.protected_size_ += z
+            if z and result.delta is not None:
+                result = dataclasses.replace(result, delta=result.delta - z)
+            return result
+
+        def _insert_helper(self, *args, **kwargs):
+            before = self.evictable_size_
+            prefix_len, node = super()._insert_helper(*args, **kwargs)
+            if self.evictable_size_ > before:  # a new leaf (the node returned) was added
+                self.evictable_size_ -= _zeros(node)
+            return prefix_len, node
+
+        def _delete_leaf(self, node):
+            super()._delete_leaf(node)
+            self.evictable_size_ += _zeros(node)
+
+        def evict(self, params):
+            # The parent counts positions evicted; zeros among them freed nothing.
+            alloc = self.token_to_kv_pool_allocator
+            want, freed = params.num_tokens, 0
+            while True:
+                before = alloc.available_size()
+                result = super().evict(dataclasses.replace(params, num_tokens=want - freed))
+                got = alloc.available_size() - before
+                freed += got
+                if freed >= want or result.num_tokens_evicted == 0 or got == 0:
+                    return dataclasses.replace(result, num_tokens_evicted=freed)
+
+    return SlotCountingRadixCache
+
+
+def build(ctx):
+    """The registered factory: a slot-counting RadixCache over an allocator that ignores
+    slot 0 (patched on this instance only)."""
+    alloc = ctx.params.token_to_kv_pool_allocator
+    if not hasattr(alloc.free, "__dynsplit_wraps__"):
+        alloc.free = _drop_padding_slot(alloc.free)
+    return _cache_class()(ctx.params)
+
+
+def register(evict: bool) -> list[str]:
+    from sglang.srt.mem_cache.registry import (
+        register_radix_cache_backend,
+        registered_radix_cache_backends,
+    )
+
+    if NAME not in registered_radix_cache_backends():
+        register_radix_cache_backend(NAME, build)
+    if evict:
+        from . import native_extend
+
+        native_extend.MASK_EVICTED = True
+    return [TARGET]
+
+
+def applied() -> bool:
+    from sglang.srt.mem_cache.registry import registered_radix_cache_backends
+
+    return NAME in registered_radix_cache_backends()
