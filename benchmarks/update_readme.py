@@ -1,6 +1,6 @@
 """Splice the benchmarks' generated README sections into README.md.
 
-    python benchmarks/update_readme.py            # both sections, from the committed results
+    python benchmarks/update_readme.py            # every section, from the committed results
     python benchmarks/update_readme.py --check    # exit 1 if README.md is out of date
 
 Each section lives between ``<!-- BEGIN generated:NAME -->`` and ``<!-- END generated:NAME -->``
@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "performance": ROOT / "benchmarks/serving/results/README-section.md",
     "accuracy": ROOT / "benchmarks/accuracy/results/README-section.md",
+    "memory": ROOT / "benchmarks/memory/results/README-section.md",
 }
 
 

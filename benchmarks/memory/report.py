@@ -51,7 +51,7 @@ def section(data, png: str) -> str:
     meta, rows = data["meta"], data["rows"]
     targets = {float(k): v for k, v in meta["targets"].items()}
     out = [
-        "## Memory",
+        "### Memory (quick mode)",
         "",
         f"Measured {meta['date']} on {meta['machine']['cpus']} CPU cores by `{meta['command']}` "
         f"({meta['wall_s'] / 60:.0f} min); SmolLM2-135M-Instruct, `--max-total-tokens "

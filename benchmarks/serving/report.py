@@ -201,8 +201,8 @@ def section(data, profile, pngs, json_path: Path) -> str:
         "requests (a shared prefix counts once; idle radix-cached tokens are not included). "
         "Selection reads fewer K/V rows per step but keeps every slot, so KV memory "
         "is the same as dense (plus the block store outside the pool, ~6% of K/V); reducing it "
-        "is the eviction configuration's job (`<method>-evict` rows, once the memory issue "
-        "lands).",
+        "is eviction's job (`--dynsplit-evict`; `run.py --eviction` adds `<method>-evict` rows; "
+        "peak slots and concurrency in the Memory section).",
         "",
     ]
     lines += [f"![{p.stem}]({_rel(p)})" for p in pngs if p.exists()]

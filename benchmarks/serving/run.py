@@ -1,7 +1,7 @@
 """Serving benchmark: multi-turn agent sessions over a shared system/tool prefix, dense vs DynSplit.
 
 For every configuration (``--kv-compression none``, DynSplit selection at budgets 1/4 and 1/8 of
-the context, and eviction once it exists) the script starts its own SGLang server, then:
+the context, and with ``--eviction`` the same with ``--dynsplit-evict``) the script starts its own SGLang server, then:
 
 1. per shared-prefix length (``--contexts``): prefills the system/tool prefix once (timed; a warm
    production server has it cached) and, per concurrency level, runs N concurrent agent sessions x
@@ -72,24 +72,18 @@ def selection_config(method: str, fraction: float | None) -> Config:
                   ("--kv-compression", method, "--dynsplit-budget-fraction", str(fraction)))
 
 
-# Hook for KV eviction (the memory issue; NOT landed yet). When it lands, make this return the
-# server flags that turn eviction on for `method` at `fraction` (e.g. "--dynsplit-evict", "1"),
-# and `eviction_supported` detect it; rows then come out with config "<method>-evict" and
-# `--eviction` adds them to the run. Until then --eviction stops with a clear message, no rows.
-EVICTION_FLAGS: tuple[str, ...] | None = None
+# Server flags of the eviction configurations ("<method>-evict" rows, added by --eviction).
+EVICTION_FLAGS: tuple[str, ...] = ("--dynsplit-evict",)
 
 
 def eviction_supported() -> bool:
     fields = {f.name for f in dataclasses.fields(DynSplitConfig)}
-    return EVICTION_FLAGS is not None and any("evict" in f for f in fields)
+    return "evict" in fields
 
 
 def eviction_config(method: str, fraction: float) -> Config:
     if not eviction_supported():
-        raise SystemExit(
-            "--eviction: KV eviction has not landed in dynsplit_sglang (no eviction field in "
-            "DynSplitConfig / EVICTION_FLAGS is None in benchmarks/serving/run.py); run without "
-            "--eviction, or set EVICTION_FLAGS once the memory issue is merged.")
+        raise SystemExit("--eviction: this dynsplit_sglang has no eviction (DynSplitConfig.evict)")
     base = selection_config(method, fraction)
     return Config(f"{method}-evict", fraction, base.flags + EVICTION_FLAGS)
 
