@@ -103,12 +103,13 @@ def _cache_class():
             # The parent counts positions evicted; zeros among them freed nothing.
             alloc = self.token_to_kv_pool_allocator
             want, freed = params.num_tokens, 0
-            while True:
+            while True:  # ends: every pass removes leaves, or finds none
                 before = alloc.available_size()
                 result = super().evict(dataclasses.replace(params, num_tokens=want - freed))
                 got = alloc.available_size() - before
                 freed += got
-                if freed >= want or result.num_tokens_evicted == 0 or got == 0:
+                # A leaf of evicted positions only frees nothing: go on while leaves remain.
+                if freed >= want or result.num_tokens_evicted == 0:
                     return dataclasses.replace(result, num_tokens_evicted=freed)
 
     return SlotCountingRadixCache

@@ -180,6 +180,7 @@ def main(argv=None) -> int:
                     help="requests offered beyond what the single request's footprint fits")
     ap.add_argument("--accuracy-samples", type=int, default=10, help="per cell; 0 = skip")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,6 +201,11 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plan = [(c, *cfg) for c in args.contexts for cfg in configs(args.budgets)]
     rows, t_start = [], time.perf_counter()
+    if args.resume and args.out.exists():  # keep the configurations already measured
+        rows = [r for r in json.loads(args.out.read_text())["rows"]
+                if (r["context_len"], r["method"], r["budget"]) in {p[:3] for p in plan}]
+    done = {(r["context_len"], r["method"], r["budget"]) for r in rows}
+    plan = [p for p in plan if p[:3] not in done]
     for ctx, method, budget, flags in tqdm(plan, desc="memory", unit="server"):
         with_acc = acc if (method == "dynsplit-evict" and ctx == args.contexts[0]) else []
         row = measure(model_path, tok, method, budget, flags, ctx, args, log_dir, with_acc)

@@ -187,6 +187,10 @@ class Compressor:
             self._commit_votes(st, row, b.prefix_lens[i], self._votes[i])
             self._segment(st, row, b.seq_lens[i], complete=False)
         if self.evict:
+            if self.all_reduce is not None and self.tp_size > 1:
+                # Each rank scores its own KV heads: average, so every rank evicts alike.
+                new = b.out_cache_loc.long()
+                self.store.heat[new] = self.all_reduce(self.store.heat[new]) / self.tp_size
             self._note_usage()  # the peak: this chunk's slots are held, nothing evicted yet
             for i, row in enumerate(b.rows):
                 if not self.rows[row].prompt_done:
