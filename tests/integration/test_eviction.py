@@ -1,0 +1,229 @@
+"""--dynsplit-evict through a real SGLang server (SmolLM2-135M, CPU): freed KV slots go back to
+a deliberately small pool (6144 slots) and are reused, without stale reads, and a compressed
+prefix is served from the radix cache to a later request.
+
+Prompts are given as token ids, 7 x 512 tokens each (the chunked-prefill size): every prefill
+chunk then belongs to one request whether the requests run together or one at a time, so the
+chunks, the eviction decisions taken after each of them, and thereby the outputs, are the same.
+"""
+
+import random
+import time
+import urllib.request
+
+import pytest
+
+from dynsplit_sglang import models
+from dynsplit_sglang.core import DynSplitConfig
+from dynsplit_sglang.launcher import post_json
+from dynsplit_sglang.patches.server_args import eviction_args
+from dynsplit_sglang.settings import strip_and_parse
+
+from .conftest import start_server
+
+pytestmark = pytest.mark.server
+
+POOL = 6144
+CHUNK = 512
+PROMPT_LEN = 7 * CHUNK  # 3584: two of them (plus a decode slot each) exceed the pool
+MAX_NEW = 8
+FRACTION = 0.25
+EVICT_ARGS = [
+    "--kv-compression", "dynsplit", "--dynsplit-evict", "--dynsplit-budget-fraction", str(FRACTION),
+    "--chunked-prefill-size", str(CHUNK), "--max-total-tokens", str(POOL),
+    "--max-running-requests", "4",
+]  # fmt: skip
+BAD_LOG_LINES = ("memory leak", "Retract", "use-after-free", "double free", "hit an exception")
+
+_SUBJECTS = ["The engineer", "A farmer", "The committee", "My neighbour", "The old train",
+             "A small robot", "The river pilot", "Our teacher", "The baker", "A young fox",
+             "The mayor", "Every student", "The night guard", "A tired musician"]
+_VERBS = ["repaired", "painted", "counted", "described", "moved", "measured", "ignored",
+          "praised", "carried", "hid", "found", "sold", "borrowed", "photographed"]
+_OBJECTS = ["the bridge", "seven wooden boxes", "a blue kite", "the northern gate",
+            "an ancient map", "the broken clock", "twelve letters", "the red tractor",
+            "a jar of honey", "the library roof", "three silver keys", "the village well"]
+_TAILS = ["before noon", "after the storm", "on a quiet Tuesday", "with great care",
+          "for {n} days", "in {y}", "near the harbour", "while it rained",
+          "without asking anyone", "at exactly {h} o'clock"]
+QUESTIONS = ["\nQuestion: Who repaired the bridge, and when?\nAnswer:",
+             "\nQuestion: What was found near the harbour?\nAnswer:",
+             "\nQuestion: Summarise the report in one sentence.\nAnswer:"]
+
+
+def _story(title: str, seed: int, n_sentences: int = 420) -> str:
+    rnd = random.Random(seed)
+    out = [f"{title} report:"]
+    for _ in range(n_sentences):
+        tail = rnd.choice(_TAILS).format(n=rnd.randrange(2, 90), y=rnd.randrange(1800, 2024),
+                                         h=rnd.randrange(1, 12))
+        out.append(f"{rnd.choice(_SUBJECTS)} {rnd.choice(_VERBS)} {rnd.choice(_OBJECTS)} {tail}.")
+    return " ".join(out)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(models.ensure(models.DEFAULT_MODEL))
+
+
+def _prompt(tok, title, seed, question) -> list[int]:
+    q = tok.encode(question, add_special_tokens=False)
+    body = tok.encode(_story(title, seed), add_special_tokens=False)
+    assert len(body) >= PROMPT_LEN - len(q)
+    return body[: PROMPT_LEN - len(q)] + q
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    ps = [_prompt(tokenizer, t, i, QUESTIONS[i]) for i, t in enumerate(["Alpha", "Charlie",
+                                                                         "Delta"])]
+    assert len({p[0] for p in ps}) == 3  # no shared prefix, not even one token
+    assert all(len(p) == PROMPT_LEN for p in ps)
+    return ps
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("evict")
+    stats = log_dir / "dynsplit-stats.json"
+    with start_server(models.ensure(models.DEFAULT_MODEL), EVICT_ARGS, log_dir,
+                      env={"DYNSPLIT_STATS_PATH": str(stats)}) as handle:
+        handle.stats_path = stats
+        yield handle
+
+
+def _stats(server) -> dict:
+    import json
+
+    return json.loads(server.stats_path.read_text()) if server.stats_path.exists() else {}
+
+
+def _generate(server, input_ids: list[list[int]]):
+    out = post_json(server.base_url + "/generate", {
+        "input_ids": input_ids,
+        "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
+    })
+    return [o["text"] for o in out], [o["meta_info"] for o in out]
+
+
+def _flush(server):
+    req = urllib.request.Request(server.base_url + "/flush_cache", method="POST")
+    urllib.request.urlopen(req, timeout=60).read()
+
+
+def _assert_healthy(server):
+    assert server.proc.poll() is None, f"server exited:\n{server.log_tail()}"
+    with urllib.request.urlopen(server.base_url + "/health", timeout=30) as r:
+        assert r.status == 200
+    log = server.log_path.read_text(errors="replace")
+    bad = [line for line in log.splitlines() if any(b in line for b in BAD_LOG_LINES)]
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.fixture(scope="module")
+def concurrent(server, prompts):
+    """The three prompts sent together (one /generate batch) to the fresh server."""
+    before = _stats(server)
+    texts, meta = _generate(server, prompts)
+    return before, _stats(server), texts, meta
+
+
+@pytest.fixture(scope="module")
+def replay(server, prompts, concurrent):
+    """The same prompts one at a time, on an empty radix cache."""
+    _flush(server)
+    before = _stats(server)
+    runs = [_generate(server, [p]) for p in prompts]
+    return before, _stats(server), [t[0] for t, _ in runs], [m[0] for _, m in runs]
+
+
+def test_the_flag_brings_the_slot_counting_radix_cache(server):
+    log = server.log_path.read_text(errors="replace")
+    assert "'radix_cache_backend': 'dynsplit-evict'" in log
+    assert "'disable_overlap_schedule': True" in log
+    assert f"max_total_num_tokens={POOL}" in log
+
+
+def test_freed_slots_let_more_requests_decode_together(server, concurrent):
+    before, after, texts, meta = concurrent
+    assert [m["prompt_tokens"] for m in meta] == [PROMPT_LEN] * 3
+    assert [m["completion_tokens"] for m in meta] == [MAX_NEW] * 3
+    assert all(t.strip() for t in texts)
+    assert after["requests"] - before.get("requests", 0) == 3
+    evicted = after["slots_evicted"] - before.get("slots_evicted", 0)
+    budget = DynSplitConfig(budget_fraction=FRACTION).token_budget(PROMPT_LEN)  # 896
+    # Each request keeps about its budget of its 3584 positions (whole blocks, the recent
+    # window and the undecided tail of the last chunk excepted) and gives the rest back.
+    assert evicted >= 3 * (PROMPT_LEN - budget - CHUNK // 2)
+    assert after["blocks_evicted"] > 0
+    assert after.get("fallback_rows", 0) == 0
+    # Without eviction a decode batch of two would hold 2 x (3584 + 1) > 6144 slots: only
+    # possible because the prompts were compressed in memory.
+    assert 2 * (PROMPT_LEN + 1) > POOL
+    assert after["max_decode_batch"] == 3
+    # Never more than one uncompressed chunk beyond the kept budgets was resident.
+    assert after["peak_slots_in_use"] <= POOL
+    assert after["peak_slots_in_use"] <= 3 * (budget + CHUNK) + CHUNK
+    _assert_healthy(server)
+
+
+def test_outputs_together_equal_outputs_alone_after_flush(server, concurrent, replay):
+    c_before, c_after, together, _ = concurrent
+    before, after, alone, meta = replay
+    assert [m["cached_tokens"] for m in meta] == [0, 0, 0]  # the flush emptied the tree
+    # Same eviction decisions (same chunks), hence the same number of slots freed.
+    assert (after["slots_evicted"] - before["slots_evicted"]
+            == c_after["slots_evicted"] - c_before.get("slots_evicted", 0))
+    # Slots freed by one request and reused by the next (or by the same one's later chunks)
+    # are never read through a stale position.
+    assert alone == together
+    _assert_healthy(server)
+
+
+def test_compressed_prefix_is_reused_by_a_later_request(server, prompts, replay, tokenizer):
+    _, _, alone, _ = replay
+    s0 = _stats(server)
+    again, meta = _generate(server, [prompts[2]])  # still in the tree after the replay
+    s1 = _stats(server)
+    assert meta[0]["cached_tokens"] >= 0.9 * PROMPT_LEN
+    assert again == [alone[2]]
+    assert s1["slots_evicted"] == s0["slots_evicted"]  # the shared prefix is not evicted again
+    assert s1["blocks_reused"] - s0.get("blocks_reused", 0) >= 20
+
+    # The same document with another question: the compressed prefix is shared, only the
+    # question is prefilled.
+    q = tokenizer.encode(QUESTIONS[0], add_special_tokens=False)
+    other = prompts[2][: PROMPT_LEN - len(tokenizer.encode(QUESTIONS[2],
+                                                           add_special_tokens=False))] + q
+    texts, meta = _generate(server, [other])
+    s2 = _stats(server)
+    assert meta[0]["cached_tokens"] >= 0.9 * PROMPT_LEN
+    assert texts[0].strip()
+    assert s2["blocks_reused"] - s1["blocks_reused"] >= 20
+    _assert_healthy(server)
+
+
+def test_no_leak_at_idle(server, replay):
+    """SGLang checks free + evictable == total whenever the scheduler goes idle (and kills the
+    server on a mismatch); a flush then frees every slot the tree held."""
+    time.sleep(2.0)
+    _assert_healthy(server)
+    _flush(server)
+    time.sleep(1.0)
+    _assert_healthy(server)
+    _, meta = _generate(server, [list(range(1000, 1600))])  # and the emptied pool still serves
+    assert meta[0]["prompt_tokens"] == 600
+    time.sleep(1.0)
+    _assert_healthy(server)
+
+
+def test_without_the_flag_nothing_changes():
+    assert DynSplitConfig().evict is False
+    rest, settings = strip_and_parse(["--kv-compression", "dynsplit", "--max-total-tokens", "8"])
+    assert settings.config.evict is False
+    assert eviction_args(settings, rest) == []  # default radix cache, overlap schedule kept
+    rest, settings = strip_and_parse(EVICT_ARGS)
+    assert eviction_args(settings, rest) == ["--radix-cache-backend", "dynsplit-evict",
+                                             "--disable-overlap-schedule"]
