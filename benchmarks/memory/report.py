@@ -88,7 +88,21 @@ def section(data, png: str) -> str:
         out.append(f"- accuracy within 3 points of full KV at 1/4: "
                    f"**{'met' if gap >= -3 else 'missed'}** ({ev4['accuracy']:.1f} vs "
                    f"{full_acc:.1f}, {gap:+.1f}).")
-    out += ["", f"![memory]({png})", ""]
+    out += [
+        "",
+        "Why: the peak is what a request keeps plus one prefill chunk, and each chunk's last "
+        "`recent` (64) tokens stay, since a chunk goes into the radix tree as soon as it ran "
+        "and is never revisited — at 4k and 1/8 those tails alone are the whole budget "
+        "(8 chunks x 64), so the request keeps more than its budget and the 4x is missed there; "
+        "a larger chunk moves the peak the other way. Accuracy falls far below selection-only "
+        "DynSplit: eviction must decide on a prefix before its question arrives (so that every "
+        "request sharing the prefix gets the same compressed prefix), and a needle that nothing "
+        "marks as distinctive at that point is gone when the question comes. docs/design.md "
+        "(Eviction) has the measured alternatives.",
+        "",
+        f"![memory]({png})",
+        "",
+    ]
     return "\n".join(out)
 
 
