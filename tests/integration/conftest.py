@@ -6,6 +6,7 @@ to run a folder's tests against a differently configured server, or call ``start
 directly for a one-off server.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -50,14 +51,20 @@ DEFAULT_MODEL_ARGS = ["--kv-compression", "dynsplit", "--dynsplit-budget", "512"
                       "--max-total-tokens", "8192", "--disable-overlap-schedule"]
 
 
-@pytest.fixture(scope="session")
-def default_server(tmp_path_factory):
-    """SmolLM2-135M-Instruct (fp32) behind one server for the session; ``.stats_path`` as below."""
-    log_dir = tmp_path_factory.mktemp("default")
+@contextlib.contextmanager
+def default_model_server(args, log_dir: Path):
+    """SmolLM2-135M-Instruct (fp32) with these flags; ``.stats_path``: its DynSplit counters."""
     stats = log_dir / "dynsplit-stats.json"
-    with start_server(models.ensure(models.DEFAULT_MODEL), DEFAULT_MODEL_ARGS, log_dir,
+    with start_server(models.ensure(models.DEFAULT_MODEL), args, log_dir,
                       env={"DYNSPLIT_STATS_PATH": str(stats)}) as handle:
         handle.stats_path = stats
+        yield handle
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory):
+    """The default model behind one server for the session."""
+    with default_model_server(DEFAULT_MODEL_ARGS, tmp_path_factory.mktemp("default")) as handle:
         yield handle
 
 

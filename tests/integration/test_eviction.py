@@ -19,7 +19,7 @@ from dynsplit_sglang.launcher import post_json
 from dynsplit_sglang.patches.server_args import eviction_args
 from dynsplit_sglang.settings import strip_and_parse
 
-from .conftest import start_server
+from .conftest import default_model_server
 
 pytestmark = pytest.mark.server
 
@@ -86,11 +86,7 @@ def prompts(tokenizer):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("evict")
-    stats = log_dir / "dynsplit-stats.json"
-    with start_server(models.ensure(models.DEFAULT_MODEL), EVICT_ARGS, log_dir,
-                      env={"DYNSPLIT_STATS_PATH": str(stats)}) as handle:
-        handle.stats_path = stats
+    with default_model_server(EVICT_ARGS, tmp_path_factory.mktemp("evict")) as handle:
         yield handle
 
 
