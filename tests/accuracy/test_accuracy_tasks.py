@@ -99,6 +99,34 @@ def test_task_specifics():
         < text.index(f"VAR {names[4]} = VAR {names[3]}.")
 
 
+def test_new_task_specifics():
+    (cw,) = T.generate("cwe", TOK, 4000, 1, seed=3)
+    text = TOK.decode(cw.input_ids)
+    words = T.re.findall(r" \d+\. ([a-z]+)", text)
+    counts = {w: words.count(w) for w in set(words)}
+    top = sorted(counts, key=counts.get, reverse=True)
+    assert set(top[:3]) == set(cw.answers)
+    assert min(counts[w] for w in cw.answers) >= 5 * max(counts[w] for w in top[3:])
+    assert text.endswith("The top 3 words that appear most often in the list are:")
+
+    (code,) = T.generate("code_niah", TOK, 4000, 1, seed=3)
+    text = TOK.decode(code.input_ids)
+    assert text.count("SPECIAL_MAGIC_NUMBER_FOR_") == 4 + 2  # four needles, named twice in the question
+    assert f"= {code.answers[0]}\n" in text and "def " in text  # a real code haystack
+    # needles sit on lines of their own, between top-level statements
+    for line in text.splitlines():
+        if line.startswith("SPECIAL_MAGIC_NUMBER_FOR_"):
+            assert T.re.fullmatch(r"SPECIAL_MAGIC_NUMBER_FOR_[A-Z_]+ = \d{7}", line)
+
+    (mt,) = T.generate("niah_multiturn", TOK, 3000, 1, seed=3)
+    (follow,) = mt.followups
+    assert follow["answers"] != mt.answers
+    question = TOK.decode(follow["input_ids"])
+    assert question.startswith("\nWhat is the special magic number for")
+    assert follow["answers"][0] in TOK.decode(mt.input_ids)  # answerable from the first prompt
+    assert follow["max_new_tokens"] > 7
+
+
 def test_too_short_context_is_refused():
     with pytest.raises(ValueError, match="too short"):
         T.generate("niah_multikey", TOK, 300, 1)
