@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from ..core import (BlockTable, DynSplitConfig, candidates_for, causal_lse, key_distinctiveness,
-                    layer_votes, segment)
+from ..core import (STRATEGIES, BlockTable, DynSplitConfig, Segmentation, candidates_for,
+                    causal_lse, key_distinctiveness, layer_votes)
 from ..kernels import dispatch
 from ..kernels.dispatch import block_summaries
 from .eviction import block_heat, pick_victims
@@ -27,6 +27,7 @@ from .report import Reporter
 from .store import BlockStore
 
 _KIND_DECODE = 1  # fixed blocks of generated tokens, identical for every strategy
+_FIXED = STRATEGIES["fixed"]
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Compressor:
         self.vocab_masks = vocab_masks
         self.scored = set(cfg.scored_layers(num_layers))
         self.first_compressed = min(cfg.dense_layers, num_layers)
-        min_len = max(1, cfg.block_size - cfg.tolerance)
+        min_len = cfg.min_block_len
         self.store = BlockStore(
             num_slots=num_slots,
             max_rows=max_rows,
@@ -158,7 +159,7 @@ class Compressor:
         for i, row in enumerate(b.rows):
             n, p = b.seq_lens[i] - b.prefix_lens[i], b.prefix_lens[i]
             st = self.rows[row]
-            votes = st.cfg.strategy == "dynsplit" and not st.prompt_done and n > 0
+            votes = st.cfg.strategy_impl.needs_votes and not st.prompt_done and n > 0
             heat = self.evict and not st.prompt_done and n > 0
             if votes or heat:
                 slots = self.req_to_token[row, : b.seq_lens[i]].long()
@@ -246,7 +247,7 @@ class Compressor:
         """Adopt the blocks of the radix-shared prefix, in chain order from position 0, as long as
         their decision depended on shared tokens only."""
         p = st.shared_len
-        if p == 0 or st.cfg.strategy == "streaming":
+        if p == 0 or not st.cfg.strategy_impl.has_blocks:
             return
         s = self.store
         slots = self.req_to_token[row, :p].long()
@@ -297,7 +298,7 @@ class Compressor:
     def _commit_votes(self, st: RowState, row: int, q_start: int, votes: torch.Tensor) -> None:
         """Votes for own slots go to the store; votes for shared candidates stay with the row."""
         n, wf = votes.shape
-        if n == 0 or st.cfg.strategy != "dynsplit":
+        if n == 0 or not st.cfg.strategy_impl.needs_votes:
             return
         dev = votes.device
         t = torch.arange(n, device=dev)[:, None]
@@ -331,42 +332,38 @@ class Compressor:
 
     def _segment(self, st: RowState, row: int, length: int, complete: bool) -> None:
         cfg, lo = st.cfg, st.next_start
-        if cfg.strategy == "streaming" or lo >= length or st.fallback:
+        strategy = cfg.strategy_impl
+        if not strategy.has_blocks or lo >= length or st.fallback:
             return
         scores = cands = None
-        if cfg.strategy in ("dynsplit", "delimiter"):
-            mode = cfg.candidates if cfg.strategy == "dynsplit" else "sentence"
+        mode = strategy.candidate_mode(cfg)
+        if mode is not None:
             ids = torch.zeros(length, dtype=torch.int64, device=self.token.device)
             ids[lo:] = self.token[self.req_to_token[row, lo:length].long()]
             cands = candidates_for(ids, self.vocab_masks[mode])
-        if cfg.strategy == "dynsplit":
+        if strategy.needs_votes:
             scores = torch.zeros(length, device=self.store.votes.device)
             scores[lo:] = self._scores(st, row, lo, length)
-        seg = segment(cfg, length, scores, cands, start=lo, complete=complete)
-        if seg.ends.numel() == 0:
-            return
-        starts, lens = seg.starts.tolist(), seg.lengths.tolist()
-        if cfg.strategy == "fixed":
-            horizon = [a + n - 1 for a, n in zip(starts, lens)]
-        else:
-            horizon = [a + cfg.block_size - 1 + cfg.tolerance + cfg.lookahead for a in starts]
-        self._add_blocks(st, row, starts, lens, horizon, length, _kind(cfg))
-        st.next_start = seg.next_start
+        seg = strategy.segment(cfg, length, scores, cands, start=lo, complete=complete)
+        self._add_segmentation(st, row, seg, length, _kind(cfg))
 
     def _advance_decode(self, st: RowState, row: int, cached: int) -> None:
         """Close the prompt on the first decode step, then freeze generated tokens into blocks."""
         if not st.prompt_done:
             self._segment(st, row, cached, complete=True)
             st.prompt_done = True
-        if st.cfg.strategy == "streaming" or st.fallback:
+        if not st.cfg.strategy_impl.has_blocks or st.fallback or st.next_start >= cached:
             return
-        c = st.cfg.block_size
-        n = (cached - st.next_start) // c
-        if n > 0:
-            starts = [st.next_start + k * c for k in range(n)]
-            self._add_blocks(st, row, starts, [c] * n, [a + c - 1 for a in starts], cached,
-                             _KIND_DECODE)
-            st.next_start += n * c
+        # Fixed blocks of C whatever the strategy: a generated token is never a split decision.
+        seg = _FIXED.segment(st.cfg, cached, start=st.next_start, complete=False)
+        self._add_segmentation(st, row, seg, cached, _KIND_DECODE)
+
+    def _add_segmentation(self, st, row, seg: Segmentation, known: int, kind: int) -> None:
+        if seg.ends.numel() == 0:
+            return
+        self._add_blocks(st, row, seg.starts.tolist(), seg.lengths.tolist(),
+                         seg.horizons.tolist(), known, kind)
+        st.next_start = seg.next_start
 
     def _add_blocks(self, st, row, starts, lens, horizon, known, kind) -> None:
         s, n = self.store, len(starts)
