@@ -20,7 +20,12 @@ from .core.strategies import STRATEGIES, load_env
 
 ENV = "SGLANG_DYNSPLIT"
 load_env()  # strategies kept outside the package travel to every process like the settings
-SUPPORTED_BACKENDS = ("torch_native", "triton")
+# The one list of SGLang 0.5.23 attention backends compressed decode runs on: name (as in
+# --attention-backend) -> the SGLang class it extends (runtime/backends.py, patches/attention.py).
+SUPPORTED_BACKENDS = {
+    "torch_native": "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend",
+    "triton": "sglang.srt.layers.attention.triton_backend.TritonAttnBackend",
+}
 _TYPES = {"budget": int, "budget_fraction": float, "alpha": float}
 _BOOL_HELP = {"evict": "Free the KV slots of each request's least important blocks once its "
                        "prompt is split, keeping sink, recent window and top blocks within the "
@@ -142,7 +147,7 @@ def validate_server_args(settings: Settings, sa: Any) -> None:
     backends.discard(None)
     for b in backends:
         if b not in SUPPORTED_BACKENDS:
-            problems.append(f"--attention-backend {b}: use one of {SUPPORTED_BACKENDS}")
+            problems.append(f"--attention-backend {b}: use one of {tuple(SUPPORTED_BACKENDS)}")
     checks = [
         (getattr(sa, "speculative_algorithm", None) not in (None, "", "NONE"),
          "speculative decoding (--speculative-algorithm): remove it"),
