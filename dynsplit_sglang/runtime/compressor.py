@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..core import BlockTable, DynSplitConfig, causal_lse, layer_votes
+from ..core import BlockTable, DynSplitConfig, causal_lse, layer_votes, plan_selection
 from ..kernels.wrapper import SparseDecodeWrapper
 from .eviction import Evictor
 from .report import Reporter
@@ -69,14 +69,18 @@ class Compressor:
             track_heat=cfg.evict,
         )
         self.stats: Counter = Counter()
-        self.blocks = RowBlocks(self.store, req_to_token, key_buffer, vocab_masks,
+        # The kernel side (Triton on CUDA, torch on CPU) is chosen here, once, for every user.
+        self.wrapper = SparseDecodeWrapper(num_q_heads, kv_heads, head_dim, device=device)
+        kernels = self.wrapper.kernels
+        self.blocks = RowBlocks(self.store, req_to_token, key_buffer, vocab_masks, kernels,
                                 self.first_compressed, len(self.scored), self.stats)
         # Eviction hands KV slots back to the allocator (free_slots).
         self.evictor: Evictor | None = None
         if cfg.evict:
             if free_slots is None:
                 raise ValueError("Compressor: eviction needs free_slots (the KV allocator's free)")
-            self.evictor = Evictor(self.store, req_to_token, kv_heads, free_slots, self.stats)
+            self.evictor = Evictor(self.store, req_to_token, kv_heads, kernels, free_slots,
+                                   self.stats)
         self.used_slots = used_slots
         # Under tensor parallelism each rank holds some KV heads: the votes are summed over ranks
         # so that every rank (and a single-GPU run) splits the sequence at the same boundaries.
@@ -85,7 +89,6 @@ class Compressor:
         self.reporter = reporter or Reporter(os.environ.get("DYNSPLIT_STATS_PATH"))
         self.step: StepState | None = None
         self._attended: torch.Tensor | None = None  # counters [sum, max] attended, on device
-        self.wrapper = SparseDecodeWrapper(num_q_heads, kv_heads, head_dim)
 
     @property
     def rows(self) -> dict[int, RowState]:
@@ -201,10 +204,8 @@ class Compressor:
         token_slots = self.req_to_token[rows, : max(seq)]
         if self.evictor is not None:  # slot 0 = evicted: the attention's padding value
             token_slots = torch.where(token_slots == 0, -1, token_slots)
-        self.wrapper.plan(
+        selection = plan_selection(
             table,
-            summary_index,
-            token_slots,
             torch.tensor(seq, device=dev),
             torch.tensor(budgets, device=dev),
             self.cfg.sink,
@@ -212,6 +213,7 @@ class Compressor:
             capacity=max(budgets),
             max_block_len=max(st.cfg.max_block_len for st in states),
         )
+        self.wrapper.plan(selection, summary_index, token_slots)
         return True
 
     # -- counters -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..core import key_distinctiveness
-from ..kernels import dispatch
+from ..kernels import Kernels
 from .state import RowState, StepState
 from .store import BlockStore
 
@@ -47,10 +47,12 @@ class Evictor:
     decode. `free_slots` is the KV allocator's free."""
 
     def __init__(self, store: BlockStore, req_to_token: torch.Tensor, kv_heads: int,
-                 free_slots: Callable[[torch.Tensor], None], stats: Counter) -> None:
+                 kernels: Kernels, free_slots: Callable[[torch.Tensor], None],
+                 stats: Counter) -> None:
         self.store = store
         self.req_to_token = req_to_token
         self.kv_heads = kv_heads
+        self.kernels = kernels
         self.free_slots = free_slots
         self.stats = stats
 
@@ -118,5 +120,5 @@ class Evictor:
             step.kept = (t[:, None, :].expand(-1, h, -1).contiguous(),
                          ok.sum(1)[:, None].expand(-1, h).contiguous())
         slots, counts = step.kept
-        return dispatch.sparse_decode_attention(q, k_buffer, v_buffer, slots, scale,
-                                                counts=counts)
+        return self.kernels.sparse_decode_attention(q, k_buffer, v_buffer, slots, scale,
+                                                    counts=counts)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from ..core import STRATEGIES, BlockTable, DynSplitConfig, Segmentation, candidates_for
-from ..kernels.dispatch import block_summaries
+from ..kernels import Kernels
 from .state import BatchView, RowState
 from .store import BlockStore
 
@@ -38,6 +38,7 @@ class RowBlocks:
         req_to_token: torch.Tensor,
         key_buffer: Callable[[int], torch.Tensor],
         vocab_masks: dict[str, torch.Tensor],
+        kernels: Kernels,
         first_compressed: int,
         num_scored: int,
         stats: Counter,
@@ -46,6 +47,7 @@ class RowBlocks:
         self.req_to_token = req_to_token
         self.key_buffer = key_buffer
         self.vocab_masks = vocab_masks
+        self.kernels = kernels
         self.first_compressed = first_compressed
         self.num_scored = num_scored
         self.stats = stats
@@ -221,7 +223,8 @@ class RowBlocks:
         width = max(lens)
         for li in range(s.kmin.shape[0]):
             k = self.key_buffer(self.first_compressed + li)
-            block_summaries(k, row_slots[None], table, s.kmin[li], s.kmax[li], e[None], width)
+            self.kernels.block_summaries(k, row_slots[None], table, s.kmin[li], s.kmax[li],
+                                         e[None], width)
         end_pos = st_t + ln_t - 1
         owned = end_pos >= st.shared_len
         s.end_entry[row_slots[end_pos[owned]].long()] = e[owned].int()
