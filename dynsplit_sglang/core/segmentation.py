@@ -47,14 +47,9 @@ class Segmentation:
         return self.ends - self.starts + 1
 
 
-def segment(
-    cfg: DynSplitConfig,
-    length: int,
-    scores: torch.Tensor | None = None,
-    candidates: torch.Tensor | None = None,
-    start: int = 0,
-    complete: bool = True,
-) -> Segmentation:
+def segment(cfg: DynSplitConfig, length: int, scores: torch.Tensor | None = None,
+            candidates: torch.Tensor | None = None, start: int = 0,
+            complete: bool = True) -> Segmentation:
     """Block ends and horizons for positions [start, length), by cfg's strategy.
 
     scores: float [>= length] importance per position (strategies that need votes).

@@ -13,6 +13,7 @@ attend densely).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -42,19 +43,17 @@ def pick_victims(heat: torch.Tensor, lens: torch.Tensor, excess: int) -> torch.T
     return order[: min(take, order.numel())]
 
 
+@dataclass(eq=False)
 class Evictor:
     """Eviction for one compressor (``--dynsplit-evict``): key importance, victims, kept-only
-    decode. `free_slots` is the KV allocator's free."""
+    decode."""
 
-    def __init__(self, store: BlockStore, req_to_token: torch.Tensor, kv_heads: int,
-                 kernels: Kernels, free_slots: Callable[[torch.Tensor], None],
-                 stats: Counter) -> None:
-        self.store = store
-        self.req_to_token = req_to_token
-        self.kv_heads = kv_heads
-        self.kernels = kernels
-        self.free_slots = free_slots
-        self.stats = stats
+    store: BlockStore
+    req_to_token: torch.Tensor
+    kv_heads: int
+    kernels: Kernels
+    free_slots: Callable[[torch.Tensor], None]  # the KV allocator's free
+    stats: Counter
 
     def note_keys(self, slots: torch.Tensor, keys: torch.Tensor, own_from: int) -> None:
         """Importance of this extend's own keys (positions from `own_from`) in one scored layer;

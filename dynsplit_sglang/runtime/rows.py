@@ -12,6 +12,7 @@ summaries, the row's block table); the strategy of the row's config decides wher
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,28 +32,21 @@ def _kind(cfg: DynSplitConfig) -> int:
     return hash(key) & 0x3FFFFFFFFFFFFFFF | 2
 
 
+@dataclass(eq=False)
 class RowBlocks:
-    def __init__(
-        self,
-        store: BlockStore,
-        req_to_token: torch.Tensor,
-        key_buffer: Callable[[int], torch.Tensor],
-        vocab_masks: dict[str, torch.Tensor],
-        kernels: Kernels,
-        first_compressed: int,
-        num_scored: int,
-        stats: Counter,
-    ) -> None:
-        self.store = store
-        self.req_to_token = req_to_token
-        self.key_buffer = key_buffer
-        self.vocab_masks = vocab_masks
-        self.kernels = kernels
-        self.first_compressed = first_compressed
-        self.num_scored = num_scored
-        self.stats = stats
+    store: BlockStore
+    req_to_token: torch.Tensor
+    key_buffer: Callable[[int], torch.Tensor]
+    vocab_masks: dict[str, torch.Tensor]
+    kernels: Kernels
+    first_compressed: int
+    num_scored: int  # layers whose queries vote
+    stats: Counter
+    rows: dict[int, RowState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        store = self.store  # token id per slot, for the candidate flags
         self.token = torch.zeros(store.votes.shape[0], dtype=torch.int64, device=store.device)
-        self.rows: dict[int, RowState] = {}
 
     def begin(self, batch: BatchView, default: DynSplitConfig) -> list[RowState]:
         """The state of every request of this forward (new requests adopt their shared prefix).
