@@ -16,6 +16,7 @@ the block starting there *and its horizon*: the last position the decision read.
 ``complete=False`` a block whose horizon is not yet in view is not decided, so a prefix is split
 the same whatever follows it, and the runtime records the horizon to decide which blocks of a
 shared prefix another request may adopt (``runtime.rows``). The horizon is computed here only.
+The last block of a complete segmentation is also decided by where the sequence ends.
 """
 
 from __future__ import annotations
