@@ -179,7 +179,8 @@ def test_compressor_adopts_a_shared_prefix_and_splits_as_if_alone(name):
     pool.prefill(1, b, shared_len=250, shared_slots=pool.req_to_token[0])
     out_shared = pool.decode([1], [b + [5]])
     assert pool.blocks(1) == alone.blocks(1)
-    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(out_shared, out_alone))
+    assert all((x is None and y is None) or torch.equal(x, y)
+               for x, y in zip(out_shared, out_alone))
     reused = pool.comp.stats["blocks_reused"]
     if not STRATEGIES[name].has_blocks:
         assert pool.blocks(1) == [] and pool.comp.stats["blocks_built"] == 0 and reused == 0
