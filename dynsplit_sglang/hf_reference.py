@@ -66,11 +66,16 @@ def prefill_and_segment(model, tokenizer, input_ids: torch.Tensor, cfg: DynSplit
     ids = input_ids.view(1, -1)
     length = ids.shape[1]
     scores = None
-    if cfg.strategy == "dynsplit":
+    if cfg.strategy_impl.needs_votes:
         with capture_importance(model, cfg) as acc:
             model(ids, logits_to_keep=1)
         scores = acc.scores(length)
-    mode = {"dynsplit": cfg.candidates, "delimiter": "sentence"}.get(cfg.strategy)
-    cands = candidates_for(ids[0], candidate_mask(tokenizer, mode)) if mode else None
+    cands = prompt_candidates(tokenizer, ids[0], cfg)
     seg: Segmentation = segment(cfg, length, scores, cands)
     return seg, scores, cands
+
+
+def prompt_candidates(tokenizer, input_ids: torch.Tensor, cfg: DynSplitConfig):
+    """Candidate flags [L] of a prompt under cfg's strategy (None if it reads no candidate)."""
+    mode = cfg.strategy_impl.candidate_mode(cfg)
+    return candidates_for(input_ids, candidate_mask(tokenizer, mode)) if mode else None

@@ -75,14 +75,10 @@ def _apply(base: DynSplitConfig, changes: dict) -> DynSplitConfig:
 def _check_geometry(cfg: DynSplitConfig, base: DynSplitConfig) -> DynSplitConfig:
     # The server sizes its per-request block tables for its own shortest block; a finer request
     # would overflow them and silently attend densely, so it is refused instead.
-    if _min_block(cfg) < _min_block(base):
+    if cfg.min_block_len < base.min_block_len:
         raise ConfigError(
             f"request override: block_size={cfg.block_size}, tolerance={cfg.tolerance} allows "
-            f"{_min_block(cfg)}-token blocks, finer than the server's {_min_block(base)} "
+            f"{cfg.min_block_len}-token blocks, finer than the server's {base.min_block_len} "
             "(its block tables are sized for those); start the server with "
             "--dynsplit-block-size/--dynsplit-tolerance for finer blocks")
     return cfg
-
-
-def _min_block(cfg: DynSplitConfig) -> int:
-    return max(1, cfg.block_size - cfg.tolerance)

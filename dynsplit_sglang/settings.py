@@ -16,14 +16,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core import ConfigError, DynSplitConfig
+from .core.strategies import STRATEGIES, load_env
 
 ENV = "SGLANG_DYNSPLIT"
-METHODS = ("none", "dynsplit", "fixed", "delimiter", "streaming")
-SUPPORTED_BACKENDS = ("torch_native", "triton")
+load_env()  # strategies kept outside the package travel to every process like the settings
+# The one list of SGLang 0.5.23 attention backends compressed decode runs on: name (as in
+# --attention-backend) -> the SGLang class it extends (runtime/backends.py, patches/attention.py).
+SUPPORTED_BACKENDS = {
+    "torch_native": "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend",
+    "triton": "sglang.srt.layers.attention.triton_backend.TritonAttnBackend",
+}
 _TYPES = {"budget": int, "budget_fraction": float, "alpha": float}
 _BOOL_HELP = {"evict": "Free the KV slots of each request's least important blocks once its "
                        "prompt is split, keeping sink, recent window and top blocks within the "
                        "budget (memory, not only attention). Needs --disable-overlap-schedule."}
+
+
+def methods() -> tuple[str, ...]:
+    """--kv-compression's values: none, or a registered strategy (core.strategies)."""
+    return ("none", *STRATEGIES)
 
 
 def _flag(field: str) -> str:
@@ -46,8 +57,9 @@ class Settings:
     def from_mapping(cls, data: dict[str, Any]) -> "Settings":
         data = dict(data)
         method = data.pop("kv_compression", "none")
-        if method not in METHODS:
-            raise ConfigError(f"--kv-compression={method!r} is invalid; expected one of {METHODS}")
+        if method not in methods():
+            raise ConfigError(f"--kv-compression={method!r} is invalid; expected one of "
+                              f"{methods()}")
         if method != "none":
             data.setdefault("strategy", method)
             if data["strategy"] != method:
@@ -77,7 +89,7 @@ class Settings:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --kv-compression and one --dynsplit-* flag per DynSplitConfig field."""
     group = parser.add_argument_group("KV compression (dynsplit-sglang)")
-    group.add_argument("--kv-compression", choices=METHODS, default=None,
+    group.add_argument("--kv-compression", choices=methods(), default=None,
                        help="KV-cache compression at decode: DynSplit-KV semantic blocks "
                             "('dynsplit') or a rigid baseline. Default: none.")
     group.add_argument("--dynsplit-config", default=None, metavar="JSON",
@@ -119,8 +131,7 @@ def strip_and_parse(argv: list[str]) -> tuple[list[str], Settings | None]:
         data["budget"] = None
     method = data.get("kv_compression", "none")
     if method == "none" and any(k != "kv_compression" for k in data):
-        raise ConfigError("--dynsplit-* flags need --kv-compression (dynsplit, fixed, delimiter "
-                          "or streaming)")
+        raise ConfigError(f"--dynsplit-* flags need --kv-compression (one of {tuple(STRATEGIES)})")
     return rest, Settings.from_mapping(data)
 
 
@@ -136,7 +147,7 @@ def validate_server_args(settings: Settings, sa: Any) -> None:
     backends.discard(None)
     for b in backends:
         if b not in SUPPORTED_BACKENDS:
-            problems.append(f"--attention-backend {b}: use one of {SUPPORTED_BACKENDS}")
+            problems.append(f"--attention-backend {b}: use one of {tuple(SUPPORTED_BACKENDS)}")
     checks = [
         (getattr(sa, "speculative_algorithm", None) not in (None, "", "NONE"),
          "speculative decoding (--speculative-algorithm): remove it"),

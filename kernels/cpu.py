@@ -136,32 +136,12 @@ def select(scores: torch.Tensor, plan: _selection.SelectionPlan, max_kept: int |
     the lower block index (the twin's stable sort) — and the position scatter runs over
     [B, Hkv, max_kept, S] instead of [B, Hkv, NB, S]. Device ops only, static shapes.
     """
-    b, hkv, nb = scores.shape
-    dev = scores.device
+    nb = scores.shape[-1]
     kk = nb if max_kept is None else max(min(max_kept, nb), 0)
-    cap, sink, seq, r0, dense = plan.capacity, plan.sink, plan.seq_lens, plan.recent_start, plan.dense
-    clen = plan.clip_len
-    ok = (clen > 0)[:, None, :] & torch.isfinite(scores)
-
+    ok = (plan.clip_len > 0)[:, None, :] & torch.isfinite(scores)
     s = scores.float().masked_fill(~ok, float("-inf")) + 0.0  # + 0.0: -0.0 ties with +0.0
     bits = s.view(torch.int32)
     monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    tie = (nb - 1 - torch.arange(nb, device=dev)).view(1, 1, nb)
+    tie = (nb - 1 - torch.arange(nb, device=scores.device)).view(1, 1, nb)
     order = torch.topk(monotone * (1 << 32) + tie, kk, dim=-1).indices  # [B, Hkv, kk]
-
-    ok_sorted = torch.gather(ok, 2, order)
-    len_sorted = torch.gather(clen[:, None, :].expand(b, hkv, nb), 2, order) * ok_sorted
-    fill = torch.cumsum(len_sorted, dim=-1)
-    keep_sorted = ok_sorted & (fill <= plan.block_budget[:, None, None])
-    len_sorted = len_sorted * keep_sorted
-    offset = sink + fill - len_sorted
-
-    out = torch.full((b, hkv, cap + 1), -1, dtype=torch.long, device=dev)
-    if plan.max_clip_len > 0 and kk > 0:
-        t = torch.arange(plan.max_clip_len, device=dev)
-        cs_sorted = torch.gather(plan.clip_start[:, None, :].expand(b, hkv, nb), 2, order)
-        put = t < len_sorted[..., None]
-        dst = torch.where(put, offset[..., None] + t, cap)
-        val = torch.where(put, cs_sorted[..., None] + t, -1)
-        out.scatter_(2, dst.view(b, hkv, -1), val.view(b, hkv, -1))
-    return _selection.finish_selection(out[..., :cap], plan, len_sorted, ok, order, keep_sorted)
+    return _selection.fill_in_order(order, ok, plan)

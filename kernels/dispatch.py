@@ -1,68 +1,76 @@
-"""Pick the implementation per call: Triton for CUDA tensors, torch for CPU tensors.
+"""Choose the kernel implementation once, for a device, as FlashInfer's ``backend="auto"`` does.
 
-``DYNSPLIT_KERNELS`` = ``auto`` (default) | ``triton`` | ``torch`` forces a side, e.g.
-``DYNSPLIT_KERNELS=triton TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors (tests).
-The torch side is ``kernels.cpu`` (faster CPU formulations, checked against the core's twins in
-the tests) ; ``DYNSPLIT_KERNELS=twin`` runs the core twins themselves. Triton is imported only
-when a Triton kernel is about to run, so the core and CPU users never pay for it.
+``implementation(device, backend)`` returns the ``Kernels`` of one side; whoever runs kernels
+every step (the SparseDecodeWrapper, the compressor) resolves it once, when it is built:
+
+* ``triton``: the Triton kernels (``summaries``, ``scoring``, ``sparse_decode``);
+* ``torch``: ``kernels.cpu``, faster CPU formulations checked against the core's twins;
+* ``twin``: the core's torch twins themselves;
+* ``auto`` (default): ``DYNSPLIT_KERNELS`` if set (e.g. ``DYNSPLIT_KERNELS=triton
+  TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors in the tests), else Triton on a
+  CUDA device and torch elsewhere.
+
+Triton is imported only when a Triton side is built, so the core and CPU users never pay for it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-MODES = ("auto", "triton", "torch", "twin")
+SIDES = ("triton", "torch", "twin")
+ENV = "DYNSPLIT_KERNELS"
 
 
-def backend(t: torch.Tensor) -> str:
-    """The side a call on tensor t takes: 'triton', 'torch' or 'twin'."""
-    mode = os.environ.get("DYNSPLIT_KERNELS", "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"DYNSPLIT_KERNELS={mode!r}: expected one of {MODES}")
+def resolve(backend: str = "auto", device: torch.device | str = "cpu") -> str:
+    """The side `backend` means on `device`: 'triton', 'torch' or 'twin'."""
+    mode = backend.strip().lower()
     if mode == "auto":
-        return "triton" if t.is_cuda else "torch"
+        mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+        if mode not in SIDES + ("auto",):
+            raise ValueError(f"{ENV}={mode!r}: expected one of {('auto',) + SIDES}")
+    elif mode not in SIDES:
+        raise ValueError(f"kernel backend {backend!r}: expected one of {('auto',) + SIDES}")
+    if mode == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
     return mode
 
 
-def _triton(module: str):
-    return importlib.import_module(f"{__package__}.{module}")
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels of one side. Keyword options (counts, num_splits, mid, ...) steer the Triton
+    launchers only; they never change a result, so the torch sides ignore them."""
+
+    side: str
+    block_summaries: Callable  # see core.mapping.block_summaries
+    score_blocks: Callable  # see core.selection.score_blocks
+    sparse_decode_attention: Callable  # see core.attention.sparse_decode_attention
 
 
-def block_summaries(k_buffer, token_slots, table, out_kmin, out_kmax, out_index, max_block_len,
-                    **triton_opts) -> None:
-    """Min/max key summaries of every block (see core.mapping.block_summaries)."""
-    side = backend(k_buffer)
+def _ignoring_triton_options(fn: Callable) -> Callable:
+    accepted = set(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return fn(*args, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    return call
+
+
+def implementation(device: torch.device | str = "cpu", backend: str = "auto") -> Kernels:
+    side = resolve(backend, device)
     if side == "triton":
-        return _triton("summaries").block_summaries(
-            k_buffer, token_slots, table, out_kmin, out_kmax, out_index, max_block_len,
-            **triton_opts)
+        mod = functools.partial(importlib.import_module, package=__package__)
+        return Kernels(side, mod(".summaries").block_summaries, mod(".scoring").score_blocks,
+                       mod(".sparse_decode").sparse_decode_attention)
     from . import cpu
-    fn = cpu.block_summaries if side == "torch" else cpu.twins.block_summaries
-    return fn(k_buffer, token_slots, table, out_kmin, out_kmax, out_index, max_block_len)
 
-
-def score_blocks(q, kmin, kmax, summary_index, **triton_opts) -> torch.Tensor:
-    """Quest bound per block, max over each KV group (see core.selection.score_blocks)."""
-    side = backend(q)
-    if side == "triton":
-        return _triton("scoring").score_blocks(q, kmin, kmax, summary_index, **triton_opts)
-    from . import cpu
-    fn = cpu.score_blocks if side == "torch" else cpu.twins.score_blocks
-    return fn(q, kmin, kmax, summary_index)
-
-
-def sparse_decode_attention(q, k_buffer, v_buffer, kv_slots, scale=None, return_lse=False,
-                            **triton_opts):
-    """Decode attention over per-(request, KV head) slot lists (see
-    core.attention.sparse_decode_attention). triton_opts (counts, num_splits, mid, ...) only
-    steer the Triton launcher; they never change the result, so the torch side ignores them."""
-    side = backend(q)
-    if side == "triton":
-        return _triton("sparse_decode").sparse_decode_attention(
-            q, k_buffer, v_buffer, kv_slots, scale, return_lse, **triton_opts)
-    from . import cpu
-    fn = cpu.sparse_decode_attention if side == "torch" else cpu.twins.sparse_decode_attention
-    return fn(q, k_buffer, v_buffer, kv_slots, scale, return_lse)
+    impl = cpu if side == "torch" else cpu.twins
+    return Kernels(side, *(_ignoring_triton_options(f) for f in (
+        impl.block_summaries, impl.score_blocks, impl.sparse_decode_attention)))

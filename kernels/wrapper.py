@@ -1,8 +1,14 @@
 """FlashInfer-style plan/run wrapper for one compressed decode step.
 
-``plan`` runs once per batch step (host work allowed: it may read sizes) and builds everything
-that does not depend on the query: the SelectionPlan, the split count and the split workspace,
-sized for a fixed per-request capacity. ``run`` is then called once per layer and does
+The kernel side is chosen once, when the wrapper is built (``backend="auto"``: Triton on a CUDA
+device, torch on a CPU one, ``DYNSPLIT_KERNELS`` forcing a side; see ``dispatch``).
+
+``plan`` runs once per batch step (host work allowed: it may read sizes) and takes the
+SelectionPlan the caller built with ``core.plan_selection`` (the selection policy: budgets,
+sink, recent window, capacity), plus what attention needs that does not depend on the query:
+the summary rows and the token slots. From them it builds the attention plan: the split count
+and the split workspace (Triton side) or the top-k bound (torch side), sized for the plan's
+fixed per-request capacity. ``run`` is then called once per layer and does
 score → select → positions_to_slots → attention with device ops only (no .item(), .cpu(),
 .tolist(); every shape fixed by the plan), so it can be captured in a CUDA graph.
 
@@ -16,69 +22,50 @@ from __future__ import annotations
 
 import torch
 
-from dynsplit_sglang.core.mapping import BlockTable
-from dynsplit_sglang.core.selection import (
-    Selection,
-    SelectionPlan,
-    plan_selection,
-    positions_to_slots,
-    select,
-)
+from dynsplit_sglang.core.selection import Selection, SelectionPlan, positions_to_slots, select
 
-from . import dispatch
+from .dispatch import implementation
 
 
 class SparseDecodeWrapper:
     """Compressed decode attention for a batch whose block table is fixed for the step.
 
     num_q_heads / num_kv_heads / head_dim_v size the Triton workspace (like FlashInfer's plan
-    arguments); they are only needed on the Triton side.
+    arguments); they are only needed on the Triton side. device/backend choose the kernels.
     """
 
     def __init__(self, num_q_heads: int | None = None, num_kv_heads: int | None = None,
-                 head_dim_v: int | None = None, max_splits: int | None = None):
+                 head_dim_v: int | None = None, max_splits: int | None = None, *,
+                 device: torch.device | str = "cpu", backend: str = "auto"):
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim_v = head_dim_v
         self.max_splits = max_splits
-        self.plan_: SelectionPlan | None = None
+        self.kernels = implementation(device, backend)
+        self.selection_plan: SelectionPlan | None = None
         self.last_selection: Selection | None = None
         self._summary_index = self._token_slots = None
         self._mid = None  # Triton split workspace (outputs, LSEs) for the planned shapes
         self._max_kept = None  # CPU top-k selection bound for the planned batch
         self._buffer = None  # workspace storage, reused across plans when large enough
 
-    def plan(
-        self,
-        table: BlockTable,
-        summary_index: torch.Tensor,
-        token_slots: torch.Tensor,
-        seq_lens: torch.Tensor,
-        budget,
-        sink: int,
-        recent,
-        capacity: int | None = None,
-        max_block_len: int | None = None,
-    ) -> SelectionPlan:
-        """table/summary_index: [B, NB] block layout and summary rows (-1 = none);
-        token_slots: [B, T] position → KV slot; seq_lens: [B] (current token included);
-        budget/recent: int or [B]; capacity: slots per (request, KV head), default the largest
-        budget (it also bounds dense requests: a request shorter than its budget attends to its
-        first `capacity` positions)."""
-        self.plan_ = plan_selection(table, seq_lens, budget, sink, recent, capacity, max_block_len)
+    def plan(self, selection: SelectionPlan, summary_index: torch.Tensor,
+             token_slots: torch.Tensor) -> None:
+        """selection: the step's SelectionPlan (core.plan_selection); summary_index: [B, NB]
+        summary rows of the plan's blocks (-1 = none); token_slots: [B, T] position → KV slot."""
+        self.selection_plan = selection
         self._summary_index = summary_index
         self._token_slots = token_slots
         self.last_selection = None
         self._mid = None
         self._max_kept = None
-        dev = token_slots.device
-        side = dispatch.backend(token_slots)
+        side = self.kernels.side
         if side == "triton" and self.num_kv_heads is not None:
-            self._mid = self._workspace(table.starts.shape[0], self.plan_.capacity, dev)
+            batch = selection.seq_lens.shape[0]
+            self._mid = self._workspace(batch, selection.capacity, token_slots.device)
         elif side == "torch":
             from . import cpu
-            self._max_kept = cpu.max_kept_blocks(self.plan_)  # host read: plan time only
-        return self.plan_
+            self._max_kept = cpu.max_kept_blocks(selection)  # host read: plan time only
 
     def _workspace(self, batch: int, capacity: int, dev: torch.device):
         from . import sparse_decode as sd  # imports triton: only on the Triton side
@@ -101,14 +88,14 @@ class SparseDecodeWrapper:
 
     def select(self, q, kmin, kmax) -> Selection:
         """Score the blocks and pick the positions each (request, KV head) attends to."""
-        if self.plan_ is None:
+        if self.selection_plan is None:
             raise RuntimeError("SparseDecodeWrapper: plan() first")
-        scores = dispatch.score_blocks(q, kmin, kmax, self._summary_index)
-        if dispatch.backend(q) == "torch" and self._max_kept is not None:
+        scores = self.kernels.score_blocks(q, kmin, kmax, self._summary_index)
+        if self._max_kept is not None:
             from . import cpu  # top-k select: the same result for a fraction of the CPU time
-            sel = cpu.select(scores, self.plan_, self._max_kept)
+            sel = cpu.select(scores, self.selection_plan, self._max_kept)
         else:
-            sel = select(scores, self.plan_)
+            sel = select(scores, self.selection_plan)
         self.last_selection = sel
         return sel
 
@@ -117,13 +104,11 @@ class SparseDecodeWrapper:
         layer's summaries [M, Hkv, D]. Returns out [B, Hq, Dv] (and lse [B, Hq] if asked)."""
         sel = self.select(q, kmin, kmax)
         slots = positions_to_slots(sel.positions, self._token_slots)
-        opts = {}
-        if dispatch.backend(q) == "triton":
-            opts = {"counts": sel.counts}  # valid entries form a prefix of each list
-            if self._mid is not None:
-                opts["mid"] = self._mid
-        return dispatch.sparse_decode_attention(q, k_buffer, v_buffer, slots, scale, return_lse,
-                                                **opts)
+        opts = {"counts": sel.counts}  # valid entries form a prefix of each list
+        if self._mid is not None:
+            opts["mid"] = self._mid
+        return self.kernels.sparse_decode_attention(q, k_buffer, v_buffer, slots, scale,
+                                                    return_lse, **opts)
 
     def tokens_attended(self) -> torch.Tensor | None:
         """int64 [B, Hkv]: tokens each KV head attended to in the last run (device tensor; read

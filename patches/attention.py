@@ -1,17 +1,18 @@
 """DynSplit compressed decode behind SGLang 0.5.23's own attention backend names.
 
 Registry entry (not a HookRegistry target): ``sglang.srt.layers.attention.attention_registry.
-ATTENTION_BACKENDS["torch_native"]`` and ``["triton"]`` are wrapped so that, with compression
-enabled, the factory returns the DynSplit subclass of that backend. Keeping SGLang's backend name keeps every name-based
-branch of its argument resolution (CUDA-graph and page-size rules) as it is.
+ATTENTION_BACKENDS[name]`` for each name of ``settings.SUPPORTED_BACKENDS`` is wrapped so that,
+with compression enabled, the factory returns the DynSplit subclass of that backend. Keeping
+SGLang's backend name keeps every name-based branch of its argument resolution (CUDA-graph and
+page-size rules) as it is.
 """
 
 from __future__ import annotations
 
-from dynsplit_sglang.settings import Settings, validate_server_args
+from dynsplit_sglang.settings import SUPPORTED_BACKENDS, Settings, validate_server_args
 
 REGISTRY = "sglang.srt.layers.attention.attention_registry.ATTENTION_BACKENDS"
-WRAPPED = ("torch_native", "triton")
+WRAPPED = tuple(SUPPORTED_BACKENDS)
 
 
 def _wrap(name: str, original):
@@ -20,10 +21,10 @@ def _wrap(name: str, original):
         if not settings.enabled:
             return original(runner)
         validate_server_args(settings, runner.server_args)
-        from dynsplit_sglang.runtime.backends import BACKENDS, check_model
+        from dynsplit_sglang.runtime.backends import backend_class, check_model
 
         check_model(runner)
-        return BACKENDS[name](runner, settings)
+        return backend_class(name)(runner, settings)
 
     factory.__dynsplit_wraps__ = original
     factory.__name__ = f"dynsplit_{name}_factory"

@@ -23,9 +23,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dynsplit_sglang import core
-from dynsplit_sglang.core import DynSplitConfig, candidates_for, segment
-from dynsplit_sglang.core.delimiters import candidate_mask
-from dynsplit_sglang.hf_reference import capture_importance
+from dynsplit_sglang.core import DynSplitConfig, segment
+from dynsplit_sglang.hf_reference import capture_importance, prompt_candidates
 
 _ATTN = "dynsplit_core_eval"
 
@@ -89,7 +88,7 @@ def prefill(model, input_ids: list[int], cfg: DynSplitConfig | None = None):
     ids = torch.tensor([input_ids])
     cache = DynamicCache()
     scores = None
-    if cfg is not None and cfg.strategy == "dynsplit":
+    if cfg is not None and cfg.strategy_impl.needs_votes:
         with capture_importance(model, cfg) as acc:
             out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         scores = acc.scores(len(input_ids))
@@ -100,11 +99,8 @@ def prefill(model, input_ids: list[int], cfg: DynSplitConfig | None = None):
 
 def segmentation(tokenizer, input_ids: list[int], cfg: DynSplitConfig, scores=None):
     """The prompt's blocks as SGLang closes them (complete segmentation of [0, L))."""
-    length = len(input_ids)
-    mode = {"dynsplit": cfg.candidates, "delimiter": "sentence"}.get(cfg.strategy)
-    ids = torch.tensor(input_ids)
-    cands = candidates_for(ids, candidate_mask(tokenizer, mode)) if mode else None
-    return segment(cfg, length, scores, cands)
+    cands = prompt_candidates(tokenizer, torch.tensor(input_ids), cfg)
+    return segment(cfg, len(input_ids), scores, cands)
 
 
 @torch.inference_mode()
@@ -113,7 +109,7 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     """Greedy answer of one request under cfg through the pure core.
 
     prefilled: (cache, logits, scores) of a dense prefill of this prompt to reuse (the cache is
-    cropped back afterwards; scores must be the dynsplit ones when cfg.strategy is dynsplit)."""
+    cropped back afterwards; scores: the importance scores when cfg's strategy needs votes)."""
     global _active
     length = len(input_ids)
     if prefilled is None:

@@ -50,8 +50,9 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 import tasks as T  # noqa: E402
+from dynsplit_sglang.core.strategies import STRATEGIES  # noqa: E402
 
-SGLANG_METHODS = ("none", "dynsplit", "fixed", "delimiter", "streaming")
+SGLANG_METHODS = ("none", *STRATEGIES)
 KVPRESS_METHODS = ("kvpress-snapkv", "kvpress-chunkkv", "kvpress-streamingllm")
 ALL_METHODS = SGLANG_METHODS + KVPRESS_METHODS
 QWEN = "qwen2.5-coder-0.5b-instruct"
@@ -281,11 +282,11 @@ def slots_for_group(methods: list[Method], base, max_ctx: int, rows: int, group:
     from dynsplit_sglang.runtime.store import BlockStore
 
     own = [dict(m.overrides) for m in methods if m.engine == "sglang"
-           and m.name not in ("none", "dynsplit") and dict(m.overrides).get("strategy") != "streaming"]
+           and m.name not in ("none", "dynsplit")
+           and STRATEGIES[dict(m.overrides).get("strategy", base.strategy)].has_blocks]
     per_prompt = sum(-(-max_ctx // o.get("block_size", base.block_size)) for o in own)
-    min_block = max(1, base.block_size - base.tolerance)
     slots = 4096
-    while (BlockStore.entry_capacity(slots, rows, min_block) - slots // base.block_size
+    while (BlockStore.entry_capacity(slots, rows, base.min_block_len) - slots // base.block_size
            < 1.25 * group * per_prompt):
         slots += 4096
     return slots

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dynsplit_sglang.core import (
-    BlockTable, DynSplitConfig, dense_decode_attention, score_blocks_ragged,
+    BlockTable, DynSplitConfig, dense_decode_attention, plan_selection, score_blocks_ragged,
     segment, select, summarize_ragged,
 )
-from dynsplit_sglang.kernels import SparseDecodeWrapper, block_summaries, score_blocks
+from dynsplit_sglang.kernels import SparseDecodeWrapper, implementation
 
 LAYOUTS = {"default-9/3/64": (9, 3, 64), "llama8b-32/8/128": (32, 8, 128)}
 TARGET_LAYOUT = "llama8b-32/8/128"
@@ -134,7 +134,7 @@ def make_case(ctx, hq, hkv, d, dtype, device, seed=0) -> Case:
     kmin = torch.empty(nb, hkv, d, dtype=dtype)
     kmax = torch.empty(nb, hkv, d, dtype=dtype)
     index = torch.arange(nb).view(1, nb)
-    block_summaries(k, slots, table, kmin, kmax, index, CFG.max_block_len)
+    implementation("cpu").block_summaries(k, slots, table, kmin, kmax, index, CFG.max_block_len)
     q = torch.randn(1, hq, d, generator=g).to(dtype)
     to = lambda t: t.to(device)  # noqa: E731
     return Case(ctx, hq, hkv, d, to(k), to(v), to(slots), to(torch.tensor([ctx])),
@@ -261,9 +261,9 @@ def bench_case(case: Case, budgets, device, repeats, warmup, copy, ragged: bool)
         impl["dense-gather"] = "core.dense_decode_attention"
     wrappers = {}
     for budget in budgets:
-        w = SparseDecodeWrapper(case.hq, case.hkv, case.d)
-        w.plan(case.table, case.index, case.token_slots, case.seq_lens, budget, SINK, RECENT,
-               max_block_len=CFG.max_block_len)
+        w = SparseDecodeWrapper(case.hq, case.hkv, case.d, device=case.q.device)
+        w.plan(plan_selection(case.table, case.seq_lens, budget, SINK, RECENT,
+                              max_block_len=CFG.max_block_len), case.index, case.token_slots)
         wrappers[budget] = w
         run = lambda w=w: w.run(case.q, case.k, case.v, case.kmin, case.kmax)  # noqa: E731
         fns[("dynsplit", budget)] = maybe_graph(run) if cuda else run
@@ -318,16 +318,17 @@ def bench_case(case: Case, budgets, device, repeats, warmup, copy, ragged: bool)
 
 def stage_times(case: Case, w: SparseDecodeWrapper, repeats, timer) -> dict:
     from dynsplit_sglang.core import positions_to_slots
-    from dynsplit_sglang.kernels import cpu, sparse_decode_attention
-    scores = score_blocks(case.q, case.kmin, case.kmax, case.index)
+    from dynsplit_sglang.kernels import cpu
+    kern = w.kernels  # the side the wrapper chose
+    scores = kern.score_blocks(case.q, case.kmin, case.kmax, case.index)
     sel = w.select(case.q, case.kmin, case.kmax)
     slots = positions_to_slots(sel.positions, case.token_slots)
     return interleaved({
-        "score": lambda: score_blocks(case.q, case.kmin, case.kmax, case.index),
-        "select (top-k)": lambda: cpu.select(scores, w.plan_, w._max_kept),
-        "select (core sort)": lambda: select(scores, w.plan_),
+        "score": lambda: kern.score_blocks(case.q, case.kmin, case.kmax, case.index),
+        "select (top-k)": lambda: cpu.select(scores, w.selection_plan, w._max_kept),
+        "select (core sort)": lambda: select(scores, w.selection_plan),
         "positions_to_slots": lambda: positions_to_slots(sel.positions, case.token_slots),
-        "attention": lambda: sparse_decode_attention(case.q, case.k, case.v, slots),
+        "attention": lambda: kern.sparse_decode_attention(case.q, case.k, case.v, slots),
     }, repeats, 2, timer)
 
 

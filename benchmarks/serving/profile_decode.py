@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from dynsplit_sglang.core import DynSplitConfig, candidate_mask, positions_to_slots  # noqa: E402
-from dynsplit_sglang.kernels import dispatch  # noqa: E402
+from dynsplit_sglang.core.delimiters import MODES  # noqa: E402
 from dynsplit_sglang.models import DEFAULT_MODEL, ensure  # noqa: E402
 from dynsplit_sglang.runtime.compressor import BatchView, Compressor  # noqa: E402
 from dynsplit_sglang.runtime.report import Reporter  # noqa: E402
@@ -94,7 +94,7 @@ class Replay:
         self.seq = ctx
         self.comp = None
         if fraction is not None:
-            masks = {m: candidate_mask(tok, m) for m in ("punct", "all", "sentence")}
+            masks = {m: candidate_mask(tok, m) for m in MODES}
             cfg = DynSplitConfig(budget_fraction=fraction)
             self.comp = Compressor(
                 cfg, num_layers=LAYERS, num_q_heads=HQ, kv_heads=HKV, head_dim=D, dtype=dtype,
@@ -149,14 +149,14 @@ class Replay:
         kmin, kmax = self.comp.store.kmin[li], self.comp.store.kmax[li]
         t = {}
         t0 = time.perf_counter()
-        scores = dispatch.score_blocks(self.q, kmin, kmax, w._summary_index)
+        scores = w.kernels.score_blocks(self.q, kmin, kmax, w._summary_index)
         t1 = time.perf_counter()
         from dynsplit_sglang.kernels import cpu
-        sel = cpu.select(scores, w.plan_, w._max_kept)
+        sel = cpu.select(scores, w.selection_plan, w._max_kept)
         t2 = time.perf_counter()
         slots = positions_to_slots(sel.positions, w._token_slots)
         t3 = time.perf_counter()
-        dispatch.sparse_decode_attention(self.q, self.k[layer], self.v[layer], slots, self.scale)
+        w.kernels.sparse_decode_attention(self.q, self.k[layer], self.v[layer], slots, self.scale)
         t4 = time.perf_counter()
         t["score_ms"], t["select_ms"] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         t["positions_to_slots_ms"], t["attention_ms"] = (t3 - t2) * 1e3, (t4 - t3) * 1e3

@@ -6,7 +6,7 @@ block scoring and selection under a token budget → sparse decode attention.
 """
 
 from .attention import dense_decode_attention, sparse_decode_attention
-from .config import CANDIDATE_MODES, STRATEGIES, ConfigError, DynSplitConfig
+from .config import CANDIDATE_MODES, ConfigError, DynSplitConfig
 from .delimiters import candidate_mask, candidates_for, mask_from_texts
 from .importance import (ImportanceAccumulator, causal_lse, key_distinctiveness, importance_scores,
                          layer_votes)
@@ -18,6 +18,7 @@ from .mapping import (
     summarize_ragged,
 )
 from .segmentation import Segmentation, segment
+from .strategies import STRATEGIES, Strategy, register
 from .selection import (
     Selection,
     SelectionPlan,
@@ -30,10 +31,11 @@ from .selection import (
 )
 
 __all__ = [
-    "BlockTable", "CANDIDATE_MODES", "ConfigError", "DynSplitConfig", "ImportanceAccumulator",
-    "STRATEGIES", "Segmentation", "Selection", "SelectionPlan", "plan_selection", "select", "block_summaries", "candidate_mask",
-    "candidates_for", "causal_lse", "key_distinctiveness", "contiguous_slots", "dense_decode_attention",
-    "importance_scores", "layer_votes", "mask_from_texts", "positions_to_slots", "score_blocks",
-    "score_blocks_ragged", "segment", "select_positions", "sparse_decode_attention", "summarize",
+    "block_summaries", "BlockTable", "candidate_mask", "CANDIDATE_MODES", "candidates_for",
+    "causal_lse", "ConfigError", "contiguous_slots", "dense_decode_attention", "DynSplitConfig",
+    "importance_scores", "ImportanceAccumulator", "key_distinctiveness", "layer_votes",
+    "mask_from_texts", "plan_selection", "positions_to_slots", "register", "score_blocks",
+    "score_blocks_ragged", "segment", "Segmentation", "select", "select_positions", "Selection",
+    "SelectionPlan", "sparse_decode_attention", "STRATEGIES", "Strategy", "summarize",
     "summarize_ragged",
 ]

@@ -13,14 +13,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sparse_decode_attention(
-    q: torch.Tensor,
-    k_buffer: torch.Tensor,
-    v_buffer: torch.Tensor,
-    kv_slots: torch.Tensor,
-    scale: float | None = None,
-    return_lse: bool = False,
-):
+def sparse_decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                            kv_slots: torch.Tensor, scale: float | None = None,
+                            return_lse: bool = False):
     """q: [B, Hq, D]; k_buffer/v_buffer: [S, Hkv, D(v)]; kv_slots: [B, Hkv, N] (-1 = skip).
 
     Returns out [B, Hq, Dv] in q's dtype (and lse [B, Hq] float32, natural log, if asked).

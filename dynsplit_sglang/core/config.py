@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .strategies import STRATEGIES, Strategy
+
 DEFAULT_BUDGET = 1024
-STRATEGIES = ("dynsplit", "fixed", "delimiter", "streaming")
-CANDIDATE_MODES = ("punct", "all")
+CANDIDATE_MODES = ("punct", "all")  # dynsplit's candidate sets (core.delimiters)
 
 
 class ConfigError(ValueError):
@@ -56,7 +57,8 @@ class DynSplitConfig:
     def __post_init__(self) -> None:
         if self.budget is None and self.budget_fraction is None:
             object.__setattr__(self, "budget", DEFAULT_BUDGET)
-        _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
+        _require(self.strategy in STRATEGIES, "strategy", self.strategy,
+                 f"one of {tuple(STRATEGIES)}")
         _require(
             (self.budget is None) != (self.budget_fraction is None),
             "budget",
@@ -82,8 +84,8 @@ class DynSplitConfig:
         _require(_is_int(self.score_layers) and 0 <= self.score_layers <= 1024, "score_layers",
                  self.score_layers, "an integer in [0, 1024] (0 = all layers)")
         _require(isinstance(self.evict, bool), "evict", self.evict, "true or false")
-        _require(not (self.evict and self.strategy == "streaming"), "evict", self.evict,
-                 "false with strategy=streaming (it has no blocks to evict)")
+        _require(not (self.evict and not self.strategy_impl.has_blocks), "evict", self.evict,
+                 f"false with strategy={self.strategy} (it has no blocks to evict)")
         if self.budget is not None:
             _require(_is_int(self.budget) and self.budget >= self.sink + self.recent, "budget",
                      self.budget, f"an integer >= sink + recent = {self.sink + self.recent}")
@@ -94,16 +96,24 @@ class DynSplitConfig:
     # -- derived quantities -------------------------------------------------------------------
 
     @property
+    def strategy_impl(self) -> Strategy:
+        """The registered strategy named by `strategy` (core.strategies)."""
+        return STRATEGIES[self.strategy]
+
+    @property
     def max_block_len(self) -> int:
         """Capacity S of one block in the fixed-length format (C + Δ)."""
         return self.block_size + self.tolerance
 
     @property
+    def min_block_len(self) -> int:
+        """The shortest block but a sequence's last (C - Δ): it sizes the block tables."""
+        return max(1, self.block_size - self.tolerance)
+
+    @property
     def lookahead(self) -> int:
         """Tokens past a block's search window needed before its boundary is final."""
-        if self.strategy == "dynsplit":
-            return self.future_window
-        return 0
+        return self.strategy_impl.lookahead(self)
 
     def token_budget(self, context_len: int) -> int:
         """Tokens attended per KV head at this context length (≥ sink + recent)."""
@@ -113,10 +123,9 @@ class DynSplitConfig:
         return max(want, self.sink + self.recent)
 
     def recent_for(self, budget: int) -> int:
-        """StreamingLLM spends the whole budget on sink + recent; the others keep `recent`."""
-        if self.strategy == "streaming":
-            return max(budget - self.sink, 1)
-        return self.recent
+        """The recent window at this budget: `recent`, unless the strategy spends the budget
+        otherwise (StreamingLLM: everything but the sink)."""
+        return self.strategy_impl.recent(self, budget)
 
     def scored_layers(self, num_layers: int) -> list[int]:
         """Layers whose attention votes in the importance score, evenly spaced over the model."""

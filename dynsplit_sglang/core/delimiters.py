@@ -16,6 +16,8 @@ import torch
 
 PUNCT_CHARS = frozenset(".,;:!?\n)]}\"'`>")
 SENTENCE_CHARS = frozenset(".!?\n")
+_CHARS = {"punct": PUNCT_CHARS, "sentence": SENTENCE_CHARS}
+MODES = ("punct", "all", "sentence")  # what a strategy's candidate_mode may name
 
 # Byte-level BPE renders newline and space as these glyphs in raw token strings.
 _BPE_GLYPHS = {"Ċ": "\n", "Ġ": " ", "ĉ": "\t", "▁": " "}
@@ -36,9 +38,9 @@ def mask_from_texts(texts: Iterable[str | None], mode: str = "punct") -> torch.T
     texts = list(texts)
     if mode == "all":
         return torch.ones(len(texts), dtype=torch.bool)
-    chars = {"punct": PUNCT_CHARS, "sentence": SENTENCE_CHARS}.get(mode)
+    chars = _CHARS.get(mode)
     if chars is None:
-        raise ValueError(f"candidate mode {mode!r} is invalid; expected 'punct', 'all' or 'sentence'")
+        raise ValueError(f"candidate mode {mode!r} is invalid; expected one of {MODES}")
     out = [t is not None and any(c in chars for c in _normalise(t)) for t in texts]
     return torch.tensor(out, dtype=torch.bool)
 

@@ -110,27 +110,33 @@ def plan_selection(
 def select(scores: torch.Tensor, plan: SelectionPlan) -> Selection:
     """Positions each (request, KV head) attends to: sink + kept blocks + recent window.
     scores: [B, Hkv, NB] (-inf = no block). Device-only ops, static shapes."""
-    b, hkv, nb = scores.shape
-    dev = scores.device
-    cap, sink, seq, r0, dense = plan.capacity, plan.sink, plan.seq_lens, plan.recent_start, plan.dense
-    clen = plan.clip_len
-    ok = (clen > 0)[:, None, :] & torch.isfinite(scores)
-
-    # Greedy prefix of the score order that fits the block budget.
+    ok = (plan.clip_len > 0)[:, None, :] & torch.isfinite(scores)
     key = scores.masked_fill(~ok, float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    return fill_in_order(order, ok, plan)
+
+
+def fill_in_order(order: torch.Tensor, ok: torch.Tensor, plan: SelectionPlan) -> Selection:
+    """Keep whole blocks in score order while they fit the block budget (a greedy prefix of the
+    order), and lay out their positions after the sink.
+
+    order: int64 [B, Hkv, K], the first K block indices of each score order (K <= NB: a caller
+    that knows no more than K blocks can be kept may cut it); ok: bool [B, Hkv, NB], selectable
+    blocks."""
+    b, hkv, nb = ok.shape
+    cap, sink = plan.capacity, plan.sink
     ok_sorted = torch.gather(ok, 2, order)
-    len_sorted = torch.gather(clen[:, None, :].expand(b, hkv, nb), 2, order) * ok_sorted
+    len_sorted = torch.gather(plan.clip_len[:, None, :].expand(b, hkv, nb), 2, order) * ok_sorted
     fill = torch.cumsum(len_sorted, dim=-1)
     keep_sorted = ok_sorted & (fill <= plan.block_budget[:, None, None])
     len_sorted = len_sorted * keep_sorted
     offset = sink + fill - len_sorted  # where each kept block's positions go
 
-    out = torch.full((b, hkv, cap + 1), -1, dtype=torch.long, device=dev)
-    if plan.max_clip_len > 0 and nb > 0:
-        t = torch.arange(plan.max_clip_len, device=dev)
+    out = torch.full((b, hkv, cap + 1), -1, dtype=torch.long, device=ok.device)
+    if plan.max_clip_len > 0 and order.shape[-1] > 0:
+        t = torch.arange(plan.max_clip_len, device=ok.device)
         cs_sorted = torch.gather(plan.clip_start[:, None, :].expand(b, hkv, nb), 2, order)
-        put = t < len_sorted[..., None]  # [B, Hkv, NB, S]
+        put = t < len_sorted[..., None]  # [B, Hkv, K, S]
         dst = torch.where(put, offset[..., None] + t, cap)
         val = torch.where(put, cs_sorted[..., None] + t, -1)
         out.scatter_(2, dst.view(b, hkv, -1), val.view(b, hkv, -1))

@@ -3,25 +3,27 @@
 Prefill stays the backend's dense attention; its queries also vote on delimiter importance.
 Decode of every compressed layer attends to sink + selected blocks + recent window through the
 kernels' plan/run wrapper (Triton kernels on CUDA tensors, the core's torch twins on CPU ones).
-Written against SGLang 0.5.23's ``TorchNativeAttnBackend`` and ``TritonAttnBackend``
-(``init_forward_metadata``, ``forward_extend``, ``forward_decode``).
+Written against SGLang 0.5.23's backend interface (``init_forward_metadata``, ``forward_extend``,
+``forward_decode``); the backends it extends are those of ``settings.SUPPORTED_BACKENDS``.
 """
 
 from __future__ import annotations
 
-from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+import functools
+import importlib
+
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..core import ConfigError
-from ..settings import Settings
+from ..settings import SUPPORTED_BACKENDS, Settings
 from .batch import build_compressor, view_of
 
 
 class _DynSplitMixin:
     """Put in front of an SGLang backend class; the backend keeps its dense paths."""
 
-    def _init_dynsplit(self, model_runner, settings: Settings) -> None:
+    def __init__(self, model_runner, settings: Settings):
+        super().__init__(model_runner)
         self.compressor = build_compressor(model_runner, settings)
         self.last_layer = self.compressor.num_layers - 1
         self._pool = model_runner.token_to_kv_pool
@@ -59,19 +61,12 @@ class _DynSplitMixin:
         return out.reshape(q_.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
 
-class DynSplitTorchNativeBackend(_DynSplitMixin, TorchNativeAttnBackend):
-    def __init__(self, model_runner, settings: Settings):
-        super().__init__(model_runner)
-        self._init_dynsplit(model_runner, settings)
-
-
-class DynSplitTritonBackend(_DynSplitMixin, TritonAttnBackend):
-    def __init__(self, model_runner, settings: Settings):
-        super().__init__(model_runner)
-        self._init_dynsplit(model_runner, settings)
-
-
-BACKENDS = {"torch_native": DynSplitTorchNativeBackend, "triton": DynSplitTritonBackend}
+@functools.lru_cache(maxsize=None)
+def backend_class(name: str) -> type:
+    """SGLang's attention backend `name` (a key of SUPPORTED_BACKENDS) with compressed decode."""
+    module, _, cls = SUPPORTED_BACKENDS[name].rpartition(".")
+    base = getattr(importlib.import_module(module), cls)
+    return type(f"DynSplit{base.__name__}", (_DynSplitMixin, base), {"__module__": __name__})
 
 
 def check_model(model_runner) -> None:

@@ -6,7 +6,7 @@ import logging
 import os
 
 from ..core import ConfigError
-from ..core.delimiters import candidate_mask
+from ..core.delimiters import MODES, candidate_mask
 from ..overrides import parse_request_id
 from ..settings import Settings
 from .compressor import BatchView, Compressor
@@ -19,7 +19,7 @@ def _vocab_masks(tokenizer_path: str) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    return {mode: candidate_mask(tok, mode) for mode in ("punct", "all", "sentence")}
+    return {mode: candidate_mask(tok, mode) for mode in MODES}
 
 
 def _tp_all_reduce(t):

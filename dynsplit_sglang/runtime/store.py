@@ -3,19 +3,19 @@
 Radix sharing means requests with a common prefix read the *same physical slots*; metadata keyed
 by slot is therefore shared for free and survives node splits (slots never move). Three kinds:
 
-* per slot: the candidate-delimiter flag of its token, and its importance votes, one column per
-  future offset j (the vote of the query j+1 positions later). Keeping columns apart lets a request
-  that shares a prefix take exactly the votes of the shared queries and add its own.
+* per slot: its importance votes, one column per future offset j (the vote of the query j+1
+  positions later). Keeping columns apart lets a request that shares a prefix take exactly the
+  votes of the shared queries and add its own. With eviction, also its key's distinctiveness.
 * per block: an entry (start position/slot, length, decision horizon, the sequence length
   known when it was decided, the segmentation it belongs to) and its min/max key summaries for every
   compressed layer. A block is registered under its *end* slot only when that slot is owned by
   the request that decided it, so two requests never write the same key.
 * per request row: the fixed-shape block table the decode plan indexes.
 
-Invalidation: every slot handed out again (``out_cache_loc`` of a forward) loses its votes, flag
-and registered block before the forward writes it; entries are recycled through a free list. A
-cache flush needs nothing more: nothing matches in the tree afterwards, and each stale entry goes
-when its slot is written again.
+Invalidation: every slot handed out again (``out_cache_loc`` of a forward) loses its votes,
+distinctiveness and registered block before the forward writes it; entries are recycled through
+a free list. A cache flush needs nothing more: nothing matches in the tree afterwards, and each
+stale entry goes when its slot is written again.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ class BlockStore:
         track_heat: bool = False,
     ) -> None:
         self.device = device
-        # Eviction's importance per slot: the most attention a later query paid it.
+        # Eviction's importance per slot: its key's distinctiveness (core.key_distinctiveness),
+        # the max over the scored layers.
         self.heat = torch.zeros(num_slots if track_heat else 0, dtype=torch.float32,
                                 device=device)
-        self.cand = torch.zeros(num_slots, dtype=torch.bool, device=device)
         self.votes = torch.zeros(num_slots, future_window, dtype=torch.float32, device=device)
         self.end_entry = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
 
@@ -98,7 +98,6 @@ class BlockStore:
             self.release_entries(dropped.tolist())
             self.end_entry[slots] = -1
         self.votes[slots] = 0.0
-        self.cand[slots] = False
         if self.heat.numel():
             self.heat[slots] = 0.0
         return int(dropped.numel())

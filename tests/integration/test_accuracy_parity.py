@@ -30,12 +30,14 @@ from pathlib import Path
 
 import pytest
 
+from dynsplit_sglang.core.strategies import STRATEGIES
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks" / "accuracy"))
 
 pytestmark = pytest.mark.server
 
-METHODS = ("dynsplit", "fixed", "delimiter", "streaming")
+METHODS = tuple(STRATEGIES)  # every strategy registered when this module is collected
 BUDGET = 0.25
 CONTEXT = 1024
 

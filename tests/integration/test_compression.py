@@ -63,13 +63,12 @@ def test_shared_prefix_is_built_once_and_outputs_match_running_alone(sglang_serv
 
 def test_mixed_strategies_and_lengths_in_one_batch(sglang_server):
     prompts = [text(n, 200 + n) for n in (40, 180, 260, 90, 300, 15)]
-    rids = [request_id(strategy=s) for s in
-            ("dynsplit", "fixed", "delimiter", "streaming", "dynsplit", "fixed")]
-    batched, _ = generate(sglang_server, prompts, rids)
-    for p, s, expect in zip(prompts, ("dynsplit", "fixed", "delimiter", "streaming", "dynsplit",
-                                      "fixed"), batched):
+    strategies = ("dynsplit", "fixed", "delimiter", "streaming", "dynsplit", "fixed")
+    batched, _ = generate(sglang_server, prompts, [request_id(strategy=s) for s in strategies])
+    for p, s, expect in zip(prompts, strategies, batched):
+        flush(sglang_server)
         alone, _ = generate(sglang_server, [p], [request_id(strategy=s)])
-        assert len(alone[0]) > 0 and len(expect) > 0
+        assert alone[0] == expect, (s, len(p))
     assert stats(sglang_server)["max_tokens_attended"] <= 64
 
 

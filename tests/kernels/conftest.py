@@ -31,5 +31,6 @@ def device():
 
 @pytest.fixture
 def triton_side(monkeypatch):
-    """Force the dispatch to the Triton kernels (on CPU tensors: the interpreter)."""
+    """Kernels chosen during the test (backend "auto") are the Triton ones (on CPU tensors:
+    the interpreter)."""
     monkeypatch.setenv("DYNSPLIT_KERNELS", "triton")

@@ -13,10 +13,11 @@ from kernel_cases import TOL, make_batch, rel_err
 
 
 def test_importing_the_package_does_not_import_triton():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DYNSPLIT_KERNELS")}
     code = ("import sys, dynsplit_sglang.kernels as k, torch;"
-            "k.score_blocks(torch.zeros(1, 2, 4), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4),"
-            " torch.zeros(1, 1, dtype=torch.long));"
+            "k.implementation('cpu').score_blocks(torch.zeros(1, 2, 4), torch.zeros(1, 1, 4),"
+            " torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long));"
+            "k.SparseDecodeWrapper(2, 1, 4, device='cpu');"
             "print('triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
@@ -25,36 +26,59 @@ def test_importing_the_package_does_not_import_triton():
 
 @pytest.mark.parametrize("mode,want", [(None, "torch"), ("auto", "torch"), ("triton", "triton"),
                                        ("TORCH", "torch"), ("twin", "twin")])
-def test_backend_choice_for_cpu_tensors(mode, want, monkeypatch):
+def test_auto_backend_on_a_cpu_device_follows_the_environment(mode, want, monkeypatch):
     if mode is None:
         monkeypatch.delenv("DYNSPLIT_KERNELS", raising=False)
     else:
         monkeypatch.setenv("DYNSPLIT_KERNELS", mode)
-    assert kernels.backend(torch.zeros(1)) == want
+    assert kernels.resolve("auto", "cpu") == want
+    assert kernels.implementation("cpu").side == want
+
+
+def test_auto_backend_on_a_cuda_device_is_triton_and_an_explicit_one_wins(monkeypatch):
+    monkeypatch.delenv("DYNSPLIT_KERNELS", raising=False)
+    assert kernels.resolve("auto", "cuda") == "triton"
+    assert kernels.resolve("auto", torch.device("cuda", 1)) == "triton"
+    monkeypatch.setenv("DYNSPLIT_KERNELS", "triton")
+    assert kernels.resolve("twin", "cpu") == "twin"  # the variable only steers "auto"
 
 
 def test_unknown_mode_is_an_error(monkeypatch):
     monkeypatch.setenv("DYNSPLIT_KERNELS", "cuda")
     with pytest.raises(ValueError, match="DYNSPLIT_KERNELS"):
-        kernels.backend(torch.zeros(1))
+        kernels.resolve("auto", "cpu")
+    monkeypatch.delenv("DYNSPLIT_KERNELS")
+    with pytest.raises(ValueError, match="kernel backend"):
+        kernels.implementation("cpu", backend="cuda")
+
+
+def test_the_side_is_chosen_once_when_the_wrapper_is_built(monkeypatch):
+    monkeypatch.setenv("DYNSPLIT_KERNELS", "twin")
+    w = kernels.SparseDecodeWrapper(6, 2, 64, device="cpu")
+    monkeypatch.setenv("DYNSPLIT_KERNELS", "triton")  # too late for w
+    assert w.kernels.side == "twin"
+    assert w.kernels.score_blocks.__wrapped__ is twin_score
+    assert kernels.SparseDecodeWrapper(6, 2, 64, device="cpu", backend="torch").kernels.side \
+        == "torch"
 
 
 @pytest.mark.parametrize("mode", ["triton", "torch", "twin"])
-def test_every_side_gives_the_twins_result(mode, monkeypatch):
-    monkeypatch.setenv("DYNSPLIT_KERNELS", mode)
+def test_every_side_gives_the_twins_result(mode):
+    impl = kernels.implementation("cpu", backend=mode)
+    assert impl.side == mode
     batch = make_batch([150, 90], 2, 64, torch.float32, "dynsplit", seed=1)
     q = torch.randn(2, 6, 64)
-    s = kernels.score_blocks(q, batch.kmin, batch.kmax, batch.summary_index)
+    s = impl.score_blocks(q, batch.kmin, batch.kmax, batch.summary_index)
     ref = twin_score(q, batch.kmin, batch.kmax, batch.summary_index)
     assert torch.equal(torch.isinf(s), torch.isinf(ref))
     assert rel_err(s[torch.isfinite(ref)], ref[torch.isfinite(ref)]) < 1e-5
     slots = batch.token_slots[:, None, :64].expand(2, 2, 64).contiguous()
-    o, lse = kernels.sparse_decode_attention(q, batch.k, batch.v, slots, return_lse=True)
+    o, lse = impl.sparse_decode_attention(q, batch.k, batch.v, slots, return_lse=True)
     ro, rl = twin_attention(q, batch.k, batch.v, slots, return_lse=True)
     assert rel_err(o, ro) < 1e-5 and rel_err(lse, rl) < 1e-5
     lo = torch.full_like(batch.kmin, float("nan"))
     hi = lo.clone()
-    kernels.block_summaries(batch.k, batch.token_slots, batch.table, lo, hi, batch.summary_index, 20)
+    impl.block_summaries(batch.k, batch.token_slots, batch.table, lo, hi, batch.summary_index, 20)
     assert torch.equal(lo[batch.summary_index[batch.summary_index >= 0]],
                        batch.kmin[batch.summary_index[batch.summary_index >= 0]])
 

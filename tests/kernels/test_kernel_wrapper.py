@@ -22,9 +22,10 @@ def _core_pipeline(q, batch, budget, capacity=None):
 
 def _wrapper(batch, q, budget, capacity=None):
     hq, hkv, dv = q.shape[1], batch.k.shape[1], batch.v.shape[2]
-    w = SparseDecodeWrapper(hq, hkv, dv)
-    w.plan(batch.table, batch.summary_index, batch.token_slots, batch.seq_lens, budget, SINK,
-           RECENT, capacity=capacity, max_block_len=20)
+    w = SparseDecodeWrapper(hq, hkv, dv, device=q.device)
+    plan = plan_selection(batch.table, batch.seq_lens, budget, SINK, RECENT, capacity,
+                          max_block_len=20)
+    w.plan(plan, batch.summary_index, batch.token_slots)
     return w
 
 

@@ -17,32 +17,6 @@ CFG = DynSplitConfig(budget=96, sink=4, recent=16, block_size=12, tolerance=4, f
                      dense_layers=1, score_layers=0)
 
 
-@pytest.mark.parametrize("strategy", ["dynsplit", "fixed", "delimiter"])
-def test_shared_prefix_is_reused_and_split_as_if_alone(strategy):
-    cfg = CFG.replace(strategy=strategy)
-    a = _tokens(300, 1)
-    b = a[:250] + _tokens(70, 2)
-    # Alone: B on a fresh pool.
-    alone = SimPool(cfg)
-    alone.new_row(1)
-    alone.prefill(1, b)
-    alone.decode([1], [b + [5]])
-    # Shared: A first, then B matches A's first 250 tokens in the radix tree.
-    pool = SimPool(cfg)
-    pool.new_row(0)
-    pool.prefill(0, a)
-    pool.decode([0], [a + [7]])
-    built_by_a = pool.comp.stats["blocks_built"]
-    pool.new_row(1)
-    pool.prefill(1, b, shared_len=250, shared_slots=pool.req_to_token[0])
-    pool.decode([1], [b + [5]])
-    assert pool.blocks(1) == alone.blocks(1)
-    reused = pool.comp.stats["blocks_reused"]
-    assert reused >= 250 // (cfg.block_size + cfg.tolerance) - 2
-    # Only the blocks past the reused ones were built for B.
-    assert pool.comp.stats["blocks_built"] - built_by_a == len(pool.blocks(1)) - reused
-
-
 def test_every_shared_block_is_built_once_for_many_requests():
     prefix = _tokens(400, 3)
     pool = SimPool(CFG)

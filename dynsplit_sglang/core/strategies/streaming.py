@@ -1,0 +1,13 @@
+"""StreamingLLM baseline: no blocks; the whole budget goes to the sink and the recent window."""
+
+from __future__ import annotations
+
+from .base import Strategy
+
+
+class Streaming(Strategy):
+    name = "streaming"
+    has_blocks = False
+
+    def recent(self, cfg, budget):
+        return max(budget - cfg.sink, 1)

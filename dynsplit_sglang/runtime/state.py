@@ -1,0 +1,53 @@
+"""The compressor's inputs and state, free of SGLang types.
+
+``BatchView`` is what a forward tells the compressor; ``RowState`` lives as long as a request
+holds its row; ``StepState`` lives for one forward: ``Compressor.begin_forward`` builds it and
+every later call of that forward reads it (SGLang's ``ForwardMetadata`` plays this part for an
+attention backend).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core import DynSplitConfig
+
+
+@dataclass
+class BatchView:
+    """What a forward tells the compressor; lists are per request, in batch order."""
+
+    rows: list[int]
+    generations: list[int]
+    seq_lens: list[int]  # tokens in the sequence once this forward has run
+    prefix_lens: list[int]  # tokens already in the cache before it
+    input_ids: torch.Tensor  # the new tokens, requests concatenated
+    out_cache_loc: torch.Tensor  # their slots
+    is_decode: bool
+    configs: list[DynSplitConfig] | None = None  # per-request overrides (None = the default)
+
+
+@dataclass
+class RowState:
+    generation: int
+    cfg: DynSplitConfig
+    shared_len: int  # slots [0, shared_len) were matched in the radix tree: owned by others
+    shared_votes: torch.Tensor  # own votes for candidates just before shared_len
+    next_start: int = 0  # where segmentation resumes
+    nblocks: int = 0
+    prompt_done: bool = False
+    fallback: bool = False  # metadata did not fit: attend densely
+    local: list[int] = field(default_factory=list)  # entries only this row references
+
+
+@dataclass
+class StepState:
+    """One forward's state."""
+
+    batch: BatchView
+    rows: list[RowState]  # per request, in batch order
+    votes: list[torch.Tensor] = field(default_factory=list)  # extend: [new tokens, w_f] each
+    sparse: bool = False  # decode: some request is longer than its budget (the wrapper is planned)
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eviction: slots that still hold K/V
