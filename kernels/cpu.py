@@ -4,9 +4,9 @@ The core twins are written for clarity; on a CPU their temporaries dominate (the
 materialises two [B, NB, Hkv, G, D] products, the twin attention gathers K/V element-wise with
 two index tensors). These versions do the same maths as BLAS calls on row gathers:
 
-* Scoring: for kmax >= kmin (true of every summary), max(q·kmax, q·kmin) = q⁺·kmax + q⁻·kmin per
-  channel, with q⁺ = max(q, 0) and q⁻ = min(q, 0). So the Quest bound of all blocks is two
-  batched matmuls [G, D] x [D, NB] per (request, KV head), then a max over the G query heads.
+* Scoring: q·center + |q|·radius (L1) or sqrt(q²·radius²) (L2) is two batched matmuls
+  [G, D] x [D, NB] per (request, KV head) on the gathered summary rows (the squares of q and of
+  the radius are taken on the gathered chunk), then a max over the G query heads.
 * Attention: one index_select of whole (slot, KV head) K rows of the pool and a batched matmul
   for the logits, a masked fp32 softmax, then P @ V as weighted embedding bags read straight
   from the V pool (fp32) — no element-wise [B, Hkv, N] x [B, Hkv] gather, no V copy.
@@ -48,31 +48,40 @@ def _chunk(n: int, bytes_per_item: int) -> int:
     return max(64, min(n, CHUNK_BYTES // max(bytes_per_item, 1)))
 
 
-def score_blocks(q, kmin, kmax, summary_index):
+def score_blocks(q, center, radius, summary_index, l2=False):
     """Same as core.selection.score_blocks (float32 [B, Hkv, NB], -inf where no block)."""
     b, hq, d = q.shape
-    hkv = kmin.shape[1]
+    hkv = center.shape[1]
     g = hq // hkv
     nb = summary_index.shape[1]
-    if not (kmin.is_contiguous() and kmax.is_contiguous()):
-        return twins.score_blocks(q, kmin, kmax, summary_index)
+    if not (center.is_contiguous() and radius.is_contiguous()):
+        return twins.score_blocks(q, center, radius, summary_index, l2)
     valid = summary_index >= 0
     heads = torch.arange(hkv, device=q.device).view(1, hkv, 1)
     # Rows gathered in (request, KV head, block) order: one bmm batch per (request, KV head),
     # and the transposed operand needs no copy.
     rows = summary_index.clamp(min=0).long()[:, None, :] * hkv + heads  # [B, Hkv, NB]
     qf = q.float().reshape(b * hkv, g, d)
-    qpos, qneg = qf.clamp(min=0), qf.clamp(max=0)
-    hi_pool, lo_pool = kmax.view(-1, d), kmin.view(-1, d)
+    # One norm for the batch (a bool) takes one matmul; a per-request tensor takes both and
+    # picks per row (no host read either way).
+    pick = None if isinstance(l2, bool) else \
+        torch.as_tensor(l2, device=q.device).expand(b).repeat_interleave(hkv).view(b * hkv, 1, 1)
+    c_pool, r_pool = center.view(-1, d), radius.view(-1, d)
     score = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     step = _chunk(nb, 2 * b * hkv * d * 4)
     for s in range(0, nb, step):
         flat = rows[:, :, s:s + step].reshape(-1)
         n = flat.numel() // (b * hkv)
-        hi = hi_pool.index_select(0, flat).view(b * hkv, n, d).float().transpose(1, 2)
-        lo = lo_pool.index_select(0, flat).view(b * hkv, n, d).float().transpose(1, 2)
-        bound = torch.bmm(qpos, hi).baddbmm_(qneg, lo)  # [B*Hkv, G, n]
-        score[:, :, s:s + n] = bound.amax(dim=1).view(b, hkv, n)
+        c = c_pool.index_select(0, flat).view(b * hkv, n, d).float().transpose(1, 2)
+        r = r_pool.index_select(0, flat).view(b * hkv, n, d).float().transpose(1, 2)
+        est = torch.bmm(qf, c)  # [B*Hkv, G, n]
+        if pick is not None:
+            est += torch.where(pick, torch.bmm(qf * qf, r * r).sqrt_(), torch.bmm(qf.abs(), r))
+        elif l2:
+            est += torch.bmm(qf * qf, r * r).sqrt_()
+        else:
+            est.baddbmm_(qf.abs(), r)
+        score[:, :, s:s + n] = est.amax(dim=1).view(b, hkv, n)
     return score.masked_fill_(~valid[:, None, :], float("-inf"))
 
 

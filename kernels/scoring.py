@@ -1,15 +1,16 @@
-"""Block scoring: Quest's upper bound of q·k per block, max-reduced over each KV group.
+"""Block scoring: each block's estimated largest q·k, max-reduced over each KV group.
 
 Twin: ``dynsplit_sglang.core.selection.score_blocks`` (same arguments, same result).
 
-Grid (B, Hkv, block tiles): one program loads the min and max summaries of BLOCK_NB blocks of
-one KV head once ([BLOCK_NB, D] each, gathered through summary_index) and loops over the G query
-heads of the group, keeping the running max of Σ_d max(q_d·kmax_d, q_d·kmin_d): summaries are
-read once per KV head, never per query head. Entries with summary_index < 0 score -inf.
+Grid (B, Hkv, block tiles): one program loads the center and radius summaries of BLOCK_NB
+blocks of one KV head once ([BLOCK_NB, D] each, gathered through summary_index) and loops over
+the G query heads of the group, keeping the running max of q·center plus the radius along q
+(Σ_d |q_d|·r_d, Quest's bound, or sqrt(Σ_d q_d²·r_d²), the gauss score; per request, from L2):
+summaries are read once per KV head, never per query head. Entries with summary_index < 0 score
+-inf.
 
-The bound is evaluated element-wise in fp32 (no tl.dot): it is a max of two products per channel,
-not a matmul, and the kernel is bound by the summary reads (2·D elements per block and KV head
-against 3·G·D flops). Tiles: BLOCK_NB = 4096 / D blocks (64 at D = 64, 32 at D = 128), i.e. two
+The estimate is evaluated element-wise in fp32 (no tl.dot): a few products per channel, and the
+kernel is bound by the summary reads (2·D elements per block and KV head against 4·G·D flops). Tiles: BLOCK_NB = 4096 / D blocks (64 at D = 64, 32 at D = 128), i.e. two
 fp32 tiles of 4 K elements = 64 registers per thread at num_warps = 4; one tile per program, no
 loop over memory, so num_stages = 1.
 """
@@ -25,10 +26,10 @@ from ._common import check_last_dim_contiguous, interpreting, next_pow2
 
 @triton.jit
 def _score_kernel(
-    Q, KMin, KMax, Index, Out,
+    Q, Center, Radius, Index, L2, Out,
     NB,
     stride_qb, stride_qh,
-    stride_mm, stride_mh, stride_xm, stride_xh,
+    stride_cm, stride_ch, stride_rm, stride_rh,
     stride_ib, stride_ob, stride_oh,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr,
 ):
@@ -42,16 +43,19 @@ def _score_kernel(
     valid = idx >= 0
     row = tl.where(valid, idx, 0).to(tl.int64)
     m2 = valid[:, None] & mask_d[None, :]
-    lo = tl.load(KMin + row[:, None] * stride_mm + h * stride_mh + offs_d[None, :], mask=m2,
-                 other=0.0).to(tl.float32)
-    hi = tl.load(KMax + row[:, None] * stride_xm + h * stride_xh + offs_d[None, :], mask=m2,
-                 other=0.0).to(tl.float32)
+    c = tl.load(Center + row[:, None] * stride_cm + h * stride_ch + offs_d[None, :], mask=m2,
+                other=0.0).to(tl.float32)
+    r = tl.load(Radius + row[:, None] * stride_rm + h * stride_rh + offs_d[None, :], mask=m2,
+                other=0.0).to(tl.float32)
+    use_l2 = tl.load(L2 + b) != 0
     best = tl.full([BLOCK_NB], float("-inf"), tl.float32)
     for g in range(G):
         q = tl.load(Q + b * stride_qb + (h * G + g) * stride_qh + offs_d, mask=mask_d,
                     other=0.0).to(tl.float32)
-        bound = tl.sum(tl.maximum(q[None, :] * hi, q[None, :] * lo), axis=1)
-        best = tl.maximum(best, bound)
+        along = tl.sum(q[None, :] * c, axis=1)
+        rad_l1 = tl.sum(tl.abs(q)[None, :] * r, axis=1)
+        rad_l2 = tl.sqrt(tl.sum((q * q)[None, :] * (r * r), axis=1))
+        best = tl.maximum(best, along + tl.where(use_l2, rad_l2, rad_l1))
     best = tl.where(valid, best, float("-inf"))
     tl.store(Out + b * stride_ob + h * stride_oh + offs_j, best, mask=mask_j)
 
@@ -66,32 +70,39 @@ def default_block_nb(head_dim: int, interpret: bool | None = None) -> int:
 
 def score_blocks(
     q: torch.Tensor,
-    kmin: torch.Tensor,
-    kmax: torch.Tensor,
+    center: torch.Tensor,
+    radius: torch.Tensor,
     summary_index: torch.Tensor,
+    l2=False,
     *,
     block_nb: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton twin of core.selection.score_blocks: float32 [B, Hkv, NB], -inf where no block."""
+    """Triton twin of core.selection.score_blocks: float32 [B, Hkv, NB], -inf where no block.
+    l2: one bool for the batch or a bool/int tensor [B] on q's device (graph-capturable)."""
     b, hq, d = q.shape
-    hkv = kmin.shape[1]
+    hkv = center.shape[1]
     nb = summary_index.shape[1]
     if hq % hkv:
         raise ValueError(f"score_blocks: {hq} query heads not a multiple of {hkv} KV heads")
-    for name, t in (("q", q), ("kmin", kmin), ("kmax", kmax), ("summary_index", summary_index)):
+    for name, t in (("q", q), ("center", center), ("radius", radius),
+                    ("summary_index", summary_index)):
         check_last_dim_contiguous(name, t)
     if out is None:
         out = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     if b * nb == 0:
         return out
+    if isinstance(l2, torch.Tensor):
+        rows_l2 = l2.to(device=q.device, dtype=torch.int32).expand(b).contiguous()
+    else:
+        rows_l2 = torch.full((b,), int(bool(l2)), dtype=torch.int32, device=q.device)
     block_d = next_pow2(d)
     block_nb = min(block_nb or default_block_nb(d), max(16, next_pow2(nb)))
     _score_kernel[(b, hkv, triton.cdiv(nb, block_nb))](
-        q, kmin, kmax, summary_index, out,
+        q, center, radius, summary_index, rows_l2, out,
         nb,
         q.stride(0), q.stride(1),
-        kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
+        center.stride(0), center.stride(1), radius.stride(0), radius.stride(1),
         summary_index.stride(0), out.stride(0), out.stride(1),
         G=hq // hkv, D=d, BLOCK_D=block_d, BLOCK_NB=block_nb,
         num_warps=4, num_stages=1,

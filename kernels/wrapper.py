@@ -45,21 +45,27 @@ class SparseDecodeWrapper:
         self.selection_plan: SelectionPlan | None = None
         self.last_selection: Selection | None = None
         self._summary_index = self._token_slots = None
+        self._l2 = False
         self._mid = None  # Triton split workspace (outputs, LSEs) for the planned shapes
         self._max_kept = None  # CPU top-k selection bound for the planned batch
         self._buffer = None  # workspace storage, reused across plans when large enough
 
     def plan(self, selection: SelectionPlan, summary_index: torch.Tensor,
-             token_slots: torch.Tensor) -> None:
+             token_slots: torch.Tensor, l2=False) -> None:
         """selection: the step's SelectionPlan (core.plan_selection); summary_index: [B, NB]
-        summary rows of the plan's blocks (-1 = none); token_slots: [B, T] position → KV slot."""
+        summary rows of the plan's blocks (-1 = none); token_slots: [B, T] position → KV slot;
+        l2: the score's radius norm (core.selection.score_blocks), one bool or a [B] tensor."""
         self.selection_plan = selection
         self._summary_index = summary_index
         self._token_slots = token_slots
+        self._l2 = l2
         self.last_selection = None
         self._mid = None
         self._max_kept = None
         side = self.kernels.side
+        if side == "triton" and isinstance(l2, bool):  # the kernel reads a per-request flag
+            self._l2 = torch.full((selection.seq_lens.shape[0],), int(l2), dtype=torch.int32,
+                                  device=token_slots.device)
         if side == "triton" and self.num_kv_heads is not None:
             batch = selection.seq_lens.shape[0]
             self._mid = self._workspace(batch, selection.capacity, token_slots.device)
@@ -86,11 +92,11 @@ class SparseDecodeWrapper:
     def num_splits(self) -> int:
         return 1 if self._mid is None else self._mid[1].shape[2]
 
-    def select(self, q, kmin, kmax) -> Selection:
+    def select(self, q, center, radius) -> Selection:
         """Score the blocks and pick the positions each (request, KV head) attends to."""
         if self.selection_plan is None:
             raise RuntimeError("SparseDecodeWrapper: plan() first")
-        scores = self.kernels.score_blocks(q, kmin, kmax, self._summary_index)
+        scores = self.kernels.score_blocks(q, center, radius, self._summary_index, self._l2)
         if self._max_kept is not None:
             from . import cpu  # top-k select: the same result for a fraction of the CPU time
             sel = cpu.select(scores, self.selection_plan, self._max_kept)
@@ -99,10 +105,11 @@ class SparseDecodeWrapper:
         self.last_selection = sel
         return sel
 
-    def run(self, q, k_buffer, v_buffer, kmin, kmax, scale=None, return_lse=False):
-        """q: [B, Hq, D]; k_buffer/v_buffer: the layer's pool [S, Hkv, D(v)]; kmin/kmax: the
-        layer's summaries [M, Hkv, D]. Returns out [B, Hq, Dv] (and lse [B, Hq] if asked)."""
-        sel = self.select(q, kmin, kmax)
+    def run(self, q, k_buffer, v_buffer, center, radius, scale=None, return_lse=False):
+        """q: [B, Hq, D]; k_buffer/v_buffer: the layer's pool [S, Hkv, D(v)]; center/radius:
+        the layer's block summaries [M, Hkv, D]. Returns out [B, Hq, Dv] (and lse [B, Hq] if
+        asked)."""
+        sel = self.select(q, center, radius)
         slots = positions_to_slots(sel.positions, self._token_slots)
         opts = {"counts": sel.counts}  # valid entries form a prefix of each list
         if self._mid is not None:

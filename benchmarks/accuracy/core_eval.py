@@ -34,9 +34,10 @@ class _Request:
     cfg: DynSplitConfig
     table: core.BlockTable
     prompt_len: int
-    summaries: dict = field(default_factory=dict)  # layer -> (kmin, kmax) [NB, Hkv, D]
+    summaries: dict = field(default_factory=dict)  # layer -> (center, radius) [NB, Hkv, D]
     tokens_attended: int = 0
     kept: list = field(default_factory=list)  # per step and compressed layer: bool [Hkv, NB]
+    trace: object = None  # optional callback, see generate(trace=...)
 
 
 _active: _Request | None = None
@@ -60,11 +61,12 @@ def _core_attention(module, query, key, value, attention_mask, scaling=None, dro
     q = query[0, :, 0]  # [Hq, D]
     nb = req.table.capacity
     if layer not in req.summaries:
-        kmin, kmax = core.summarize(k[None, : req.prompt_len], req.table, cfg.max_block_len)
-        req.summaries[layer] = (kmin[0], kmax[0])
-    kmin, kmax = req.summaries[layer]
+        center, radius = core.summarize(k[None, : req.prompt_len], req.table, cfg.max_block_len,
+                                        cfg.summary_spread)
+        req.summaries[layer] = (center[0], radius[0])
+    center, radius = req.summaries[layer]
     index = torch.arange(nb)[None].masked_fill(req.table.lens == 0, -1)
-    scores = core.score_blocks(q[None], kmin, kmax, index)
+    scores = core.score_blocks(q[None], center, radius, index, cfg.summary_spread is not None)
     plan = core.plan_selection(req.table, torch.tensor([seq]), budget, cfg.sink,
                                cfg.recent_for(budget), capacity=budget,
                                max_block_len=cfg.max_block_len)
@@ -73,6 +75,9 @@ def _core_attention(module, query, key, value, attention_mask, scaling=None, dro
     req.kept.append(sel.blocks[0])
     slots = core.positions_to_slots(sel.positions, torch.arange(seq)[None])
     scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
+    if req.trace is not None:
+        req.trace(step=seq - req.prompt_len - 1, layer=layer, q=q, k=k, scale=scale,
+                  scores=scores[0], kept=sel.blocks[0], plan=plan)
     out = core.sparse_decode_attention(q[None], k, v, slots, scale)  # [1, Hq, D]
     return out[:, None], None  # [B, q_len, Hq, D]
 
@@ -105,37 +110,55 @@ def segmentation(tokenizer, input_ids: list[int], cfg: DynSplitConfig, scores=No
 
 @torch.inference_mode()
 def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_new_tokens: int,
-             prefilled=None) -> dict:
+             prefilled=None, first_token: str = "compressed", trace=None) -> dict:
     """Greedy answer of one request under cfg through the pure core.
 
-    prefilled: (cache, logits, scores) of a dense prefill of this prompt to reuse (the cache is
-    cropped back afterwards; scores: the importance scores when cfg's strategy needs votes)."""
+    first_token: "compressed" (as SGLang serves a prompt it holds in its radix cache: the
+    prompt's last token is recomputed as a one-token extend, which attends like a decode step,
+    over the prompt's other tokens split and closed) or "dense" (as SGLang serves a prompt whose
+    last tokens are new: the prefill's own logits).
+    prefilled: (cache, logits, scores) of a dense prefill of this whole prompt to reuse (the
+    cache is cropped back afterwards; scores: the importance scores when cfg's strategy needs
+    votes; they come from every prompt query, as the server's prefill of the prompt votes).
+    trace: called at every compressed decode step of every compressed layer with step (the
+    decode forward's index, 0 first), layer, q [Hq, D], k [T, Hkv, D] (every key, the current
+    token's included), scale, scores [Hkv, NB], kept [Hkv, NB] and the SelectionPlan; for
+    inspection only (benchmarks/accuracy/diagnose.py), results are the same with or without."""
     global _active
+    if first_token not in ("compressed", "dense"):
+        raise ValueError(f"first_token={first_token!r}: expected 'compressed' or 'dense'")
     length = len(input_ids)
     if prefilled is None:
         prefilled = prefill(model, input_ids, cfg)
     cache, logits, scores = prefilled
-    seg = segmentation(tokenizer, input_ids, cfg, scores)
+    closed = length - 1 if first_token == "compressed" else length  # the prompt's split part
+    seg = segmentation(tokenizer, input_ids[:closed], cfg,
+                       None if scores is None else scores[:closed])
     table = core.BlockTable.from_ends([seg.ends])
-    req = _Request(cfg, table, length)
+    req = _Request(cfg, table, closed, trace=trace)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    out = [int(logits.argmax())]
+    out = [] if first_token == "compressed" else [int(logits.argmax())]
     prev_impl = model.config._attn_implementation
     model.set_attn_implementation(_ATTN)
     _active = req
+    dense_last = [(layer.keys[:, :, closed:length].clone(), layer.values[:, :, closed:length].clone())
+                  for layer in cache.layers]  # restored below: `prefilled` stays reusable
+    cache.crop(closed)
     try:
-        for step in range(1, max_new_tokens):
-            if out[-1] in eos:
-                break
-            pos = torch.tensor([[length + step - 1]])
-            lg = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache,
+        while len(out) < max_new_tokens and not (out and out[-1] in eos):
+            at = closed + len(out) - (first_token == "dense")  # position of the token fed
+            token = out[-1] if out else input_ids[-1]
+            pos = torch.tensor([[at]])
+            lg = model(input_ids=torch.tensor([[token]]), past_key_values=cache,
                        position_ids=pos, cache_position=pos[0], use_cache=True).logits[0, -1]
             out.append(int(lg.argmax()))
     finally:
         _active = None
         model.set_attn_implementation(prev_impl)
-        cache.crop(length)
+        cache.crop(closed)
+        for i, (k, v) in enumerate(dense_last):
+            cache.update(k, v, i)
     return {"output_ids": out, "tokens_attended": req.tokens_attended,
             "block_starts": table.starts[0, : int(table.counts[0])].tolist(),
             "block_lens": table.lens[0, : int(table.counts[0])].tolist(), "kept": req.kept}

@@ -44,6 +44,7 @@ LAYOUTS = {"default-9/3/64": (9, 3, 64), "llama8b-32/8/128": (32, 8, 128)}
 TARGET_LAYOUT = "llama8b-32/8/128"
 SINK, RECENT, R = 4, 64, 2
 CFG = DynSplitConfig()  # C = 16, Δ = 4, dynsplit segmentation
+L2 = CFG.summary_spread is not None  # the default (gauss) score's radius norm
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -112,8 +113,8 @@ class Case:
     seq_lens: torch.Tensor
     table: BlockTable
     ends: torch.Tensor
-    kmin: torch.Tensor
-    kmax: torch.Tensor
+    center: torch.Tensor
+    radius: torch.Tensor
     index: torch.Tensor
     q: torch.Tensor
 
@@ -131,14 +132,15 @@ def make_case(ctx, hq, hkv, d, dtype, device, seed=0) -> Case:
     ends = segment(CFG, ctx, torch.randn(ctx, generator=g), torch.rand(ctx, generator=g) < 0.3).ends
     table = BlockTable.from_ends([ends])
     nb = table.capacity
-    kmin = torch.empty(nb, hkv, d, dtype=dtype)
-    kmax = torch.empty(nb, hkv, d, dtype=dtype)
+    center = torch.empty(nb, hkv, d, dtype=dtype)
+    radius = torch.empty(nb, hkv, d, dtype=dtype)
     index = torch.arange(nb).view(1, nb)
-    implementation("cpu").block_summaries(k, slots, table, kmin, kmax, index, CFG.max_block_len)
+    implementation("cpu").block_summaries(k, slots, table, center, radius, index,
+                                          CFG.max_block_len, CFG.summary_spread)
     q = torch.randn(1, hq, d, generator=g).to(dtype)
     to = lambda t: t.to(device)  # noqa: E731
     return Case(ctx, hq, hkv, d, to(k), to(v), to(slots), to(torch.tensor([ctx])),
-                BlockTable(to(table.starts), to(table.lens)), ends, to(kmin), to(kmax), to(index),
+                BlockTable(to(table.starts), to(table.lens)), ends, to(center), to(radius), to(index),
                 to(q))
 
 
@@ -157,9 +159,11 @@ def moved_bytes(case: Case, tokens_attended: int) -> int:
 
 def ragged_select(k_contig, ends_list, q, ctx, budget, summaries=None):
     """summarize_ragged + score_blocks_ragged + a Python greedy top-k over blocks, per KV head.
-    summaries: precomputed (mins, maxs) lists, to time the variable-length scoring alone."""
-    mins, maxs = summaries or summarize_ragged(k_contig, torch.tensor(ends_list))
-    scores = score_blocks_ragged(q[0], mins, maxs).tolist()  # [Hkv][NB]
+    summaries: precomputed (centers, radii) lists, to time the variable-length scoring alone."""
+    centers, radii = summaries or summarize_ragged(k_contig, torch.tensor(ends_list),
+                                                   CFG.summary_spread)
+    l2 = CFG.summary_spread is not None
+    scores = score_blocks_ragged(q[0], centers, radii, l2).tolist()  # [Hkv][NB]
     r0 = max(ctx - RECENT, SINK)
     left = budget - SINK - (ctx - r0)
     out = []
@@ -263,11 +267,11 @@ def bench_case(case: Case, budgets, device, repeats, warmup, copy, ragged: bool)
     for budget in budgets:
         w = SparseDecodeWrapper(case.hq, case.hkv, case.d, device=case.q.device)
         w.plan(plan_selection(case.table, case.seq_lens, budget, SINK, RECENT,
-                              max_block_len=CFG.max_block_len), case.index, case.token_slots)
+                              max_block_len=CFG.max_block_len), case.index, case.token_slots, L2)
         wrappers[budget] = w
-        run = lambda w=w: w.run(case.q, case.k, case.v, case.kmin, case.kmax)  # noqa: E731
+        run = lambda w=w: w.run(case.q, case.k, case.v, case.center, case.radius)  # noqa: E731
         fns[("dynsplit", budget)] = maybe_graph(run) if cuda else run
-        sel = lambda w=w: w.select(case.q, case.kmin, case.kmax)  # noqa: E731
+        sel = lambda w=w: w.select(case.q, case.center, case.radius)  # noqa: E731
         fns[("select-uniform", budget)] = maybe_graph(sel) if cuda else sel
     med = interleaved(fns, repeats, warmup, timer)
     if not cuda:  # seconds per call at long contexts: a reference point, timed on its own
@@ -278,7 +282,7 @@ def bench_case(case: Case, budgets, device, repeats, warmup, copy, ragged: bool)
     if ragged:  # slow (Python loops): timed on its own
         kc = case.k[case.token_slots[0]]
         ends = case.ends.tolist()
-        summ = summarize_ragged(kc, case.ends)
+        summ = summarize_ragged(kc, case.ends, CFG.summary_spread)
         for budget in budgets:
             fn = lambda b=budget: ragged_select(kc, ends, case.q, case.ctx, b)  # noqa: E731
             cached = lambda b=budget: ragged_select(kc, ends, case.q, case.ctx, b, summ)  # noqa: E731
@@ -320,11 +324,11 @@ def stage_times(case: Case, w: SparseDecodeWrapper, repeats, timer) -> dict:
     from dynsplit_sglang.core import positions_to_slots
     from dynsplit_sglang.kernels import cpu
     kern = w.kernels  # the side the wrapper chose
-    scores = kern.score_blocks(case.q, case.kmin, case.kmax, case.index)
-    sel = w.select(case.q, case.kmin, case.kmax)
+    scores = kern.score_blocks(case.q, case.center, case.radius, case.index, L2)
+    sel = w.select(case.q, case.center, case.radius)
     slots = positions_to_slots(sel.positions, case.token_slots)
     return interleaved({
-        "score": lambda: kern.score_blocks(case.q, case.kmin, case.kmax, case.index),
+        "score": lambda: kern.score_blocks(case.q, case.center, case.radius, case.index, L2),
         "select (top-k)": lambda: cpu.select(scores, w.selection_plan, w._max_kept),
         "select (core sort)": lambda: select(scores, w.selection_plan),
         "positions_to_slots": lambda: positions_to_slots(sel.positions, case.token_slots),

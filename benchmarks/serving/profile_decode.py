@@ -146,10 +146,10 @@ class Replay:
         """SparseDecodeWrapper.run split into its four stages (ms)."""
         w = self.comp.wrapper
         li = layer - self.comp.first_compressed
-        kmin, kmax = self.comp.store.kmin[li], self.comp.store.kmax[li]
+        center, radius = self.comp.store.center[li], self.comp.store.radius[li]
         t = {}
         t0 = time.perf_counter()
-        scores = w.kernels.score_blocks(self.q, kmin, kmax, w._summary_index)
+        scores = w.kernels.score_blocks(self.q, center, radius, w._summary_index, w._l2)
         t1 = time.perf_counter()
         from dynsplit_sglang.kernels import cpu
         sel = cpu.select(scores, w.selection_plan, w._max_kept)

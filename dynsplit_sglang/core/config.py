@@ -12,6 +12,7 @@ from .strategies import STRATEGIES, Strategy
 
 DEFAULT_BUDGET = 1024
 CANDIDATE_MODES = ("punct", "all")  # dynsplit's candidate sets (core.delimiters)
+SCORES = ("gauss", "bound")  # block scores (core.selection.score_blocks)
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,10 @@ class DynSplitConfig:
     dense_layers: int = 2
     score_layers: int = 4  # layers (evenly spaced) averaged in the importance score; 0 = all
     evict: bool = False  # free the KV slots of the least important blocks (server-wide)
+    # Block score: "gauss" estimates a block's largest q·k from its keys' mean and spread
+    # (mean + spread·sqrt(2 ln n)·std along q); "bound" is Quest's min/max upper bound.
+    score: str = "gauss"
+    spread: float = 1.5  # gauss only: how many expected-maximum deviations above the mean
 
     def __post_init__(self) -> None:
         if self.budget is None and self.budget_fraction is None:
@@ -84,6 +89,9 @@ class DynSplitConfig:
         _require(_is_int(self.score_layers) and 0 <= self.score_layers <= 1024, "score_layers",
                  self.score_layers, "an integer in [0, 1024] (0 = all layers)")
         _require(isinstance(self.evict, bool), "evict", self.evict, "true or false")
+        _require(self.score in SCORES, "score", self.score, f"one of {SCORES}")
+        _require(_is_number(self.spread) and 0 < self.spread <= 16, "spread", self.spread,
+                 "a finite number in (0, 16]")
         _require(not (self.evict and not self.strategy_impl.has_blocks), "evict", self.evict,
                  f"false with strategy={self.strategy} (it has no blocks to evict)")
         if self.budget is not None:
@@ -99,6 +107,11 @@ class DynSplitConfig:
     def strategy_impl(self) -> Strategy:
         """The registered strategy named by `strategy` (core.strategies)."""
         return STRATEGIES[self.strategy]
+
+    @property
+    def summary_spread(self) -> float | None:
+        """What block summaries are built with: None for the min/max box, else the spread."""
+        return None if self.score == "bound" else float(self.spread)
 
     @property
     def max_block_len(self) -> int:

@@ -1,11 +1,22 @@
 """Uniform mapping: variable-length semantic blocks in a fixed-shape format.
 
-Every block, whatever its length (≤ C+Δ), is represented by two key vectors per KV head, the
-channel-wise min and max of its keys (Quest-style bounds). Block tables are padded to a fixed
-capacity, so scoring and selection are batched tensor ops with static shapes instead of loops
-over ragged blocks (the paper's 4.9× selection-overhead cut). Summaries are kept in the K
-buffer's own dtype: a min/max of bf16 values is exactly a bf16 value, and one summary row has the
-shape of one K slot, so summaries can live in slots of the token pool.
+Every block, whatever its length n (≤ C+Δ), is represented by two key vectors per KV head, a
+*center* and a *radius*, from which ``core.selection.score_blocks`` estimates the block's largest
+q·k without reading its keys:
+
+* ``spread=None`` (Quest's box): center = (min + max) / 2 and radius = (max - min) / 2 channel
+  by channel, so that q·center + Σ_d |q_d|·radius_d is exactly Quest's bound
+  Σ_d max(q_d·kmax_d, q_d·kmin_d).
+* ``spread=λ`` (the default score, "gauss"): center = the mean key and radius =
+  λ·sqrt(2 ln n)·std per channel, so that q·center + sqrt(Σ_d q_d²·radius_d²) is the mean logit
+  plus λ times the expected maximum deviation of n draws along q. Unlike the box, which adds up
+  each channel's extreme from different tokens and so grows with n much faster than the true
+  maximum (docs/accuracy.md), it prefers no block for being long.
+
+Block tables are padded to a fixed capacity, so scoring and selection are batched tensor ops with
+static shapes instead of loops over ragged blocks (the paper's 4.9× selection-overhead cut).
+Summaries are computed in fp32 and kept in the K buffer's own dtype; one summary row has the shape
+of one K slot, so summaries can live in slots of the token pool.
 
 The functions with an ``out_*`` argument are the torch twins of the Triton kernels; the naive
 ``*_ragged`` variant is the baseline for the overhead comparison.
@@ -72,51 +83,71 @@ def block_summaries(
     k_buffer: torch.Tensor,
     token_slots: torch.Tensor,
     table: BlockTable,
-    out_kmin: torch.Tensor,
-    out_kmax: torch.Tensor,
+    out_center: torch.Tensor,
+    out_radius: torch.Tensor,
     out_index: torch.Tensor,
     max_block_len: int,
+    spread: float | None = None,
 ) -> None:
-    """Write the min/max keys of every block into out_*[out_index[b, j]] (skipped where < 0).
+    """Write every block's center and radius into out_*[out_index[b, j]] (skipped where < 0).
 
     k_buffer: [slots, Hkv, D]; token_slots: [B, T] slot of each position of each request;
-    out_kmin/out_kmax: [M, Hkv, D]; out_index: [B, NB] int64.
+    out_center/out_radius: [M, Hkv, D]; out_index: [B, NB] int64; spread: None for Quest's
+    min/max box, else the gauss spread λ (see the module docstring).
     """
     b, nb = table.starts.shape
     valid = (table.lens > 0) & (out_index >= 0)
     if not bool(valid.any()):
         return
     t = torch.arange(max_block_len, device=k_buffer.device)
+    lens = table.lens.long().clamp(max=max_block_len)
     pos = table.starts.long()[..., None] + t  # [B, NB, S]
-    inside = t < table.lens.long()[..., None]
+    inside = t < lens[..., None]
     pos = torch.where(inside, pos, table.starts.long()[..., None])  # pad with the first token
     slots = torch.gather(token_slots.long(), 1, pos.view(b, -1).clamp(max=token_slots.shape[1] - 1))
-    keys = k_buffer[slots.view(b, nb, max_block_len)]  # [B, NB, S, Hkv, D]
-    kmin = keys.amin(dim=2)[valid]
-    kmax = keys.amax(dim=2)[valid]
+    keys = k_buffer[slots.view(b, nb, max_block_len)][valid].float()  # [N, S, Hkv, D]
+    center, radius = _center_radius(keys, inside[valid], lens[valid], spread)
     dst = out_index[valid]
-    out_kmin[dst] = kmin.to(out_kmin.dtype)
-    out_kmax[dst] = kmax.to(out_kmax.dtype)
+    out_center[dst] = center.to(out_center.dtype)
+    out_radius[dst] = radius.to(out_radius.dtype)
 
 
-def summarize(k: torch.Tensor, table: BlockTable, max_block_len: int):
-    """Summaries of contiguous per-request keys k: [B, L, Hkv, D] → (kmin, kmax) [B, NB, Hkv, D]."""
+def _center_radius(keys, inside, lens, spread):
+    """keys [N, S, Hkv, D] (fp32; rows past a block's length repeat its first key), inside
+    [N, S], lens [N] -> (center, radius) [N, Hkv, D]."""
+    if spread is None:
+        lo, hi = keys.amin(dim=1), keys.amax(dim=1)
+        return (lo + hi) / 2, (hi - lo) / 2
+    m = inside[..., None, None].float()
+    n = lens.float()[:, None, None]
+    mean = (keys * m).sum(dim=1) / n
+    std = (((keys - mean[:, None]) ** 2 * m).sum(dim=1) / n).sqrt()
+    z = torch.sqrt(2 * torch.log(lens.float().clamp(min=2)))[:, None, None]
+    return mean, spread * z * std
+
+
+def summarize(k: torch.Tensor, table: BlockTable, max_block_len: int, spread: float | None = None):
+    """Summaries of contiguous per-request keys k: [B, L, Hkv, D] -> (center, radius)
+    [B, NB, Hkv, D]."""
     bsz, length, hkv, d = k.shape
     nb = table.capacity
-    kmin = k.new_zeros(bsz * nb, hkv, d)
-    kmax = k.new_zeros(bsz * nb, hkv, d)
+    center = k.new_zeros(bsz * nb, hkv, d)
+    radius = k.new_zeros(bsz * nb, hkv, d)
     idx = torch.arange(bsz * nb, device=k.device).view(bsz, nb)
     slots = contiguous_slots(bsz, length, k.device)
-    block_summaries(k.reshape(bsz * length, hkv, d), slots, table, kmin, kmax, idx, max_block_len)
-    return kmin.view(bsz, nb, hkv, d), kmax.view(bsz, nb, hkv, d)
+    block_summaries(k.reshape(bsz * length, hkv, d), slots, table, center, radius, idx,
+                    max_block_len, spread)
+    return center.view(bsz, nb, hkv, d), radius.view(bsz, nb, hkv, d)
 
 
-def summarize_ragged(k: torch.Tensor, ends: torch.Tensor):
+def summarize_ragged(k: torch.Tensor, ends: torch.Tensor, spread: float | None = None):
     """Naive variable-length variant for one request (k: [L, Hkv, D]): one slice per block."""
-    out_min, out_max, s = [], [], 0
+    centers, radii, s = [], [], 0
     for e in ends.tolist():
-        blk = k[s:e + 1]
-        out_min.append(blk.amin(dim=0))
-        out_max.append(blk.amax(dim=0))
+        blk = k[s:e + 1].float()[None]
+        c, r = _center_radius(blk, torch.ones(blk.shape[:2], dtype=torch.bool),
+                              torch.tensor([blk.shape[1]]), spread)
+        centers.append(c[0].to(k.dtype))
+        radii.append(r[0].to(k.dtype))
         s = e + 1
-    return out_min, out_max
+    return centers, radii

@@ -1,8 +1,11 @@
 """Query-aware block selection under a token budget, per request and KV head.
 
-Scoring is Quest's upper bound of q·k over a block, sum_d max(q_d·kmax_d, q_d·kmin_d), taken per
-query head and max-reduced over the query heads of a KV group: a block is kept for a KV head if
-any of its query heads may need it, and K/V are never repeated per query head.
+Scoring estimates the largest q·k in a block from its summary (core.mapping): q·center plus the
+radius measured along q, in the L1 norm (Σ_d |q_d|·radius_d: Quest's upper bound, for box
+summaries) or the L2 norm (sqrt(Σ_d q_d²·radius_d²): the Gaussian expected maximum, for "gauss"
+summaries). It is taken per query head and max-reduced over the query heads of a KV group: a
+block is kept for a KV head if any of its query heads may need it, and K/V are never repeated
+per query head.
 
 Selection keeps whole blocks in score order while their total length fits the budget left after
 the sink and recent window (a prefix of the sorted order: static shapes, no host sync). Blocks are
@@ -21,34 +24,40 @@ from .mapping import BlockTable
 
 def score_blocks(
     q: torch.Tensor,
-    kmin: torch.Tensor,
-    kmax: torch.Tensor,
+    center: torch.Tensor,
+    radius: torch.Tensor,
     summary_index: torch.Tensor,
+    l2=False,
 ) -> torch.Tensor:
-    """q: [B, Hq, D]; kmin/kmax: [M, Hkv, D]; summary_index: [B, NB] (-1 = no block).
+    """q: [B, Hq, D]; center/radius: [M, Hkv, D]; summary_index: [B, NB] (-1 = no block);
+    l2: the radius norm, one bool for the batch or a bool tensor [B] (per request).
     Returns float32 [B, Hkv, NB], -inf where there is no block."""
     b, hq, d = q.shape
-    hkv = kmin.shape[1]
+    hkv = center.shape[1]
     g = hq // hkv
     valid = summary_index >= 0
     idx = summary_index.clamp(min=0).long()
-    lo = kmin[idx].float()  # [B, NB, Hkv, D]
-    hi = kmax[idx].float()
+    c = center[idx].float()[:, :, :, None, :]  # [B, NB, Hkv, 1, D]
+    r = radius[idx].float()[:, :, :, None, :]
     qg = q.float().view(b, 1, hkv, g, d)
-    bound = torch.maximum(qg * hi[:, :, :, None, :], qg * lo[:, :, :, None, :]).sum(-1)
-    score = bound.amax(dim=-1).permute(0, 2, 1)  # [B, Hkv, NB]
+    along = (qg * c).sum(-1)  # [B, NB, Hkv, G]
+    rad_l1 = (qg.abs() * r).sum(-1)
+    rad_l2 = (qg * qg * r * r).sum(-1).sqrt()
+    rows_l2 = torch.as_tensor(l2, device=q.device).expand(b).view(b, 1, 1, 1)
+    score = (along + torch.where(rows_l2, rad_l2, rad_l1)).amax(dim=-1).permute(0, 2, 1)
     return score.masked_fill(~valid[:, None, :], float("-inf")).contiguous()
 
 
-def score_blocks_ragged(q: torch.Tensor, kmins: list, kmaxs: list) -> torch.Tensor:
+def score_blocks_ragged(q: torch.Tensor, centers: list, radii: list, l2: bool = False):
     """Naive variant for one request (q: [Hq, D]): one small op per block."""
     hq, d = q.shape
     out = []
-    for lo, hi in zip(kmins, kmaxs):
-        hkv = lo.shape[0]
+    for c, r in zip(centers, radii):
+        hkv = c.shape[0]
         qg = q.float().view(hkv, hq // hkv, d)
-        bound = torch.maximum(qg * hi.float()[:, None], qg * lo.float()[:, None]).sum(-1)
-        out.append(bound.amax(dim=-1))
+        r = r.float()[:, None]
+        rad = (qg * qg * r * r).sum(-1).sqrt() if l2 else (qg.abs() * r).sum(-1)
+        out.append(((qg * c.float()[:, None]).sum(-1) + rad).amax(dim=-1))
     return torch.stack(out, dim=-1) if out else q.new_zeros(q.shape[0], 0)
 
 

@@ -36,7 +36,10 @@ class _DynSplitMixin:
             self.compressor.begin_forward(view)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kw)
+        if not layer.is_cross_attention and self.compressor.attends_extend_layer(layer.layer_id):
+            o = self._compressed(q, k, v, layer, forward_batch, save_kv_cache)
+        else:
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kw)
         if forward_batch.forward_mode.is_extend() and not layer.is_cross_attention:
             q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
             k_buf = self._pool.get_key_buffer(layer.layer_id)
@@ -48,6 +51,10 @@ class _DynSplitMixin:
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
         if layer.is_cross_attention or not self.compressor.is_sparse_layer(layer.layer_id):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kw)
+        return self._compressed(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def _compressed(self, q, k, v, layer, forward_batch, save_kv_cache):
+        """One new token per request: write its K/V, attend through the compressor."""
         if save_kv_cache and k is not None and v is not None:
             self._pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)

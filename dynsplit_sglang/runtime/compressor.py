@@ -99,13 +99,20 @@ class Compressor:
     def begin_forward(self, batch: BatchView) -> None:
         states = self.blocks.begin(batch, self.cfg)
         step = self.step = StepState(batch, states)
-        if batch.is_decode:
+        # One new token per request over a cached prompt (a radix hit recomputing the prompt's
+        # last token, or a last chunk of one token) is a decode step in all but name: it attends
+        # like one, so the first answer token comes from the compressed state too.
+        step.decode_like = not batch.is_decode and all(
+            s - p == 1 and p > 0 for s, p in zip(batch.seq_lens, batch.prefix_lens))
+        if batch.is_decode or step.decode_like:
             self._note_usage()
             self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch.rows))
             for i, st in enumerate(states):
                 self.blocks.advance_decode(st, batch.rows[i], batch.seq_lens[i] - 1)
             step.sparse = self._plan_decode(step)
-        else:
+            if step.decode_like and step.sparse:
+                self.stats["sparse_single_token_extends"] += 1
+        if not batch.is_decode:
             step.votes = [
                 torch.zeros(s - p, self.cfg.future_window, device=batch.input_ids.device)
                 for s, p in zip(batch.seq_lens, batch.prefix_lens)
@@ -162,6 +169,13 @@ class Compressor:
         sparse = self.step is not None and self.step.sparse
         return self.evictor is not None or (sparse and layer_id >= self.first_compressed)
 
+    def attends_extend_layer(self, layer_id: int) -> bool:
+        """This extend is decode-like (one new token per request) and this module attends in
+        this layer, as in decode; else the backend's dense extend runs."""
+        step = self.step
+        return step is not None and step.decode_like and (
+            step.sparse and layer_id >= self.first_compressed)
+
     def decode_layer(self, layer_id, q, k_buffer, v_buffer, scale) -> torch.Tensor | None:
         """Compressed decode attention for this layer, or None where dense attention applies."""
         step = self.step
@@ -170,8 +184,8 @@ class Compressor:
                 return self.evictor.attend_kept(step, q, k_buffer, v_buffer, scale)
             return None
         li = layer_id - self.first_compressed
-        out = self.wrapper.run(q, k_buffer, v_buffer, self.store.kmin[li], self.store.kmax[li],
-                               scale)
+        out = self.wrapper.run(q, k_buffer, v_buffer, self.store.center[li],
+                               self.store.radius[li], scale)
         # Counted on the device; read once per forward (no sync per layer on a GPU).
         counts = self.wrapper.tokens_attended()
         if self._attended is None:
@@ -213,7 +227,9 @@ class Compressor:
             capacity=max(budgets),
             max_block_len=max(st.cfg.max_block_len for st in states),
         )
-        self.wrapper.plan(selection, summary_index, token_slots)
+        l2 = [st.cfg.summary_spread is not None for st in states]
+        self.wrapper.plan(selection, summary_index, token_slots,
+                          l2[0] if len(set(l2)) == 1 else torch.tensor(l2, device=dev))
         return True
 
     # -- counters -------------------------------------------------------------------------------

@@ -22,14 +22,17 @@ from ..kernels import Kernels
 from .state import BatchView, RowState
 from .store import BlockStore
 
-_KIND_DECODE = 1  # fixed blocks of generated tokens, identical for every strategy
 _FIXED = STRATEGIES["fixed"]
 
 
-def _kind(cfg: DynSplitConfig) -> int:
-    key = (cfg.strategy, cfg.block_size, cfg.tolerance, cfg.alpha, cfg.future_window, cfg.sink,
-           cfg.candidates, cfg.score_layers)
-    return hash(key) & 0x3FFFFFFFFFFFFFFF | 2
+def _kind(cfg: DynSplitConfig, decode: bool = False) -> int:
+    """What a block's entry must match to be adopted: its split and its summary. Generated
+    tokens are frozen into fixed blocks of C whatever the strategy (``decode``), so those match
+    any strategy with the same summary."""
+    split = ("decode",) if decode else (cfg.strategy, cfg.block_size, cfg.tolerance, cfg.alpha,
+                                        cfg.future_window, cfg.sink, cfg.candidates,
+                                        cfg.score_layers)
+    return hash(split + (cfg.summary_spread,)) & 0x3FFFFFFFFFFFFFFF
 
 
 @dataclass(eq=False)
@@ -80,7 +83,7 @@ class RowBlocks:
         s = self.store
         slots = self.req_to_token[row, :p].long()
         ends = torch.nonzero(s.end_entry[slots] >= 0).flatten().tolist()
-        kind = _kind(st.cfg)
+        kinds = (_kind(st.cfg), _kind(st.cfg, decode=True))
         live = torch.nonzero(slots != 0).flatten()
         evicted = live.numel() < p
         expect, adopted = 0, []
@@ -95,7 +98,7 @@ class RowBlocks:
             horizon, known = int(s.e_horizon[e]), int(s.e_known[e])
             settled = horizon <= min(known, p) - 1 or known <= p
             ok = (settled and int(s.e_start[e]) == expect
-                  and int(s.e_kind[e]) in (kind, _KIND_DECODE)
+                  and int(s.e_kind[e]) in kinds
                   and int(s.e_start_slot[e]) == int(slots[expect]))
             if not ok:
                 break
@@ -185,7 +188,7 @@ class RowBlocks:
             return
         # Fixed blocks of C whatever the strategy: a generated token is never a split decision.
         seg = _FIXED.segment(st.cfg, cached, start=st.next_start, complete=False)
-        self._add_segmentation(st, row, seg, cached, _KIND_DECODE)
+        self._add_segmentation(st, row, seg, cached, _kind(st.cfg, decode=True))
 
     def _add_segmentation(self, st, row, seg: Segmentation, known: int, kind: int) -> None:
         if seg.ends.numel() == 0:
@@ -215,10 +218,10 @@ class RowBlocks:
         s.e_kind[e] = kind
         table = BlockTable(st_t[None].int(), ln_t[None].int())
         width = max(lens)
-        for li in range(s.kmin.shape[0]):
+        for li in range(s.center.shape[0]):
             k = self.key_buffer(self.first_compressed + li)
-            self.kernels.block_summaries(k, row_slots[None], table, s.kmin[li], s.kmax[li],
-                                         e[None], width)
+            self.kernels.block_summaries(k, row_slots[None], table, s.center[li], s.radius[li],
+                                         e[None], width, st.cfg.summary_spread)
         end_pos = st_t + ln_t - 1
         owned = end_pos >= st.shared_len
         s.end_entry[row_slots[end_pos[owned]].long()] = e[owned].int()

@@ -52,9 +52,10 @@ class BlockStore:
         self.e_horizon = torch.zeros(max_entries, dtype=torch.int64, device=device)
         self.e_known = torch.zeros(max_entries, dtype=torch.int64, device=device)
         self.e_kind = torch.zeros(max_entries, dtype=torch.int64, device=device)
-        self.kmin = torch.zeros(compressed_layers, max_entries, kv_heads, head_dim, dtype=dtype,
-                                device=device)
-        self.kmax = torch.zeros_like(self.kmin)
+        # Each block's summary per compressed layer (core.mapping): center and radius.
+        self.center = torch.zeros(compressed_layers, max_entries, kv_heads, head_dim, dtype=dtype,
+                                  device=device)
+        self.radius = torch.zeros_like(self.center)
         self.free_entries: list[int] = list(range(max_entries - 1, -1, -1))
 
         self.row_start = torch.zeros(max_rows, max_blocks_per_row, dtype=torch.int32, device=device)

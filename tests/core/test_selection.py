@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,22 +21,33 @@ def _table(seq_lens, cfg, seed=0):
     return BlockTable.from_ends(ends)
 
 
-def test_summaries_equal_ragged_min_max_and_skip_negative_index():
+@pytest.mark.parametrize("spread", [None, 1.5])
+def test_summaries_equal_ragged_and_skip_negative_index(spread):
     torch.manual_seed(0)
     cfg = DynSplitConfig()
     k = torch.randn(2, 90, 3, 8)
     table = _table([90, 61], cfg)
-    kmin, kmax = summarize(k, table, cfg.max_block_len)
+    center, radius = summarize(k, table, cfg.max_block_len, spread)
     for b in range(2):
         nb = int(table.counts[b])
         ends = (table.starts[b, :nb] + table.lens[b, :nb] - 1).long()
-        lo, hi = summarize_ragged(k[b], ends)
-        assert torch.equal(kmin[b, :nb], torch.stack(lo)) and torch.equal(kmax[b, :nb], torch.stack(hi))
+        c, r = summarize_ragged(k[b], ends, spread)
+        torch.testing.assert_close(center[b, :nb], torch.stack(c))
+        torch.testing.assert_close(radius[b, :nb], torch.stack(r))
+        blk = k[b, int(table.starts[b, 1]): int(ends[1]) + 1]  # the summary's definition
+        if spread is None:
+            torch.testing.assert_close(center[b, 1], (blk.amax(0) + blk.amin(0)) / 2)
+            torch.testing.assert_close(radius[b, 1], (blk.amax(0) - blk.amin(0)) / 2)
+        else:
+            z = math.sqrt(2 * math.log(blk.shape[0]))
+            torch.testing.assert_close(center[b, 1], blk.mean(0))
+            torch.testing.assert_close(radius[b, 1], spread * z * blk.std(0, unbiased=False))
     out = torch.full((5, 3, 8), float("nan"))
     idx = torch.full(table.starts.shape, -1, dtype=torch.long)
     idx[0, 2] = 4
-    block_summaries(k.view(-1, 3, 8), contiguous_slots(2, 90), table, out, out.clone(), idx, 20)
-    assert torch.equal(out[4], kmin[0, 2]) and torch.isnan(out[:4]).all()
+    block_summaries(k.view(-1, 3, 8), contiguous_slots(2, 90), table, out, out.clone(), idx, 20,
+                    spread)
+    assert torch.equal(out[4], center[0, 2]) and torch.isnan(out[:4]).all()
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (7, 1), (32, 8)])
@@ -45,18 +58,47 @@ def test_quest_bound_upper_bounds_every_key_and_matches_ragged(hq, hkv):
     k = torch.randn(1, 120, hkv, d)
     q = torch.randn(1, hq, d)
     table = _table([120], cfg)
-    kmin, kmax = summarize(k, table, cfg.max_block_len)
+    center, radius = summarize(k, table, cfg.max_block_len)  # the box: Quest's bound
     nb = int(table.counts[0])
     idx = torch.arange(table.capacity)[None].masked_fill(table.lens == 0, -1)
-    s = score_blocks(q, kmin[0], kmax[0], idx)
+    s = score_blocks(q, center[0], radius[0], idx)
     assert torch.isinf(s[..., nb:]).all()
     qg = q[0].view(hkv, hq // hkv, d)
     for j in range(nb):
         a, n = int(table.starts[0, j]), int(table.lens[0, j])
         true_max = torch.einsum("hgd,thd->hgt", qg, k[0, a : a + n]).amax(dim=(1, 2))
         assert bool((s[0, :, j] >= true_max - 1e-5).all())
-    ragged = score_blocks_ragged(q[0], list(kmin[0, :nb]), list(kmax[0, :nb]))
+        lo, hi = k[0, a:a + n].amin(0), k[0, a:a + n].amax(0)  # Quest's own formula
+        quest = torch.maximum(qg * hi[:, None], qg * lo[:, None]).sum(-1).amax(-1)
+        torch.testing.assert_close(s[0, :, j], quest)
+    ragged = score_blocks_ragged(q[0], list(center[0, :nb]), list(radius[0, :nb]))
     torch.testing.assert_close(s[0, :, :nb], ragged)
+
+
+def test_gauss_score_is_exact_for_equal_keys_and_does_not_grow_with_length_like_the_bound():
+    """The reason for the default score (docs/accuracy.md): Quest's bound adds each channel's
+    extreme, so its excess over the true max grows with the block length; the gauss estimate's
+    barely does, and it is exact for a block of equal keys."""
+    g = torch.Generator().manual_seed(0)
+    d, blocks = 64, 400
+    q = torch.randn(1, 1, d, generator=g)
+    over = {}
+    for spread, n in ((None, 12), (None, 20), (1.5, 12), (1.5, 20)):
+        k = torch.randn(1, blocks * n, 1, d, generator=torch.Generator().manual_seed(n))
+        table = BlockTable.from_ends([torch.arange(n - 1, blocks * n, n)])
+        center, radius = summarize(k, table, n, spread)
+        idx = torch.arange(blocks)[None]
+        est = score_blocks(q, center[0], radius[0], idx, spread is not None)[0, 0]
+        true = (k[0, :, 0] @ q[0, 0]).view(blocks, n).amax(1)
+        over[(spread, n)] = float((est - true).mean())
+    assert over[(None, 12)] > 0 and over[(None, 20)] > over[(None, 12)]
+    bound_growth = over[(None, 20)] - over[(None, 12)]
+    gauss_growth = abs(over[(1.5, 20)] - over[(1.5, 12)])
+    assert gauss_growth < 0.25 * bound_growth, over
+    same = torch.randn(1, 1, 1, d, generator=g).expand(1, 16, 1, d)
+    center, radius = summarize(same, BlockTable.from_ends([torch.tensor([15])]), 16, 1.5)
+    est = score_blocks(q, center[0], radius[0], torch.zeros(1, 1, dtype=torch.long), True)
+    torch.testing.assert_close(est[0, 0, 0], (same[0, 0, 0] @ q[0, 0]))
 
 
 @settings(max_examples=80, deadline=None)

@@ -10,6 +10,7 @@ import torch
 from dynsplit_sglang.core import BlockTable, DynSplitConfig, block_summaries, segment
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # bf16: output rounding
+SPREADS = [None, 1.5]  # the two summary kinds: Quest's box, the gauss default
 
 
 @dataclass
@@ -19,18 +20,24 @@ class Batch:
     token_slots: torch.Tensor  # [B, T]
     seq_lens: torch.Tensor  # [B]
     table: BlockTable
-    kmin: torch.Tensor  # [M, Hkv, D]
-    kmax: torch.Tensor
+    center: torch.Tensor  # [M, Hkv, D]
+    radius: torch.Tensor
     summary_index: torch.Tensor  # [B, NB], -1 = padding
+    spread: float | None = None  # what the summaries were built with (None: Quest's box)
+
+    @property
+    def l2(self) -> bool:
+        """The radius norm that scores these summaries."""
+        return self.spread is not None
 
     def to(self, device) -> "Batch":
         moved = {k: v.to(device) for k, v in self.__dict__.items() if torch.is_tensor(v)}
         table = BlockTable(self.table.starts.to(device), self.table.lens.to(device))
-        return Batch(**moved, table=table)
+        return Batch(**moved, table=table, spread=self.spread)
 
 
 def make_batch(lens, hkv, d, dtype, strategy="fixed", block_size=16, tolerance=4, seed=0,
-               device="cpu", dv=None) -> Batch:
+               device="cpu", dv=None, spread=None) -> Batch:
     g = torch.Generator().manual_seed(seed)
     b, t = len(lens), max(lens)
     size = 2 * sum(lens) + 11  # a larger pool: other requests' slots are in between
@@ -53,15 +60,16 @@ def make_batch(lens, hkv, d, dtype, strategy="fixed", block_size=16, tolerance=4
     m = b * nb + 5
     index = torch.randperm(m, generator=g)[: b * nb].view(b, nb)
     index = index.masked_fill(table.lens == 0, -1)
-    kmin = torch.zeros(m, hkv, d)
-    kmax = torch.zeros(m, hkv, d)
-    block_summaries(k.to(dtype), token_slots, table, kmin, kmax, index, cfg.max_block_len)
+    center = torch.zeros(m, hkv, d)
+    radius = torch.zeros(m, hkv, d)
+    block_summaries(k.to(dtype), token_slots, table, center, radius, index, cfg.max_block_len,
+                    spread)
     to = dict(device=device)
     return Batch(
         k=k.to(dtype=dtype, **to), v=v.to(dtype=dtype, **to), token_slots=token_slots.to(**to),
         seq_lens=torch.tensor(lens, **to), table=BlockTable(table.starts.to(**to), table.lens.to(**to)),
-        kmin=kmin.to(dtype=dtype, **to), kmax=kmax.to(dtype=dtype, **to),
-        summary_index=index.to(**to),
+        center=center.to(dtype=dtype, **to), radius=radius.to(dtype=dtype, **to),
+        summary_index=index.to(**to), spread=spread,
     )
 
 

@@ -66,32 +66,38 @@ def test_the_side_is_chosen_once_when_the_wrapper_is_built(monkeypatch):
 def test_every_side_gives_the_twins_result(mode):
     impl = kernels.implementation("cpu", backend=mode)
     assert impl.side == mode
-    batch = make_batch([150, 90], 2, 64, torch.float32, "dynsplit", seed=1)
+    batch = make_batch([150, 90], 2, 64, torch.float32, "dynsplit", seed=1, spread=1.5)
     q = torch.randn(2, 6, 64)
-    s = impl.score_blocks(q, batch.kmin, batch.kmax, batch.summary_index)
-    ref = twin_score(q, batch.kmin, batch.kmax, batch.summary_index)
+    s = impl.score_blocks(q, batch.center, batch.radius, batch.summary_index, True)
+    ref = twin_score(q, batch.center, batch.radius, batch.summary_index, True)
     assert torch.equal(torch.isinf(s), torch.isinf(ref))
     assert rel_err(s[torch.isfinite(ref)], ref[torch.isfinite(ref)]) < 1e-5
     slots = batch.token_slots[:, None, :64].expand(2, 2, 64).contiguous()
     o, lse = impl.sparse_decode_attention(q, batch.k, batch.v, slots, return_lse=True)
     ro, rl = twin_attention(q, batch.k, batch.v, slots, return_lse=True)
     assert rel_err(o, ro) < 1e-5 and rel_err(lse, rl) < 1e-5
-    lo = torch.full_like(batch.kmin, float("nan"))
+    lo = torch.full_like(batch.center, float("nan"))
     hi = lo.clone()
-    impl.block_summaries(batch.k, batch.token_slots, batch.table, lo, hi, batch.summary_index, 20)
-    assert torch.equal(lo[batch.summary_index[batch.summary_index >= 0]],
-                       batch.kmin[batch.summary_index[batch.summary_index >= 0]])
+    impl.block_summaries(batch.k, batch.token_slots, batch.table, lo, hi, batch.summary_index, 20,
+                         1.5)
+    rows = batch.summary_index[batch.summary_index >= 0]
+    torch.testing.assert_close(lo[rows], batch.center[rows])
+    torch.testing.assert_close(hi[rows], batch.radius[rows])
 
 
 # The CPU formulations (dispatch's torch side) against the core twins: a wide, cheap matrix.
 @pytest.mark.parametrize("g", [1, 3, 7, 8])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_scoring_equals_twin(g, d, dtype):
-    batch = make_batch([300, 17, 120, 512], 2, d, dtype, "dynsplit", seed=g)
+@pytest.mark.parametrize("l2", [False, True, "per-request"])
+def test_cpu_scoring_equals_twin(g, d, dtype, l2):
+    batch = make_batch([300, 17, 120, 512], 2, d, dtype, "dynsplit", seed=g,
+                       spread=None if l2 is False else 1.5)
+    if l2 == "per-request":
+        l2 = torch.tensor([True, False, False, True])
     q = torch.randn(4, 2 * g, d).to(dtype)
-    got = cpu.score_blocks(q, batch.kmin, batch.kmax, batch.summary_index)
-    ref = twin_score(q, batch.kmin, batch.kmax, batch.summary_index)
+    got = cpu.score_blocks(q, batch.center, batch.radius, batch.summary_index, l2)
+    ref = twin_score(q, batch.center, batch.radius, batch.summary_index, l2)
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
     fin = torch.isfinite(ref)
     assert rel_err(got[fin], ref[fin]) < 1e-5
@@ -136,7 +142,7 @@ def test_cpu_topk_select_equals_twin_select(seed, budget):
     lens = [300, 17, 120, 512, 260, 90][: 1 + seed % 6]
     batch = make_batch(lens, 3, 64, torch.float32, "dynsplit", seed=seed)
     q = torch.randn(len(lens), 9, 64, generator=torch.Generator().manual_seed(seed))
-    scores = cpu.score_blocks(q, batch.kmin, batch.kmax, batch.summary_index)
+    scores = cpu.score_blocks(q, batch.center, batch.radius, batch.summary_index)
     if seed % 3 == 0:
         scores = scores.round()  # many exact ties
     if seed % 4 == 0:
@@ -160,7 +166,7 @@ def test_cpu_paths_in_many_chunks_equal_twins(dtype, monkeypatch):
     assert rel_err(cpu.sparse_decode_attention(q, k, v, slots),
                    twin_attention(q, k, v, slots)) < TOL[dtype]
     index = torch.randint(-1, 5000, (3, 900), generator=gen)
-    lo, hi = torch.minimum(k, v), torch.maximum(k, v)
-    got, ref = cpu.score_blocks(q, lo, hi, index), twin_score(q, lo, hi, index)
-    assert torch.equal(torch.isinf(got), torch.isinf(ref))
-    assert rel_err(got[torch.isfinite(ref)], ref[torch.isfinite(ref)]) < 1e-5
+    for l2 in (False, True):
+        got, ref = cpu.score_blocks(q, k, v.abs(), index, l2), twin_score(q, k, v.abs(), index, l2)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        assert rel_err(got[torch.isfinite(ref)], ref[torch.isfinite(ref)]) < 1e-5

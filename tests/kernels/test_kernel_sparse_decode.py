@@ -56,7 +56,8 @@ def test_attention_over_real_selections_matches_twin(lens, hkv, g, d, budget, st
     batch = make_batch(lens, hkv, d, dtype, strategy, seed=budget + g, device=device)
     q = torch.randn(len(lens), hkv * g, d, generator=torch.Generator().manual_seed(g)).to(dtype)
     q = q.to(device)
-    scores = score_blocks(q.cpu(), batch.kmin.cpu(), batch.kmax.cpu(), batch.summary_index.cpu())
+    scores = score_blocks(q.cpu(), batch.center.cpu(), batch.radius.cpu(),
+                          batch.summary_index.cpu())
     cpu = batch.to("cpu")
     plan = plan_selection(cpu.table, cpu.seq_lens, budget, 4, 32, max_block_len=20)
     sel = select(scores, plan)

@@ -13,7 +13,7 @@ SINK, RECENT = 4, 32
 
 def _core_pipeline(q, batch, budget, capacity=None):
     b = batch.to("cpu")
-    scores = score_blocks(q.cpu(), b.kmin, b.kmax, b.summary_index)
+    scores = score_blocks(q.cpu(), b.center, b.radius, b.summary_index, b.l2)
     plan = plan_selection(b.table, b.seq_lens, budget, SINK, RECENT, capacity, max_block_len=20)
     sel = select(scores, plan)
     slots = positions_to_slots(sel.positions, b.token_slots)
@@ -25,7 +25,7 @@ def _wrapper(batch, q, budget, capacity=None):
     w = SparseDecodeWrapper(hq, hkv, dv, device=q.device)
     plan = plan_selection(batch.table, batch.seq_lens, budget, SINK, RECENT, capacity,
                           max_block_len=20)
-    w.plan(plan, batch.summary_index, batch.token_slots)
+    w.plan(plan, batch.summary_index, batch.token_slots, batch.l2)
     return w
 
 
@@ -43,11 +43,12 @@ def test_plan_run_equals_core_pipeline(lens, hkv, g, d, budget, dtype, side, dev
     monkeypatch.setenv("DYNSPLIT_KERNELS", side)
     if side == "torch" and device != "cpu":
         pytest.skip("torch side is the CPU path")
-    batch = make_batch(lens, hkv, d, dtype, "dynsplit", seed=budget, device=device)
+    batch = make_batch(lens, hkv, d, dtype, "dynsplit", seed=budget, device=device,
+                       spread=1.5)
     q = torch.randn(len(lens), hkv * g, d, generator=torch.Generator().manual_seed(d)).to(dtype)
     q = q.to(device)
     w = _wrapper(batch, q, budget)
-    out, lse = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax, return_lse=True)
+    out, lse = w.run(q, batch.k, batch.v, batch.center, batch.radius, return_lse=True)
     (ref, ref_lse), ref_sel = _core_pipeline(q, batch, budget)
     sel = w.last_selection
     assert torch.equal(sel.positions.cpu(), ref_sel.positions)
@@ -67,7 +68,7 @@ def test_budget_covering_the_context_is_dense_attention(side, hkv, g, d, device,
     batch = make_batch(lens, hkv, d, torch.float32, "fixed", seed=g, device=device)
     q = torch.randn(3, hkv * g, d).to(device)
     w = _wrapper(batch, q, budget=256)
-    out = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+    out = w.run(q, batch.k, batch.v, batch.center, batch.radius)
     b = batch.to("cpu")
     ref = dense_decode_attention(q.cpu(), b.k, b.v, b.token_slots, b.seq_lens)
     assert rel_err(out, ref) < 1e-5
@@ -80,7 +81,7 @@ def test_shapes_are_static_for_a_capacity(triton_side, device):
     for lens in ([300, 100], [120, 480]):
         batch = make_batch(lens, 2, 64, torch.float32, "dynsplit", seed=len(lens), device=device)
         w = _wrapper(batch, q, budget=96, capacity=128)
-        out = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+        out = w.run(q, batch.k, batch.v, batch.center, batch.radius)
         shapes.add((tuple(out.shape), tuple(w.last_selection.positions.shape), w.num_splits))
     assert len(shapes) == 1
 
@@ -112,7 +113,7 @@ def test_run_never_synchronises_with_the_host(side, monkeypatch):
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
                  "__index__", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, boom)
-    w.run(q, batch.k, batch.v, batch.kmin, batch.kmax, return_lse=True)
+    w.run(q, batch.k, batch.v, batch.center, batch.radius, return_lse=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -120,11 +121,11 @@ def test_run_can_be_captured_in_a_cuda_graph():
     batch = make_batch([300, 100], 2, 64, torch.float16, "dynsplit", seed=0, device="cuda")
     q = torch.randn(2, 6, 64, device="cuda", dtype=torch.float16)
     w = _wrapper(batch, q, budget=96)
-    ref = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+    ref = w.run(q, batch.k, batch.v, batch.center, batch.radius)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+        out = w.run(q, batch.k, batch.v, batch.center, batch.radius)
     q.copy_(torch.randn_like(q))
     graph.replay()
-    fresh = w.run(q, batch.k, batch.v, batch.kmin, batch.kmax)
+    fresh = w.run(q, batch.k, batch.v, batch.center, batch.radius)
     assert torch.equal(out, fresh) and not torch.equal(out, ref)
