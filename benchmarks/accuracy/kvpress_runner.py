@@ -16,7 +16,11 @@ How a prompt is evaluated (the prefill is paid once for all presses and budgets)
    Layers below ``--dense-layers`` are left uncompressed, as in the SGLang product.
    The prompt's prefix shared with the previous sample is reused from its KV cache (tasks share
    their haystack up to the first needle), as SGLang's radix cache does.
-2. The first answer token comes from the prefill's logits (dense, as in SGLang).
+2. The first answer token comes from the compressed state (``--first-token compressed``, the
+   default, as the SGLang side serves its cached prompts): the prefill covers the prompt but its
+   last token, the presses compress that, and the last token is the first decode step. With
+   ``--first-token dense`` the whole prompt is prefilled and the first answer token comes from
+   the prefill's logits.
 3. Greedy decode, all (press, budget) variants in one batch: each variant's cache holds only
    the kept positions of each layer (padded to the longest variant and masked); new tokens are
    appended and always attended. Positions continue at the prompt length (as kvpress's pipeline
@@ -45,12 +49,16 @@ MIN_LAST_CHUNK = 128  # SnapKV needs more than its 64-query window in the last p
 def make_press(name: str, budget: float):
     """The kvpress press for a method at a budget (fraction of the context kept), kvpress
     defaults otherwise: SnapKV window 64 / kernel 5, ChunkKV over SnapKV scores with chunks of
-    20, StreamingLLM with 4 sink tokens."""
+    20, StreamingLLM with 4 sink tokens. ``snapkv-paper`` is SnapKV with its paper's setting
+    (observation window 32, max-pool kernel 7: Li et al., "SnapKV: LLM Knows What You are
+    Looking for Before Generation", arXiv 2404.14469, section 4 / appendix settings)."""
     from kvpress import ChunkKVPress, SnapKVPress, StreamingLLMPress
 
     ratio = 1.0 - budget
     if name == "snapkv":
         return SnapKVPress(compression_ratio=ratio)
+    if name == "snapkv-paper":
+        return SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=7)
     if name == "chunkkv":
         return ChunkKVPress(press=SnapKVPress(compression_ratio=ratio), chunk_length=20)
     if name == "streamingllm":
@@ -256,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full-every", type=int, default=1,
                     help="full-KV decode on every k-th sample (0 = never)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--first-token", choices=("compressed", "dense"), default="compressed",
+                    help="where the first answer token comes from (see the module docstring)")
     ap.add_argument("--self-check", action="store_true",
                     help="compare the shared prefill with kvpress's own path on the first "
                          "sample, print the result and exit")
@@ -296,7 +306,10 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for s in samples:
             t0 = time.perf_counter()
-            ids_list = s["input_ids"]
+            # Compressed first token: prefill all but the last prompt token, which is then fed
+            # as the first decode step (its output is the first answer token).
+            feed_last = args.first_token == "compressed"
+            ids_list = s["input_ids"][:-1] if feed_last else s["input_ids"]
             length = len(ids_list)
             ids = torch.tensor([ids_list])
             start = min(_lcp(prev_ids, ids_list), length - MIN_LAST_CHUNK) if cache is not None else 0
@@ -306,11 +319,13 @@ def main(argv=None) -> int:
                 cache.crop(start)
             logits = pre.prefill(ids, cache, start)
             t_prefill = time.perf_counter() - t0
-            first = int(logits.argmax())
-            outs = decode_variants(model, cache, pre.kept, first, length, s["max_new_tokens"], eos,
-                                   n_layers)
+            first = s["input_ids"][-1] if feed_last else int(logits.argmax())
+            max_new = s["max_new_tokens"] + feed_last
+            outs = decode_variants(model, cache, pre.kept, first, length, max_new, eos, n_layers)
             if args.full_every and samples.index(s) % args.full_every == 0:
-                outs["full@1"] = decode_full(model, cache, first, length, s["max_new_tokens"], eos)
+                outs["full@1"] = decode_full(model, cache, first, length, max_new, eos)
+            if feed_last:  # drop the fed prompt token
+                outs = {n: o[1:] for n, o in outs.items()}
             kept_tokens = {n: int(sum(k.shape[-1] for k in pre.kept[n].values()) /
                                   max(1, len(pre.kept[n])))
                            for n in pre.kept}

@@ -16,14 +16,17 @@ from collections import defaultdict
 from pathlib import Path
 
 RIGID = ("fixed", "delimiter", "streaming")
-README_STEMS = ("quick", "full")  # the runs whose table the README shows
+README_STEMS = ("headline", "quick", "full")  # the runs whose table the README shows, by rank
 KVPRESS_TARGETS = ("kvpress-chunkkv", "kvpress-snapkv")
-ORDER = ("none", "dynsplit", "fixed", "delimiter", "streaming", "kvpress-snapkv",
-         "kvpress-chunkkv", "kvpress-streamingllm")
+ORDER = ("none", "dynsplit", "fixed", "quest", "delimiter", "streaming", "dynsplit-bound",
+         "kvpress-snapkv", "kvpress-snapkv-paper", "kvpress-chunkkv", "kvpress-streamingllm")
 STYLE = {
     "none": dict(color="black", ls="--", marker=""),
     "dynsplit": dict(color="tab:red", ls="-", marker="o", lw=2.2),
     "fixed": dict(color="tab:blue", ls="-", marker="s"),
+    "quest": dict(color="tab:brown", ls="--", marker="s"),
+    "dynsplit-bound": dict(color="tab:pink", ls="--", marker="o"),
+    "kvpress-snapkv-paper": dict(color="tab:green", ls="-.", marker="d"),
     "delimiter": dict(color="tab:cyan", ls="-", marker="^"),
     "streaming": dict(color="tab:gray", ls="-", marker="v"),
     "kvpress-snapkv": dict(color="tab:green", ls=":", marker="D"),
@@ -33,7 +36,14 @@ STYLE = {
 
 
 def _frac(b: float) -> str:
-    return "full" if b >= 1 else f"1/{round(1 / b)}"
+    """A budget's label: a fraction of the context (1.0 = full KV) or tokens (> 1)."""
+    if b > 1:
+        return f"{int(b)} tok"
+    return "full" if b == 1 else f"1/{round(1 / b)}"
+
+
+def _budget_order(b: float) -> tuple:
+    return (b > 1, -b)  # full, fractions large to small, then token budgets large to small
 
 
 def _pct(x: float | None) -> str:
@@ -78,7 +88,7 @@ def tables(data: dict) -> str:
         head = "| method | budget | " + " | ".join(f"{t} {c // 1024}k" for t, c in cols) + " | mean |"
         out += [head, "|" + "---|" * (len(cols) + 3)]
         methods = sorted({r["method"] for r in mrows}, key=_method_order)
-        budgets = sorted({r["budget"] for r in mrows}, reverse=True)
+        budgets = sorted({r["budget"] for r in mrows}, key=_budget_order)
         for b in budgets:
             for m in methods:
                 vals = [idx.get((model, t, c, m, b)) for t, c in cols]
@@ -95,7 +105,8 @@ def tables(data: dict) -> str:
 
 
 def _task_order(t: str) -> int:
-    order = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt")
+    order = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe",
+             "code_niah", "niah_multiturn")
     return order.index(t) if t in order else len(order)
 
 
@@ -158,6 +169,84 @@ def targets(data: dict) -> str:
     return "\n".join(lines)
 
 
+def pooled(data: dict) -> str:
+    """Per model: each method's accuracy pooled over every (task, context) sample, per budget;
+    then the paired differences of dynsplit against each rigid row (same samples)."""
+    rows, out = data["rows"], []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model]
+        budgets = sorted({r["budget"] for r in mrows if r["budget"] != 1}, key=_budget_order)
+        methods = sorted({r["method"] for r in mrows if r["method"] != "none"},
+                         key=_method_order)
+
+        def acc(m, b):
+            sel = [r for r in mrows if r["method"] == m and r["budget"] == b]
+            n = sum(r["n"] for r in sel)
+            return (sum(r["accuracy"] * r["n"] for r in sel) / n, n) if n else (None, 0)
+
+        full, nf = acc("none", 1.0)
+        out.append(f"**{model}** — accuracy (%) pooled over tasks and contexts "
+                   f"(full KV {_pct(full)}, n = {nf}); budget = K/V tokens attended per KV head "
+                   "and decode step\n")
+        out += ["| method | " + " | ".join(_frac(b) for b in budgets) + " |",
+                "|" + "---|" * (len(budgets) + 1)]
+        for m in methods:
+            cells = [acc(m, b) for b in budgets]
+            name = f"**{m}**" if m == "dynsplit" else m
+            out.append(f"| {name} | " + " | ".join(
+                f"{_pct(a)} (n={n})" if n else "–" for a, n in cells) + " |")
+        pairs = [p for p in data.get("paired", []) if p["model"] == model]
+        if pairs:
+            out += ["", "| dynsplit − | budget | n | mean (points) | 95% CI | wins / losses |",
+                    "|---|---|---|---|---|---|"]
+            for p in sorted(pairs, key=lambda p: (_method_order(p["b"]),
+                                                  _budget_order(p["budget"]))):
+                out.append(f"| {p['b']} | {_frac(p['budget'])} | {p['n']} | {p['mean']:+.1f} | "
+                           f"[{p['ci_low']:+.1f}, {p['ci_high']:+.1f}] | "
+                           f"{p['wins']} / {p['losses']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def headline_targets(data: dict) -> str:
+    """The accuracy issue's done-when points, checked from the rows and the paired stats."""
+    rows, lines = data["rows"], []
+    paired = {(p["model"], p["b"], p["budget"]): p for p in data.get("paired", [])}
+
+    def pooled_acc(model, m, b):
+        sel = [r for r in rows if r["model"] == model and r["method"] == m and r["budget"] == b]
+        n = sum(r["n"] for r in sel)
+        return 100 * sum(r["accuracy"] * r["n"] for r in sel) / n if n else None
+
+    for model in sorted({r["model"] for r in rows}):
+        qwen = "qwen" in model
+        for b in sorted({r["budget"] for r in rows if r["model"] == model and r["budget"] != 1},
+                        key=_budget_order):
+            p = paired.get((model, "fixed", b))
+            if p is None:
+                continue
+            if qwen and b in (0.125, 512):
+                ok = p["mean"] >= 3 and p["ci_low"] > 0
+                lines.append(f"- {model} at {_frac(b)}: dynsplit − fixed = {p['mean']:+.1f} "
+                             f"points, 95% CI [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}] "
+                             f"(target ≥ +3 with the CI above 0): **{'met' if ok else 'missed'}**")
+            elif not qwen:
+                ok = p["mean"] >= 0
+                lines.append(f"- {model} at {_frac(b)}: dynsplit − fixed = {p['mean']:+.1f} "
+                             f"points (target: not below): **{'met' if ok else 'missed'}**")
+        if qwen:
+            d, f = pooled_acc(model, "dynsplit", 0.125), pooled_acc(model, "none", 1.0)
+            if d is not None and f is not None:
+                lines.append(f"- {model} at 1/8: dynsplit {d:.1f} vs full KV {f:.1f} "
+                             f"({d - f:+.1f} points; target within 10): "
+                             f"**{'met' if d >= f - 10 else 'missed'}**")
+        sg = data.get("meta", {}).get("phases", {}).get(model, {}).get("sglang") or {}
+        if "fallback_rows" in sg:
+            lines.append(f"- {model}: dense fallbacks {sg['fallback_rows']} (target 0): "
+                         f"**{'met' if not sg['fallback_rows'] else 'missed'}**")
+    return "\n".join(lines) + "\n"
+
+
 def plots(data: dict, json_path: Path) -> list[Path]:
     import matplotlib
 
@@ -172,6 +261,8 @@ def plots(data: dict, json_path: Path) -> list[Path]:
         task_list = sorted({r["task"] for r in mrows}, key=_task_order)
         ctxs = sorted({r["context_len"] for r in mrows})
         budgets = sorted({r["budget"] for r in mrows if r["budget"] < 1})
+        if not budgets:
+            continue
         methods = sorted({r["method"] for r in mrows if "(" not in r["method"]
                           and r["method"] != "none"}, key=_method_order)
         fig, axes = plt.subplots(len(ctxs), len(task_list), squeeze=False, sharey=True,
@@ -263,6 +354,9 @@ def write(json_path: Path) -> dict:
     pngs = plots(data, json_path)
     body = tables(data)
     tgt = targets(data)
+    if data.get("meta", {}).get("mode") == "headline":
+        body = pooled(data) + "\n### Per task and context\n\n" + body
+        tgt = headline_targets(data)
     md = (f"# Accuracy: {json_path.stem}\n\n{header(data)}\n\n{body}\n## Targets\n\n{tgt}\n"
           + "".join(f"![{p.stem}]({p.name})\n" for p in pngs))
     md_path = json_path.with_suffix(".md")
@@ -272,7 +366,10 @@ def write(json_path: Path) -> dict:
                + "".join(f"![{p.stem}]({_repo_rel(p)})\n" for p in pngs)
                + f"\nFull results: [`{_repo_rel(json_path)}`]({_repo_rel(json_path)}), "
                  f"details in [`{_repo_rel(md_path)}`]({_repo_rel(md_path)}).\n")
-    if json_path.stem in README_STEMS:  # side runs (ablations, ...) must not replace it
+    # Side runs (ablations, ...) never replace it; a lower-ranked run not when a higher exists.
+    if json_path.stem in README_STEMS and not any(
+            (json_path.parent / f"{s}.json").exists()
+            for s in README_STEMS[:README_STEMS.index(json_path.stem)]):
         (json_path.parent / "README-section.md").write_text(section)
     return {"md": md_path, "pngs": pngs}
 

@@ -52,25 +52,60 @@ sys.path.insert(0, str(HERE))
 import tasks as T  # noqa: E402
 from dynsplit_sglang.core.strategies import STRATEGIES  # noqa: E402
 
-SGLANG_METHODS = ("none", *STRATEGIES)
-KVPRESS_METHODS = ("kvpress-snapkv", "kvpress-chunkkv", "kvpress-streamingllm")
+# Rows served by the SGLang server besides the registered strategies: a strategy with another
+# block score (per-request override). "quest" is Quest itself (fixed pages of 16 scored by the
+# min/max bound); "dynsplit-bound" is DynSplit with that bound (this project's score before the
+# gauss score replaced it: docs/accuracy.md).
+VARIANTS = {"quest": {"strategy": "fixed", "score": "bound"},
+            "dynsplit-bound": {"strategy": "dynsplit", "score": "bound"}}
+SGLANG_METHODS = ("none", *STRATEGIES, *VARIANTS)
+KVPRESS_METHODS = ("kvpress-snapkv", "kvpress-snapkv-paper", "kvpress-chunkkv",
+                   "kvpress-streamingllm")
 ALL_METHODS = SGLANG_METHODS + KVPRESS_METHODS
 QWEN = "qwen2.5-coder-0.5b-instruct"
+SMOL = "smollm2-135m-instruct"
+HEADLINE_METHODS = ["none", "dynsplit", "fixed", "delimiter", "streaming", "quest"]
 
 MODES = {
     "quick": dict(
-        models=["smollm2-135m-instruct"],
+        models=[SMOL],
         tasks=["passkey", "niah_single", "niah_multikey"],
-        contexts={"smollm2-135m-instruct": [2048, 4096]},
+        contexts={SMOL: [2048, 4096]},
         budgets=[0.25, 0.125], n=20,
+        methods=[m for m in ALL_METHODS if m != "dynsplit-bound"],
     ),
     "full": dict(
-        models=["smollm2-135m-instruct", QWEN],
+        models=[SMOL, QWEN],
         tasks=list(T.TASKS),
-        contexts={"smollm2-135m-instruct": [2048, 4096], QWEN: [4096, 8192, 16384]},
+        contexts={SMOL: [2048, 4096], QWEN: [4096, 8192, 16384]},
         budgets=[0.25, 0.125, 0.0625], n=50,
+        methods=list(ALL_METHODS),
+    ),
+    # The comparison the accuracy issue asks for: both models, budgets users set (fractions
+    # and tokens), >= 50 samples per (model, budget) pooled over tasks and contexts, paired
+    # statistics of dynsplit against fixed (the Quest-style pages, same score) and Quest.
+    "headline": dict(
+        models=[SMOL, QWEN],
+        tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "code_niah",
+               "niah_multiturn"],
+        contexts={SMOL: [4096, 7936], QWEN: [4096, 8192, 16384]},
+        budgets=[0.25, 0.125, 512, 1024], n={SMOL: 4, QWEN: 3},
+        methods=HEADLINE_METHODS,
     ),
 }
+
+
+def budget_kind(budget) -> str:
+    """A budget above 1 counts tokens attended per step; up to 1 it is a fraction of the
+    context (1.0 = full KV)."""
+    return "tokens" if budget > 1 else "fraction"
+
+
+def budget_override(budget) -> tuple:
+    return (("budget", int(budget)),) if budget_kind(budget) == "tokens" else \
+        (("budget_fraction", float(budget)),)
+
+
 # DD-Select ablations offered by --ablations default (per-request overrides of dynsplit).
 # Blocks finer than the server's (block_size - tolerance < 12) are refused per request: run them
 # server-wide instead (--server-arg=--dynsplit-block-size=8), which moves every strategy.
@@ -81,7 +116,7 @@ DEFAULT_ABLATIONS = ["alpha=0", "alpha=4", "block_size=32", "tolerance=0",
 @dataclass(frozen=True)
 class Method:
     name: str  # row name: "dynsplit", "kvpress-snapkv", "dynsplit(alpha=0)", ...
-    budget: float  # fraction of the context (1.0 for full KV)
+    budget: float  # fraction of the context (<= 1; 1.0 = full KV) or tokens (> 1) per step
     engine: str  # "sglang" | "kvpress"
     overrides: tuple = field(default=())  # request-id overrides for the SGLang engine
 
@@ -110,22 +145,22 @@ def parse_ablation(text: str) -> dict:
 def build_methods(methods, budgets, ablations) -> list[Method]:
     out = []
     if "none" in methods:
-        # Full KV: a budget covering the whole context runs dense. (strategy=none batched with
-        # compressed requests crashes this build's scheduler: see the closing note.)
+        # Full KV: a budget covering the whole context runs dense.
         out.append(Method("none", 1.0, "sglang", (("budget_fraction", 1.0),)))
     for b in budgets:
         for m in methods:
             if m in ("none",) or m.startswith("kvpress-"):
                 continue
-            out.append(Method(m, b, "sglang", (("strategy", m), ("budget_fraction", b))))
+            over = VARIANTS.get(m, {"strategy": m})
+            out.append(Method(m, b, "sglang", tuple(sorted(over.items())) + budget_override(b)))
         for a in ablations:
             ov = parse_ablation(a)
             name = "dynsplit(" + ",".join(f"{k}={v}" for k, v in ov.items()) + ")"
             out.append(Method(name, b, "sglang",
-                              tuple(sorted({"strategy": "dynsplit", **ov,
-                                            "budget_fraction": b}.items()))))
+                              tuple(sorted({"strategy": "dynsplit", **ov}.items()))
+                              + budget_override(b)))
         for m in methods:
-            if m.startswith("kvpress-"):
+            if m.startswith("kvpress-") and budget_kind(b) == "fraction":
                 out.append(Method(m, b, "kvpress"))
     return out
 
@@ -174,13 +209,28 @@ class Results:
         rows = []
         for (model, task, ctx, method, budget, seed), scores in sorted(groups.items()):
             rows.append(dict(model=model, task=task, context_len=ctx, method=method,
-                             budget=budget, n=len(scores),
+                             budget=budget, budget_kind=budget_kind(budget), n=len(scores),
                              accuracy=round(sum(scores) / len(scores), 4), seed=seed))
         return rows
 
+    def paired(self, keep=None) -> list[dict]:
+        """dynsplit against each rigid row, per model and budget, on the samples both answered:
+        mean difference (points) and 95% bootstrap CI (stats.py)."""
+        from stats import paired_summary
+
+        recs = [r for r in self.records.values() if keep is None or keep(r)]
+        out = []
+        for model, budget in sorted({(r["model"], r["budget"]) for r in recs
+                                     if r["method"] == "dynsplit"}):
+            for other in ("fixed", "quest", "delimiter", "streaming"):
+                ps = paired_summary(recs, model, budget, "dynsplit", other)
+                if ps["n"]:
+                    out.append(dict(ps, budget_kind=budget_kind(budget)))
+        return out
+
     def save(self, keep=None) -> None:
         with self.lock:
-            data = {"meta": self.meta, "rows": self.rows(keep)}
+            data = {"meta": self.meta, "rows": self.rows(keep), "paired": self.paired(keep)}
             tmp = self.out.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             tmp.replace(self.out)
@@ -346,7 +396,9 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
                 jobs += [(s, m) for m in ms if m is not first]
             t2 = time.perf_counter()
             # 2) every compressed (method, budget) of the chunk's prompts in one batch, each
-            #    request served from the radix cache (checked through cached_tokens)
+            #    request served from the radix cache (checked through cached_tokens): its
+            #    prompt's last token is recomputed as a one-token extend, which attends like a
+            #    decode step, so the first answer token comes from the compressed state
             out = []
             if jobs:
                 out = post_json(url, {
@@ -354,23 +406,24 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
                     "rid": [request_id(**dict(m.overrides)) for _, m in jobs],
                     "sampling_params": [{"max_new_tokens": s.max_new_tokens, "temperature": 0}
                                         for s, _ in jobs]})
+            pairs = list(zip(jobs, out)) + [((s, f), o) for s in chunk
+                                            for f, o in [firsts[s.id]] if f is not None]
+            # 3) later turns (niah_multiturn): each method continues its own conversation
+            turns = later_turns(url, pairs, tok)
             t3 = time.perf_counter()
             fell_back = _counter(stats_path, "fallback_rows") - fallback_seen
             fallback_seen += fell_back
             info["fallback_rows"] += fell_back
             info["warm_s"] += t2 - t1
             info["batch_s"] += t3 - t2
-            pairs = list(zip(jobs, out)) + [((s, f), o) for s in chunk
-                                            for f, o in [firsts[s.id]] if f is not None]
             recs = []
-            for (s, m), o in pairs:
+            for j, ((s, m), o) in enumerate(pairs):
                 meta = o.get("meta_info", {})
                 cached = meta.get("cached_tokens", 0)
                 if m.name != "none":
                     info["cached_fraction"].append(cached / len(s.input_ids))
-                ids = o.get("output_ids")
-                text = tok.decode(ids, skip_special_tokens=True) if ids is not None else o["text"]
-                recs.append(_record(model, s, m, text, engine="sglang", cached_tokens=cached,
+                texts = [_text(tok, o)] + [_text(tok, t) for t in turns.get(j, [])]
+                recs.append(_record(model, s, m, texts, engine="sglang", cached_tokens=cached,
                                     fallback_rows_in_batch=fell_back))
             results.add(recs)
             results.save(args.keep)
@@ -396,9 +449,58 @@ def _counter(stats_path: Path, name: str) -> int:
         return 0
 
 
-def _record(model, s: T.Sample, m: Method, text: str, **extra) -> dict:
+def _text(tok, out: dict) -> str:
+    ids = out.get("output_ids")
+    return tok.decode(ids, skip_special_tokens=True) if ids is not None else out["text"]
+
+
+def later_turns(url: str, pairs, tok) -> dict[int, list[dict]]:
+    """Turns after the first, for the pairs whose sample has followups: turn k's prompt is turn
+    k-1's prompt + the method's own answer + the next question. A compressed method's turn is
+    put in the radix cache by a dense one-token request first, so that, as in its first turn,
+    the answer starts from the compressed state. Returns {pair index: [response per turn]}."""
+    from dynsplit_sglang.launcher import post_json
+    from dynsplit_sglang.overrides import request_id
+
+    live = {j: (s, m, list(s.input_ids) + list(o.get("output_ids") or []))
+            for j, ((s, m), o) in enumerate(pairs) if s.followups}
+    out: dict[int, list[dict]] = {j: [] for j in live}
+    for k in range(max((len(s.followups) for s, _, _ in live.values()), default=0)):
+        step = {j: (s, m, ids + list(s.followups[k]["input_ids"]))
+                for j, (s, m, ids) in live.items() if k < len(s.followups)}
+        order = sorted(step)
+        warm = [j for j in order if step[j][1].name != "none"]
+        if warm:
+            post_json(url, {"input_ids": [step[j][2] for j in warm],
+                            "rid": [request_id(budget_fraction=1.0) for _ in warm],
+                            "sampling_params": [{"max_new_tokens": 1, "temperature": 0}
+                                                for _ in warm]})
+        resp = post_json(url, {
+            "input_ids": [step[j][2] for j in order],
+            "rid": [request_id(**dict(step[j][1].overrides)) for j in order],
+            "sampling_params": [{"max_new_tokens": step[j][0].followups[k]["max_new_tokens"],
+                                 "temperature": 0} for j in order]})
+        for j, r in zip(order, resp):
+            out[j].append(r)
+            s, m, ids = step[j]
+            live[j] = (s, m, ids + list(r.get("output_ids") or []))
+    return out
+
+
+def sample_score(s: T.Sample, texts: list[str]) -> float:
+    """Mean over the sample's turns of the fraction of that turn's answers found."""
+    answers = [s.answers] + [f["answers"] for f in s.followups]
+    return sum(T.score(t, a) for t, a in zip(texts, answers)) / len(answers)
+
+
+def _record(model, s: T.Sample, m: Method, texts, **extra) -> dict:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if len(texts) != 1 + len(s.followups):
+        raise ValueError(f"{s.id} {m.key}: {len(texts)} turns answered, "
+                         f"{1 + len(s.followups)} asked")
     return dict(model=model, sample=s.id, task=s.task, context_len=s.context_len, seed=s.seed,
-                method=m.name, budget=m.budget, score=T.score(text, s.answers), output=text,
+                method=m.name, budget=m.budget, budget_kind=budget_kind(m.budget),
+                score=sample_score(s, texts), output=texts[0] if len(texts) == 1 else texts,
                 answers=s.answers, **extra)
 
 
@@ -411,7 +513,9 @@ def run_kvpress(model: str, path: Path, samples: list[T.Sample], methods: list[M
     if not kmethods:
         return {}
     full = Method("hf-full", 1.0, "kvpress")
-    todo = [s for s in samples if any(not results.done(model, s.id, m) for m in kmethods)]
+    # The runner answers one turn: multi-turn samples are the SGLang side's only.
+    todo = [s for s in samples if not s.followups
+            and any(not results.done(model, s.id, m) for m in kmethods)]
     bar.update(len(samples) - len(todo))
     if not todo or not kmethods:
         return {}
@@ -476,12 +580,21 @@ def main(argv=None) -> int:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="the < 45 min CPU configuration")
     mode.add_argument("--full", action="store_true", help="both models, all tasks, 50 samples")
-    ap.add_argument("--out", required=True, type=Path, help="results JSON (resumed if present)")
+    mode.add_argument("--headline", action="store_true",
+                      help="the headline comparison: both models, budgets 1/4, 1/8, 512 and "
+                           "1024 tokens, >= 50 samples per (model, budget), paired statistics "
+                           "(hours on 2 cores; resumable with --resume)")
+    ap.add_argument("--out", required=True, type=Path, help="results JSON (continued with --resume)")
     ap.add_argument("--models", nargs="+", help="override the mode's models")
     ap.add_argument("--tasks", nargs="+", choices=T.TASKS, help="override the mode's tasks")
     ap.add_argument("--contexts", nargs="+", type=int, help="override the contexts (all models)")
-    ap.add_argument("--budgets", nargs="+", type=float, help="override the budgets (fractions)")
-    ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
+    ap.add_argument("--budgets", nargs="+", type=float,
+                    help="override the budgets: fractions of the context (<= 1) or tokens (> 1)")
+    ap.add_argument("--methods", nargs="+", choices=ALL_METHODS,
+                    help="override the mode's methods")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run whose results --out holds (without it, an existing "
+                         "--out is refused)")
     ap.add_argument("-n", "--samples", type=int, help="samples per (task, context) cell")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ablations", nargs="*", default=None, metavar="FIELD=V[,FIELD=V]",
@@ -516,15 +629,21 @@ def main(argv=None) -> int:
 
     from dynsplit_sglang.core import DynSplitConfig
 
-    cfg = MODES["quick" if args.quick else "full"]
+    mode_name = next(m for m in MODES if getattr(args, m))
+    cfg = MODES[mode_name]
     models = args.models or cfg["models"]
     task_names = args.tasks or cfg["tasks"]
     budgets = args.budgets or cfg["budgets"]
-    n = args.samples or cfg["n"]
+    n_of = lambda model: args.samples or (cfg["n"][model] if isinstance(cfg["n"], dict)  # noqa
+                                          else cfg["n"])
+    budgets = [int(b) if b > 1 else b for b in budgets]
+    if args.out.exists() and not args.resume:
+        raise SystemExit(f"{args.out} exists: pass --resume to continue that run, or choose "
+                         "another --out")
     ablations = [] if args.ablations is None else (args.ablations or DEFAULT_ABLATIONS)
     if args.kvpress_dense_layers is None:
         args.kvpress_dense_layers = DynSplitConfig().dense_layers
-    methods = build_methods(args.methods, budgets, ablations)
+    methods = build_methods(args.methods or cfg["methods"], budgets, ablations)
     check_overrides(methods, server_config(args.server_arg))
     sg_methods = [m for m in methods if m.engine == "sglang"]
 
@@ -541,10 +660,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     meta = results.meta
     meta.update(
-        mode="quick" if args.quick else "full", command=" ".join(["python"] + sys.argv),
+        mode=mode_name, command=" ".join(["python"] + sys.argv),
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         versions=versions(), machine={"cpus": os.cpu_count(), "platform": platform.platform()},
-        config=dict(models=models, tasks=task_names, budgets=budgets, n=n, seed=args.seed,
+        config=dict(models=models, tasks=task_names, budgets=budgets,
+                    n={m: n_of(m) for m in models}, seed=args.seed, first_token="compressed",
                     methods=[m.key for m in methods], ablations=ablations,
                     contexts={m: args.contexts or cfg["contexts"].get(m, [4096]) for m in models},
                     dynsplit_defaults=DynSplitConfig().to_dict(),
@@ -565,7 +685,7 @@ def main(argv=None) -> int:
         for task in task_names:
             ts = []
             for ctx in args.contexts or cfg["contexts"].get(model, [4096]):
-                ts += T.generate(task, tok, ctx, n, seed=args.seed)
+                ts += T.generate(task, tok, ctx, n_of(model), seed=args.seed)
             samples += sorted(ts, key=lambda s: (-s.needle_pos, s.context_len, s.id))
         plan.append((model, path, tok, samples))
 
