@@ -62,8 +62,7 @@ SGLANG_METHODS = ("none", *STRATEGIES, *VARIANTS)
 KVPRESS_METHODS = ("kvpress-snapkv", "kvpress-snapkv-paper", "kvpress-chunkkv",
                    "kvpress-streamingllm")
 ALL_METHODS = SGLANG_METHODS + KVPRESS_METHODS
-QWEN = "qwen2.5-coder-0.5b-instruct"
-SMOL = "smollm2-135m-instruct"
+from dynsplit_sglang.models import DEFAULT_MODEL as SMOL, QWEN_MODEL as QWEN  # noqa: E402
 HEADLINE_METHODS = ["none", "dynsplit", "fixed", "delimiter", "streaming", "quest"]
 
 MODES = {
@@ -240,15 +239,12 @@ class Results:
 
 
 def model_dir(name: str) -> Path:
-    from dynsplit_sglang.models import DEFAULT_MODEL, ensure
+    from dynsplit_sglang.models import ensure
 
-    if name == DEFAULT_MODEL:
-        return ensure(DEFAULT_MODEL)
-    if name == QWEN:
-        import qwen_model
-
-        return qwen_model.ensure()
-    raise SystemExit(f"unknown model {name!r}; known: {DEFAULT_MODEL}, {QWEN}")
+    try:
+        return ensure(name)  # built on first use (or: python -m dynsplit_sglang.models prepare)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def kvpress_python() -> Path:
