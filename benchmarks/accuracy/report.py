@@ -328,9 +328,9 @@ def header(data: dict) -> str:
         f" ({meta.get('machine', {}).get('cpus')} CPU cores, no GPU"
         + (f"; wall time {wall / 60:.0f} min" if wall else "") + ").",
         f"Versions: dynsplit-sglang {v.get('dynsplit-sglang')} (git {v.get('git')}), "
-        f"SGLang {v.get('sglang')}, torch {v.get('torch')}, transformers {v.get('transformers')}; "
-        f"kvpress {v.get('kvpress')} (own venv, transformers "
-        f"{v.get('transformers (kvpress venv)')}).",
+        f"SGLang {v.get('sglang')}, torch {v.get('torch')}, transformers {v.get('transformers')}"
+        + (f"; kvpress {v['kvpress']} (own venv, transformers "
+           f"{v.get('transformers (kvpress venv)')})" if v.get("kvpress") else "") + ".",
         f"Tasks generated locally (seed {cfg.get('seed')}): see `benchmarks/accuracy/tasks.py`; "
         "score = fraction of expected strings found verbatim in the greedy output. "
         "Budget = KV tokens attended per KV head per compressed layer, as a fraction of the "

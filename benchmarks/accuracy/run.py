@@ -601,6 +601,10 @@ def main(argv=None) -> int:
                          f"of alpha, block_size, tolerance, candidates, recent); bare flag: "
                          f"{' '.join(DEFAULT_ABLATIONS)}")
     ap.add_argument("--no-report", action="store_true", help="skip the markdown/PNG report")
+    ap.add_argument("--report-only", action="store_true",
+                    help="serve nothing: rebuild rows, paired statistics and the report of this "
+                         "configuration from the records in <out stem>.samples.jsonl (e.g. after "
+                         "runs of one model each were appended there)")
     ap.add_argument("--kvpress-dense-layers", type=int, default=None,
                     help="layers kvpress leaves uncompressed (default: the product's "
                          "dense_layers, so both sides compress the same layers)")
@@ -636,7 +640,7 @@ def main(argv=None) -> int:
     n_of = lambda model: args.samples or (cfg["n"][model] if isinstance(cfg["n"], dict)  # noqa
                                           else cfg["n"])
     budgets = [int(b) if b > 1 else b for b in budgets]
-    if args.out.exists() and not args.resume:
+    if args.out.exists() and not (args.resume or args.report_only):
         raise SystemExit(f"{args.out} exists: pass --resume to continue that run, or choose "
                          "another --out")
     ablations = [] if args.ablations is None else (args.ablations or DEFAULT_ABLATIONS)
@@ -658,6 +662,13 @@ def main(argv=None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     meta = results.meta
+    if args.report_only:  # rows, paired statistics and report from the records already there
+        results.save(args.keep)
+        if not args.no_report:
+            import report
+
+            report.write(args.out)
+        return 0
     meta.update(
         mode=mode_name, command=" ".join(["python"] + sys.argv),
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -69,3 +69,33 @@ def test_targets_missed_on_too_few_samples_or_a_tie():
     assert "20 paired samples (target ≥ 50): **missed**" in few
     tie = report.headline_targets(_data(60, dyn_wins=0))
     assert "dynsplit − fixed = +0.0 points" in tie and "CI above 0): **missed**" in tie
+
+
+def test_run_report_only_rebuilds_rows_and_pairs_from_the_records(tmp_path):
+    """Runs of one model each append to one samples file; --report-only serves nothing and
+    writes the rows and paired statistics of the configuration asked for."""
+    import json
+
+    import run
+
+    out = tmp_path / "headline.json"
+    recs = []
+    for model in (QWEN, SMOL):
+        for i in range(4):
+            for method, score in (("none", 1.0), ("dynsplit", float(i % 2)), ("fixed", 0.0)):
+                recs.append(dict(model=model, sample=f"vt-4096-0-{i}", task="vt",
+                                 context_len=4096, method=method,
+                                 budget=1.0 if method == "none" else 0.125, seed=0,
+                                 score=score))
+    recs.append(dict(recs[0], method="streaming", budget=0.125))  # not asked for: left out
+    (tmp_path / "headline.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert run.main(["--headline", "--out", str(out), "--models", QWEN, SMOL, "--contexts",
+                     "4096", "--tasks", "vt", "--methods", "none", "dynsplit", "fixed",
+                     "--budgets", "0.125", "--report-only", "--no-report"]) == 0
+    data = json.loads(out.read_text())
+    assert {(r["model"], r["method"]) for r in data["rows"]} == {
+        (m, x) for m in (QWEN, SMOL) for x in ("none", "dynsplit", "fixed")}
+    assert all(r["n"] == 4 for r in data["rows"])
+    pairs = {(p["model"], p["b"]): p for p in data["paired"]}
+    assert set(pairs) == {(QWEN, "fixed"), (SMOL, "fixed")}
+    assert pairs[(QWEN, "fixed")]["mean"] == 50.0 and pairs[(QWEN, "fixed")]["wins"] == 2
