@@ -663,6 +663,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     meta = results.meta
     if args.report_only:  # rows, paired statistics and report from the records already there
+        meta.update(command=" ".join(["python"] + sys.argv) + "  # from the records of earlier "
+                    "runs in " + results.samples_path.name,
+                    date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
         results.save(args.keep)
         if not args.no_report:
             import report
