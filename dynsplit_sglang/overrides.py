@@ -22,7 +22,6 @@ PREFIX = "dynsplit:"
 # block store and the decode plan of the whole batch.
 _FIELDS = {f.name for f in dataclasses.fields(DynSplitConfig)} - {
     "dense_layers", "future_window", "sink", "score_layers", "evict"}
-_DENSE = 2**31 - 1  # strategy=none: a budget no context reaches
 
 
 def request_id(unique: str | None = None, **overrides) -> str:
@@ -67,8 +66,8 @@ def parse_request_id(rid: str | None, base: DynSplitConfig) -> DynSplitConfig | 
 
 
 def _apply(base: DynSplitConfig, changes: dict) -> DynSplitConfig:
-    if changes.get("strategy") == "none":
-        changes.update(strategy=base.strategy, budget=_DENSE, budget_fraction=None)
+    if changes.get("strategy") == "none":  # the whole context, whatever its length
+        changes.update(strategy=base.strategy, budget=None, budget_fraction=1.0)
     return base.replace(**changes)
 
 

@@ -62,9 +62,10 @@ class SparseDecodeWrapper:
     ) -> SelectionPlan:
         """table/summary_index: [B, NB] block layout and summary rows (-1 = none);
         token_slots: [B, T] position → KV slot; seq_lens: [B] (current token included);
-        budget/recent: int or [B]; capacity: slots per (request, KV head), default the largest
-        budget (it also bounds dense requests: a request shorter than its budget attends to its
-        first `capacity` positions)."""
+        budget/recent: int or [B]; capacity: slots per (request, KV head), default the most any
+        request of the batch can attend, max(min(budget, seq_len)) (it also bounds dense
+        requests: a request shorter than its budget attends to its first `capacity`
+        positions)."""
         self.plan_ = plan_selection(table, seq_lens, budget, sink, recent, capacity, max_block_len)
         self._summary_index = summary_index
         self._token_slots = token_slots

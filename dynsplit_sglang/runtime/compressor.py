@@ -427,7 +427,9 @@ class Compressor:
             torch.tensor(budgets, device=dev),
             self.cfg.sink,
             torch.tensor(recents, device=dev),
-            capacity=max(budgets),
+            # What the batch can attend, not the largest budget: a budget (per request) may be
+            # far above any context (strategy=none, a large token override).
+            capacity=max(min(bud, n) for bud, n in zip(budgets, seq)),
             max_block_len=max(st.cfg.max_block_len for st in states),
         )
         return True

@@ -1,0 +1,37 @@
+"""Dense, dense-by-length and compressed requests decoded in one batch (issue 14, crash 1).
+
+A ``strategy=none`` request's budget became the capacity of the whole batch's selection tensors,
+so the first decode step it shared with a longer compressed request tried to allocate
+[B, Hkv, 2**31] positions and killed the server with every request in flight.
+"""
+
+import urllib.request
+
+import pytest
+
+from dynsplit_sglang.overrides import request_id
+
+from .client import generate, stats, text
+
+pytestmark = pytest.mark.server
+
+
+def _healthy(server) -> bool:
+    with urllib.request.urlopen(server.base_url + "/health", timeout=30) as r:
+        return r.status == 200
+
+
+def test_dense_and_compressed_requests_share_decode_batches(sglang_server):
+    before = stats(sglang_server)
+    prompts = [text(220, 1), text(300, 2), text(12, 3), text(260, 4), text(30, 5)]
+    rids = [request_id(strategy="none"), request_id(), request_id(),  # none, compressed, short
+            request_id(budget=10**12), request_id(strategy="none")]
+    outs, meta = generate(sglang_server, prompts, rids, max_new=8)
+    assert [m["completion_tokens"] for m in meta] == [8] * 5
+    assert all(outs)
+    after = stats(sglang_server)
+    # The batch decoded through the sparse path (the 300-word request is over its budget).
+    assert after["sparse_steps"] - before.get("sparse_steps", 0) >= 7
+    assert _healthy(sglang_server)
+    again, _ = generate(sglang_server, [text(40, 6)], max_new=4)
+    assert again[0]
