@@ -8,7 +8,7 @@ branch of its argument resolution (CUDA-graph and page-size rules) as it is.
 
 from __future__ import annotations
 
-from dynsplit_sglang.settings import Settings, validate_server_args
+from dynsplit_sglang.settings import Settings, check_model, validate_server_args
 
 REGISTRY = "sglang.srt.layers.attention.attention_registry.ATTENTION_BACKENDS"
 WRAPPED = ("torch_native", "triton")
@@ -16,13 +16,17 @@ WRAPPED = ("torch_native", "triton")
 
 def _wrap(name: str, original):
     def factory(runner):
-        settings = Settings.from_env()
+        settings = Settings.of(runner.server_args)  # what travelled with the ServerArgs
         if not settings.enabled:
             return original(runner)
-        validate_server_args(settings, runner.server_args)
-        from dynsplit_sglang.runtime.backends import BACKENDS, check_model
+        from dynsplit_sglang.patches import native_extend, require_all
 
-        check_model(runner)
+        require_all()
+        validate_server_args(settings, runner.server_args)
+        check_model(settings, runner.model_config)
+        native_extend.MASK_EVICTED = settings.config.evict
+        from dynsplit_sglang.runtime.backends import BACKENDS
+
         return BACKENDS[name](runner, settings)
 
     factory.__dynsplit_wraps__ = original

@@ -13,7 +13,6 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from ..core import ConfigError
 from ..settings import Settings
 from .batch import build_compressor, view_of
 
@@ -73,14 +72,3 @@ class DynSplitTritonBackend(_DynSplitMixin, TritonAttnBackend):
 
 BACKENDS = {"torch_native": DynSplitTorchNativeBackend, "triton": DynSplitTritonBackend}
 
-
-def check_model(model_runner) -> None:
-    """Fail at start-up for model families the block store cannot describe."""
-    cfg = model_runner.model_config
-    arch = getattr(cfg, "attention_arch", None)
-    if arch is not None and getattr(arch, "name", str(arch)) != "MHA":
-        raise ConfigError(f"--kv-compression: attention architecture {arch} (MLA/DSA) is not "
-                          "supported; use a model with multi-head or grouped-query attention")
-    if getattr(cfg, "is_hybrid_swa", False) or getattr(cfg, "is_hybrid", False):
-        raise ConfigError("--kv-compression: hybrid (sliding-window or linear) attention models "
-                          "are not supported")
