@@ -2,7 +2,9 @@
 
 One module per SGLang surface; each names the SGLang symbol and version it touches:
 ``server_args`` (the CLI flags and ``--config`` files), ``engine`` (``sgl.Engine`` keyword
-arguments; the settings of every launch), ``attention``
+arguments; the settings of every launch), ``admission`` (per-request overrides and prompts
+checked when SGLang admits a request: HTTP 400), ``report`` (per-request overrides to the
+backend, per-request counters to ``meta_info``, settings to ``/server_info``), ``attention``
 (the compressed-decode backend), ``eviction`` (the radix cache that counts freed slots),
 ``native_extend`` (torch_native's extend attention without its
 redundant full-length query, which made radix-cache hits cost a full prefill). ``cpu_host/``
@@ -41,10 +43,12 @@ def apply_all() -> list[str]:
         _done = True
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        from . import attention, engine, eviction, native_extend, server_args
+        from . import admission, attention, engine, eviction, native_extend, report, server_args
 
         targets = server_args.register(HookRegistry, HookType)
         targets += engine.register(HookRegistry, HookType)
+        targets += admission.register(HookRegistry, HookType)
+        targets += report.register(HookRegistry, HookType)
         HookRegistry.apply_hooks()  # idempotent: load_plugins() applies again, skipping these
         names = attention.register()
         extend = native_extend.register()

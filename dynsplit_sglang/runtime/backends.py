@@ -14,7 +14,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..settings import Settings
-from .batch import build_compressor, view_of
+from .batch import account_forward, build_compressor, view_of
 
 
 class _DynSplitMixin:
@@ -40,9 +40,16 @@ class _DynSplitMixin:
             self.compressor.extend_layer(layer.layer_id, q_, k_buf, layer.scaling)
             if layer.layer_id == self.last_layer:
                 self.compressor.end_extend()
+                account_forward(self.compressor, forward_batch)
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+        out = self._forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kw)
+        if layer.layer_id == self.last_layer:
+            account_forward(self.compressor, forward_batch)
+        return out
+
+    def _forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
         if layer.is_cross_attention or not self.compressor.is_sparse_layer(layer.layer_id):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kw)
         if save_kv_cache and k is not None and v is not None:

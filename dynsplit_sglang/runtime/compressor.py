@@ -53,6 +53,7 @@ class RowState:
     nblocks: int = 0
     prompt_done: bool = False
     fallback: bool = False  # metadata did not fit: attend densely
+    reused: int = 0  # blocks adopted from the radix-shared prefix
     local: list[int] = field(default_factory=list)  # entries only this row references
 
 
@@ -126,6 +127,7 @@ class Compressor:
         self._votes: list[torch.Tensor] = []
         self._sparse = False  # this decode step has a request longer than its budget
         self._attended: torch.Tensor | None = None  # [sum, max] tokens attended, on device
+        self._row_attended: torch.Tensor | None = None  # [B] this forward, compressed layers
         self.wrapper = SparseDecodeWrapper(num_q_heads, kv_heads, head_dim)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class Compressor:
         self.token[batch.out_cache_loc.long()] = batch.input_ids.long()
         states = [self._row_state(i) for i in range(len(batch.rows))]
         self._kept = None
+        self._row_attended = None
         if batch.is_decode:
             self._note_usage()
             self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch.rows))
@@ -205,7 +208,10 @@ class Compressor:
     def decode_layer(self, layer_id, q, k_buffer, v_buffer, scale) -> torch.Tensor | None:
         """Compressed decode attention for this layer, or None where dense attention applies."""
         if self.evict and (not self._sparse or layer_id < self.first_compressed):
-            return self._attend_kept(q, k_buffer, v_buffer, scale)
+            out = self._attend_kept(q, k_buffer, v_buffer, scale)
+            if layer_id >= self.first_compressed:
+                self._count_rows(self._kept[1])
+            return out
         if not self._sparse or layer_id < self.first_compressed:
             return None
         li = layer_id - self.first_compressed
@@ -213,6 +219,7 @@ class Compressor:
                                scale)
         # Counted on the device; read once per forward (no sync per layer on a GPU).
         counts = self.wrapper.tokens_attended()
+        self._count_rows(counts)
         if self._attended is None:
             self._attended = torch.zeros(2, dtype=torch.int64, device=counts.device)
         self._attended[0] += counts.sum()
@@ -222,6 +229,15 @@ class Compressor:
         if layer_id == self.num_layers - 1:
             self._dump_stats()
         return out
+
+    def _count_rows(self, counts: torch.Tensor) -> None:
+        per_row = counts.sum(1)
+        self._row_attended = per_row if self._row_attended is None else self._row_attended + per_row
+
+    def rows_attended(self) -> list[int] | None:
+        """K/V tokens each request of this decode forward attended over the compressed layers
+        (None when SGLang's dense decode ran). A host read: once per forward."""
+        return None if self._row_attended is None else self._row_attended.tolist()
 
     # -- rows -------------------------------------------------------------------------------
 
@@ -276,6 +292,7 @@ class Compressor:
             starts, lens, ents = zip(*adopted)
             self._append_row(st, row, list(starts), list(lens), list(ents))
             st.next_start = expect
+            st.reused = len(adopted)
             self.stats["blocks_reused"] += len(adopted)
 
     def _fits(self, st: RowState, n: int) -> bool:
