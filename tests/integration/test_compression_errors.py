@@ -84,3 +84,19 @@ def test_sglang_serve_exits_2_without_traceback(tiny_model):
     assert errors == ["error: --dynsplit-budget 1000000000000 is above the model's context "
                       "length (8192 tokens): no request could ever be compressed; use at most "
                       "8192 or --dynsplit-budget-fraction"], proc.stderr[-2000:]
+
+
+def test_sglang_serve_backend_lists_the_flags(prepare, capsys):
+    # `sglang serve --help` prints before SGLang loads plugins; `--model-type dynsplit --help`
+    # (this package's sglang.serve_backends entry point) loads them first.
+    from sglang.cli.serve import _create_backend_registry
+    from sglang.cli.serve_backends import ServeRequest
+
+    registry = _create_backend_registry()
+    assert "dynsplit" in registry.available_names
+    registry.get("dynsplit").backend.run(ServeRequest(argv=("--help",), model_path=None))
+    out = " ".join(capsys.readouterr().out.split())
+    for words in ("--kv-compression {none,dynsplit,fixed,delimiter,streaming}",
+                  "--dynsplit-block-size", "C: the target block length in tokens",
+                  "--dynsplit-budget-fraction", "fraction of the context KEPT"):
+        assert words in out, words
