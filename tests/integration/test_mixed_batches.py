@@ -5,20 +5,13 @@ so the first decode step it shared with a longer compressed request tried to all
 [B, Hkv, 2**31] positions and killed the server with every request in flight.
 """
 
-import urllib.request
-
 import pytest
 
 from dynsplit_sglang.overrides import request_id
 
-from .client import generate, stats, text
+from .client import generate, healthy, stats, text
 
 pytestmark = pytest.mark.server
-
-
-def _healthy(server) -> bool:
-    with urllib.request.urlopen(server.base_url + "/health", timeout=30) as r:
-        return r.status == 200
 
 
 def test_dense_and_compressed_requests_share_decode_batches(sglang_server):
@@ -32,6 +25,6 @@ def test_dense_and_compressed_requests_share_decode_batches(sglang_server):
     after = stats(sglang_server)
     # The batch decoded through the sparse path (the 300-word request is over its budget).
     assert after["sparse_steps"] - before.get("sparse_steps", 0) >= 7
-    assert _healthy(sglang_server)
+    assert healthy(sglang_server)
     again, _ = generate(sglang_server, [text(40, 6)], max_new=4)
     assert again[0]
