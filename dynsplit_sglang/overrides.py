@@ -114,8 +114,8 @@ def check(overrides: Any, base: DynSplitConfig, where: str = "custom_params.dyns
     except TypeError as e:  # an unhashable value (list, object) where a scalar belongs
         raise ConfigError(f"{where}: values must be numbers or strings ({e})") from None
     if context_len is not None and cfg.budget is not None and cfg.budget > context_len:
-        raise ConfigError(f"{_at(where, 'budget')}={cfg.budget} is above the model's context length "
-                          f"({context_len} tokens)", "budget", cfg.budget)
+        raise ConfigError(f"{_at(where, 'budget')}={cfg.budget} is above the model's context "
+                          f"length ({context_len} tokens)", "budget", cfg.budget)
     return cfg
 
 

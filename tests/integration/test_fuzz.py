@@ -32,7 +32,8 @@ BAD_RIDS = ["dynsplit:budget=abc:x", "dynsplit:nonsense=1:x", "dynsplit:budget:x
 BAD_BODIES = [
     {"text": "", "sampling_params": SP}, {"text": ["", LONG], "sampling_params": SP},
     {"input_ids": [], "sampling_params": SP}, {"input_ids": [-1, 5], "sampling_params": SP},
-    {"input_ids": [10**9], "sampling_params": SP}, {"input_ids": [[1, 2], []], "sampling_params": SP},
+    {"input_ids": [10**9], "sampling_params": SP},
+    {"input_ids": [[1, 2], []], "sampling_params": SP},
     {"sampling_params": SP}, {"text": LONG, "sampling_params": {"max_new_tokens": -1}},
     {"text": LONG, "sampling_params": {"temperature": -1}},
     {"text": LONG, "sampling_params": {**SP, "custom_params": {"dynsplit": {"budget": -1}}},
