@@ -49,8 +49,11 @@ def test_prepare_server_args_exits_2_with_one_line(prepare, tiny_model, extra, m
 
 
 def test_flags_reach_the_server_args(prepare, tiny_model):
+    import os
+
     sa = prepare(_base(tiny_model) + ["--kv-compression", "fixed", "--dynsplit-budget", "256"])
     assert '"kv_compression": "fixed"' in sa._dynsplit and '"budget": 256' in sa._dynsplit
+    assert "SGLANG_DYNSPLIT" not in os.environ  # the schedulers read the ServerArgs, not this
 
 
 def test_config_file_keys_count_like_flags(prepare, tiny_model, tmp_path):

@@ -98,3 +98,20 @@ def test_an_empty_prompt_is_a_400_and_the_scheduler_lives(sglang_server):
         assert status == 400 and "empty" in str(out), (body, out)
     assert healthy(sglang_server)
     assert _generate(sglang_server, prompt="hello")[0] == 200
+
+
+def test_a_streamed_response_ends_with_the_report(sglang_server):
+    import json
+    import urllib.request
+
+    body = {"text": LONG, "stream": True, "sampling_params": {
+        **SP, "custom_params": {"dynsplit": {"strategy": "delimiter"}}}}
+    req = urllib.request.Request(sglang_server.base_url + "/generate",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        chunks = [json.loads(line[5:]) for line in r
+                  if line.startswith(b"data:") and line.strip() != b"data: [DONE]"]
+    assert len(chunks) >= 2 and "dynsplit" not in chunks[0]["meta_info"]
+    last = chunks[-1]["meta_info"]["dynsplit"]
+    assert last["strategy"] == "delimiter" and last["decode_steps"] == 7
