@@ -26,6 +26,8 @@ BAD_OVERRIDES = [
 ]
 GOOD_OVERRIDES = [{}, None, {"strategy": "none"}, {"strategy": "streaming", "budget": 32},
                   {"budget_fraction": 0.5}, {"block_size": 32, "tolerance": 8}]
+# Not SGLang's declared types, but nothing of ours in them, and SGLang serves them correctly.
+TOLERATED = [{"text": LONG, "sampling_params": {**SP, "custom_params": ["dynsplit"]}}]
 BAD_RIDS = ["dynsplit:budget=abc:x", "dynsplit:nonsense=1:x", "dynsplit:budget:x",
             "dynsplit:=5:x", "dynsplit:sink=2:x", "dynsplit:" + "budget=abc," * 10_000 + ":x",
             "dynsplit:budget=64," + "recent=16," * 20 + ":x"]
@@ -34,6 +36,9 @@ BAD_BODIES = [
     {"input_ids": [], "sampling_params": SP}, {"input_ids": [-1, 5], "sampling_params": SP},
     {"input_ids": [10**9], "sampling_params": SP},
     {"input_ids": [[1, 2], []], "sampling_params": SP},
+    {"input_ids": [1.5, 2], "sampling_params": SP}, {"input_ids": ["a"], "sampling_params": SP},
+    {"text": {"a": 1}, "sampling_params": SP}, {"text": LONG, "rid": 5, "sampling_params": SP},
+    {"text": LONG, "sampling_params": "fast"},
     {"sampling_params": SP}, {"text": LONG, "sampling_params": {"max_new_tokens": -1}},
     {"text": LONG, "sampling_params": {"temperature": -1}},
     {"text": LONG, "sampling_params": {**SP, "custom_params": {"dynsplit": {"budget": -1}}},
@@ -62,7 +67,7 @@ def test_malformed_overrides_and_bodies(sglang_server):
     reference = post(sglang_server, "/generate", _body(prompt=text(60, 32)))[1]["text"]
     log_before = sglang_server.log_path.stat().st_size
     cases = ([_body(o) for o in BAD_OVERRIDES] + [_body(rid=r) for r in BAD_RIDS] + BAD_BODIES
-             + [_body(o) for o in GOOD_OVERRIDES])
+             + TOLERATED + [_body(o) for o in GOOD_OVERRIDES])
     assert len(cases) >= 50
     served = []
     for i, body in enumerate(cases):
@@ -72,8 +77,9 @@ def test_malformed_overrides_and_bodies(sglang_server):
             served.append(i)
         else:
             assert len(str(out)) < 2000  # never the whole body echoed back
-    good = list(range(len(cases) - len(GOOD_OVERRIDES), len(cases)))
-    assert served == good, [str(cases[i])[:200] for i in served if i not in good]
+    may = range(len(cases) - len(GOOD_OVERRIDES) - len(TOLERATED), len(cases))
+    assert set(served) <= set(may), [str(cases[i])[:200] for i in served if i not in may]
+    assert set(may[-len(GOOD_OVERRIDES):]) <= set(served)
     for body in (_body({"budget": "abc"}), _body({"strategy": "fixed"}), _body(rid=BAD_RIDS[0])):
         status, out = post(sglang_server, "/v1/completions",
                            {"model": "m", "prompt": body.get("text"), "max_tokens": 4,
