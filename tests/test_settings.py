@@ -148,7 +148,9 @@ def test_request_overrides_round_trip_and_validate():
     with pytest.raises(ConfigError, match="per request"):
         request_id(dense_layers=0)
     with pytest.raises(ConfigError, match="budget"):
-        request_id(budget=3)
+        request_id(budget=0)  # the client checks what does not depend on the server ...
+    with pytest.raises(ConfigError, match="budget=3 is invalid"):
+        parse_request_id(request_id(budget=3), base)  # ... the server the rest (sink + recent)
     with pytest.raises(ConfigError, match="per request"):
         parse_request_id("dynsplit:sink=2:x", base)
     # Finer blocks than the server's would overflow its block tables (silent dense fallback).
