@@ -14,9 +14,8 @@ import importlib
 
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from ..core import ConfigError
 from ..settings import SUPPORTED_BACKENDS, Settings
-from .batch import build_compressor, view_of
+from .batch import account_forward, build_compressor, view_of
 
 
 class _DynSplitMixin:
@@ -46,9 +45,16 @@ class _DynSplitMixin:
             self.compressor.extend_layer(layer.layer_id, q_, k_buf, layer.scaling)
             if layer.layer_id == self.last_layer:
                 self.compressor.end_extend()
+                account_forward(self.compressor, forward_batch)
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+        out = self._forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kw)
+        if layer.layer_id == self.last_layer:
+            account_forward(self.compressor, forward_batch)
+        return out
+
+    def _forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
         if layer.is_cross_attention or not self.compressor.is_sparse_layer(layer.layer_id):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kw)
         return self._compressed(q, k, v, layer, forward_batch, save_kv_cache)
@@ -75,14 +81,3 @@ def backend_class(name: str) -> type:
     base = getattr(importlib.import_module(module), cls)
     return type(f"DynSplit{base.__name__}", (_DynSplitMixin, base), {"__module__": __name__})
 
-
-def check_model(model_runner) -> None:
-    """Fail at start-up for model families the block store cannot describe."""
-    cfg = model_runner.model_config
-    arch = getattr(cfg, "attention_arch", None)
-    if arch is not None and getattr(arch, "name", str(arch)) != "MHA":
-        raise ConfigError(f"--kv-compression: attention architecture {arch} (MLA/DSA) is not "
-                          "supported; use a model with multi-head or grouped-query attention")
-    if getattr(cfg, "is_hybrid_swa", False) or getattr(cfg, "is_hybrid", False):
-        raise ConfigError("--kv-compression: hybrid (sliding-window or linear) attention models "
-                          "are not supported")

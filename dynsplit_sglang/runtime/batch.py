@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-from ..core import ConfigError
 from ..core.delimiters import MODES, candidate_mask
-from ..overrides import parse_request_id
 from ..settings import Settings
+from . import requests
 from .compressor import BatchView, Compressor
 from .report import Reporter
 
@@ -70,15 +69,18 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
     return comp
 
 
-def _configs(rids, base):
-    out = []
-    for rid in rids or []:
-        try:
-            out.append(parse_request_id(rid, base))
-        except ConfigError as e:  # the request still runs, with the server's settings
-            logger.error("dynsplit-sglang: %s; using the server's settings", e)
-            out.append(None)
-    return out or None
+def _configs(fb, base):
+    reqs = requests.for_rids(fb.rids)
+    if reqs is None or len(reqs) != fb.batch_size:
+        return None
+    return [r.resolve(base) for r in reqs]
+
+
+def account_forward(compressor, fb) -> None:
+    """After a forward's last layer: its numbers to each request's own counters."""
+    reqs = requests.for_rids(fb.rids)
+    if reqs and compressor.step is not None:
+        requests.account(compressor, compressor.step.batch, reqs)
 
 
 def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
@@ -96,4 +98,4 @@ def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
         prefix = list(fb.extend_prefix_lens_cpu)
     gens = req_to_token_pool.req_generation[rows].tolist()
     return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode,
-                     _configs(fb.rids, base_config))
+                     _configs(fb, base_config))

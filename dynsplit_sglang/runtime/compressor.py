@@ -181,13 +181,17 @@ class Compressor:
         step = self.step
         if not step.sparse or layer_id < self.first_compressed:
             if self.evictor is not None:
-                return self.evictor.attend_kept(step, q, k_buffer, v_buffer, scale)
+                out = self.evictor.attend_kept(step, q, k_buffer, v_buffer, scale)
+                if layer_id >= self.first_compressed:
+                    step.count_rows(step.kept[1])
+                return out
             return None
         li = layer_id - self.first_compressed
         out = self.wrapper.run(q, k_buffer, v_buffer, self.store.center[li],
                                self.store.radius[li], scale)
         # Counted on the device; read once per forward (no sync per layer on a GPU).
         counts = self.wrapper.tokens_attended()
+        step.count_rows(counts)
         if self._attended is None:
             self._attended = torch.zeros(2, dtype=torch.int64, device=counts.device)
         self._attended[0] += counts.sum()
@@ -197,6 +201,12 @@ class Compressor:
         if layer_id == self.num_layers - 1:
             self._dump_stats()
         return out
+
+    def rows_attended(self) -> list[int] | None:
+        """K/V tokens each request of this decode forward attended over the compressed layers
+        (None when SGLang's dense decode ran). A host read: once per forward."""
+        step = self.step
+        return None if step is None or step.row_attended is None else step.row_attended.tolist()
 
     # -- decode plan ----------------------------------------------------------------------------
 
@@ -224,7 +234,9 @@ class Compressor:
             torch.tensor(budgets, device=dev),
             self.cfg.sink,
             torch.tensor(recents, device=dev),
-            capacity=max(budgets),
+            # What the batch can attend, not the largest budget: a budget (per request) may be
+            # far above any context (strategy=none, a large token override).
+            capacity=max(min(bud, n) for bud, n in zip(budgets, seq)),
             max_block_len=max(st.cfg.max_block_len for st in states),
         )
         l2 = [st.cfg.summary_spread is not None for st in states]

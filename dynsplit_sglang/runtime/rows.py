@@ -108,6 +108,7 @@ class RowBlocks:
             starts, lens, ents = zip(*adopted)
             self._append_row(st, row, list(starts), list(lens), list(ents))
             st.next_start = expect
+            st.reused = len(adopted)
             self.stats["blocks_reused"] += len(adopted)
 
     def _fits(self, st: RowState, n: int) -> bool:

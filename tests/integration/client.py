@@ -33,3 +33,49 @@ def flush(server):
 
     urllib.request.urlopen(urllib.request.Request(server.base_url + "/flush_cache",
                                                   method="POST"), timeout=60).read()
+
+
+def post(server, path, body, timeout=300):
+    """(status, decoded JSON or text) of a POST; ``body`` is sent as JSON unless it is bytes."""
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(server.base_url + path, data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def get_json(server, path, timeout=60):
+    import urllib.request
+
+    with urllib.request.urlopen(server.base_url + path, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_idle(server, timeout=60.0) -> dict:
+    """Poll /v1/loads until no request runs or waits; return the last load of DP rank 0."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        load = get_json(server, "/v1/loads")["loads"][0]
+        if (load["num_running_reqs"] == 0 and load["num_waiting_reqs"] == 0
+                and load["num_used_tokens"] == 0) or time.monotonic() > deadline:
+            return load
+        time.sleep(0.5)
+
+
+def healthy(server) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(server.base_url + "/health", timeout=30) as r:
+        return r.status == 200
