@@ -21,6 +21,11 @@ BASE = DynSplitConfig(budget=64, recent=16, block_size=8, tolerance=2)
                         "finer than the server's 6 tokens"),
     ({"tolerance": 9}, "custom_params.dynsplit.tolerance=9 is invalid"),
     ({"strategy": "quest"}, "custom_params.dynsplit.strategy='quest' is invalid"),
+    ({"score": "max"}, "custom_params.dynsplit.score='max' is invalid; expected one of "
+                       "('gauss', 'bound')"),
+    ({"spread": 0}, "custom_params.dynsplit.spread=0 is invalid; expected a finite number in "
+                    "(0, 16]"),
+    ({"spread": "wide"}, "custom_params.dynsplit.spread='wide' is invalid"),
     ({"candidates": ["punct"]}, "custom_params.dynsplit: values must be numbers or strings"),
     ({"budget": 100, "budget_fraction": 0.5}, "custom_params.dynsplit: give at most one of"),
     ({"budget": None}, "custom_params.dynsplit.budget is null; give a value or leave it out"),
@@ -53,6 +58,16 @@ def test_rid_alias_is_validated_like_custom_params():
         overrides.parse_request_id("dynsplit:budget=abc:x", BASE)
     with pytest.raises(ConfigError, match="cannot be set per request"):
         overrides.parse_request_id("dynsplit:nonsense=1:x", BASE)
+
+
+def test_block_score_is_a_per_request_choice():
+    cfg = overrides.check({"score": "bound"}, BASE)
+    assert cfg.score == "bound" and cfg.summary_spread is None
+    assert overrides.check({"spread": 3}, BASE).summary_spread == 3.0
+    rid = overrides.request_id(score="bound", spread=2.5)
+    assert overrides.parse_request_id(rid, BASE) == BASE.replace(score="bound", spread=2.5)
+    with pytest.raises(ConfigError, match=r"rid dynsplit:spread='x' is not a valid value"):
+        overrides.parse_request_id("dynsplit:spread=x:y", BASE)
 
 
 def test_strategy_none_attends_to_the_whole_context_without_a_huge_budget():

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dynsplit_sglang.core import ConfigError, DynSplitConfig
+from dynsplit_sglang.core.strategies import STRATEGIES
 from dynsplit_sglang.overrides import parse_request_id, request_id
 from dynsplit_sglang.settings import Settings, add_arguments, strip_and_parse, validate_server_args
 
@@ -15,6 +16,13 @@ def test_flags_are_split_off_and_parsed():
                                "--dynsplit-budget", "512", "--dynsplit-alpha", "0.5", "--port", "1"])
     assert rest == ["--model-path", "m", "--port", "1"]
     assert s.method == "dynsplit" and s.config.budget == 512 and s.config.alpha == 0.5
+
+
+def test_block_score_flags():
+    _, s = strip_and_parse(["--kv-compression", "dynsplit", "--dynsplit-score", "bound",
+                            "--dynsplit-spread", "2.5"])
+    assert s.config.score == "bound" and s.config.spread == 2.5
+    assert s.config.summary_spread is None  # bound: the min/max box
 
 
 def test_json_config_and_flag_precedence():
@@ -54,9 +62,14 @@ def test_help_lists_every_flag_with_its_unit_meaning_and_choices():
     for flag in ("--kv-compression", "--dynsplit-budget", "--dynsplit-block-size",
                  "--dynsplit-tolerance", "--dynsplit-alpha", "--dynsplit-sink",
                  "--dynsplit-recent", "--dynsplit-dense-layers", "--dynsplit-config",
-                 "--dynsplit-evict", "--dynsplit-score-layers", "--dynsplit-future-window"):
+                 "--dynsplit-evict", "--dynsplit-score-layers", "--dynsplit-future-window",
+                 "--dynsplit-score", "--dynsplit-spread"):
         assert flag in text
-    for words in ("{none,dynsplit,fixed,delimiter,streaming}", "{punct,all}",
+    methods = "{" + ",".join(("none", *STRATEGIES)) + "}"  # tests may register more
+    for words in (methods, "{punct,all}", "{gauss,bound}", "dynsplit: DynSplit-KV",
+                  "streaming: sink + recent window only", "none: dense attention",
+                  "mean key plus --dynsplit-spread expected-maximum deviations",
+                  "Quest's upper bound", "Number in (0, 16]. Default 1.5.",
                   "C: the target block length in tokens", "Δ: how far, in tokens",
                   "α: weight of the distant-context penalty", "fraction of the context KEPT",
                   "K/V tokens attended per decode step, per KV head", "Default 16",
@@ -74,6 +87,9 @@ def test_flag_errors_name_the_flag_not_the_config_field():
         (["--dynsplit-budget-fraction", "1.5"], "--dynsplit-budget-fraction 1.5 is invalid"),
         (["--dynsplit-candidates", "words"], "argument --dynsplit-candidates: invalid choice"),
         (["--dynsplit-budget", "x"], "argument --dynsplit-budget: invalid int value: 'x'"),
+        (["--dynsplit-score", "max"], "argument --dynsplit-score: invalid choice: 'max'"),
+        (["--dynsplit-spread", "0"], "--dynsplit-spread 0.0 is invalid; expected a finite number "
+                                     "in (0, 16]"),
     ]:
         with pytest.raises(ConfigError) as e:
             strip_and_parse(["--kv-compression", "dynsplit", *argv])

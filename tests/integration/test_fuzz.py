@@ -22,10 +22,13 @@ BAD_OVERRIDES = [
     {"tolerance": -1}, {"tolerance": 8}, {"alpha": -0.1}, {"alpha": "inf"}, {"alpha": 1000},
     {"recent": 0}, {"recent": 10**9}, {"candidates": "words"}, {"candidates": ["punct"]},
     {"strategy": "quest"}, {"strategy": ""}, {"strategy": None}, {"strategy": {"a": 1}},
+    {"score": "max"}, {"score": 1}, {"spread": 0}, {"spread": -1}, {"spread": "nan"},
+    {"spread": 17},
     {"x" * 10_000: 1}, {f"k{i}": i for i in range(100)}, "fixed", ["budget", 64], 42,
 ]
 GOOD_OVERRIDES = [{}, None, {"strategy": "none"}, {"strategy": "streaming", "budget": 32},
-                  {"budget_fraction": 0.5}, {"block_size": 32, "tolerance": 8}]
+                  {"budget_fraction": 0.5}, {"block_size": 32, "tolerance": 8},
+                  {"score": "bound"}, {"score": "gauss", "spread": 3}]
 # Not SGLang's declared types, but nothing of ours in them, and SGLang serves them correctly.
 TOLERATED = [{"text": LONG, "sampling_params": {**SP, "custom_params": ["dynsplit"]}}]
 BAD_RIDS = ["dynsplit:budget=abc:x", "dynsplit:nonsense=1:x", "dynsplit:budget:x",
