@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dynsplit_sglang.core.strategies import STRATEGIES
+
 BAD = [
     (["--dynsplit-budget", "10"], "--dynsplit-budget 10 is invalid; expected an integer >= sink "
                                   "+ recent = 68"),
@@ -99,7 +101,8 @@ def test_sglang_serve_backend_lists_the_flags(prepare, capsys):
     assert "dynsplit" in registry.available_names
     registry.get("dynsplit").backend.run(ServeRequest(argv=("--help",), model_path=None))
     out = " ".join(capsys.readouterr().out.split())
-    for words in ("--kv-compression {none,dynsplit,fixed,delimiter,streaming}",
+    methods = ",".join(("none", *STRATEGIES))  # the registry's (tests may register more)
+    for words in (f"--kv-compression {{{methods}}}", "--dynsplit-score {gauss,bound}",
                   "--dynsplit-block-size", "C: the target block length in tokens",
                   "--dynsplit-budget-fraction", "fraction of the context KEPT"):
         assert words in out, words
