@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core import ConfigError, DynSplitConfig
+from .graph_support import cuda_graph_problem
 
 ENV = "SGLANG_DYNSPLIT"
 METHODS = ("none", "dynsplit", "fixed", "delimiter", "streaming")
@@ -169,6 +170,9 @@ def validate_server_args(settings: Settings, sa: Any) -> None:
              "extend attention masks evicted slots so far"),
         ]
     problems += [msg for bad, msg in checks if bad]
+    graphs = cuda_graph_problem(sa)  # never a silent dense decode under SGLang's graphs
+    if graphs:
+        problems.append(graphs)
     if problems:
         raise ConfigError(f"--kv-compression {settings.method} cannot run with: "
                           + "; ".join(problems))
