@@ -23,8 +23,9 @@ from ..kernels import dispatch
 from ..kernels.dispatch import block_summaries
 from .eviction import block_heat, pick_victims
 from ..kernels.wrapper import SparseDecodeWrapper
-from .report import Reporter
-from .store import BlockStore
+from .reclaim import reclaim
+from .report import Reporter, report_fallback
+from .store import BlockStore, StoreGeometry
 
 _KIND_DECODE = 1  # fixed blocks of generated tokens, identical for every strategy
 
@@ -83,6 +84,8 @@ class Compressor:
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         free_slots: Callable[[torch.Tensor], None] | None = None,
         used_slots: Callable[[], int] | None = None,
+        free_slot_ids: Callable[[], torch.Tensor] | None = None,
+        live_rows: Callable[[], set] | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
@@ -92,20 +95,10 @@ class Compressor:
         self.vocab_masks = vocab_masks
         self.scored = set(cfg.scored_layers(num_layers))
         self.first_compressed = min(cfg.dense_layers, num_layers)
-        min_len = max(1, cfg.block_size - cfg.tolerance)
-        self.store = BlockStore(
-            num_slots=num_slots,
-            max_rows=max_rows,
-            max_blocks_per_row=max_context // min_len + 4,
-            max_entries=BlockStore.entry_capacity(num_slots, max_rows, min_len),
-            compressed_layers=num_layers - self.first_compressed,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            future_window=cfg.future_window,
-            dtype=dtype,
-            device=device,
-            track_heat=cfg.evict,
-        )
+        self.geometry = StoreGeometry.for_pool(cfg, num_layers, kv_heads, head_dim,
+                                               torch.empty(0, dtype=dtype).element_size(),
+                                               num_slots, max_rows, max_context)
+        self.store = BlockStore.from_geometry(self.geometry, dtype, device)
         # Eviction hands KV slots back to the allocator; its padding slot 0 marks a position
         # whose K/V are gone, which every attention path of this module skips.
         self.evict = cfg.evict
@@ -113,6 +106,9 @@ class Compressor:
             raise ValueError("Compressor: eviction needs free_slots (the KV allocator's free)")
         self.free_slots = free_slots
         self.used_slots = used_slots
+        # Where entries no request can reach are found again (see reclaim.py).
+        self.free_slot_ids = free_slot_ids
+        self.live_rows = live_rows
         self._kept = None  # decode: every position that still has K/V, per request
         self.token = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self.rows: dict[int, RowState] = {}
@@ -233,6 +229,7 @@ class Compressor:
             return st
         if st is not None:  # the row was reused by a new request
             self.store.release_entries(st.local)
+        self.store.clear_row(row)
         cfg = b.configs[i] if b.configs and b.configs[i] is not None else self.cfg
         wf = cfg.future_window
         st = RowState(gen, cfg, shared_len=b.prefix_lens[i],
@@ -280,10 +277,16 @@ class Compressor:
 
     def _fits(self, st: RowState, n: int) -> bool:
         if st.nblocks + n > self.store.max_blocks_per_row:
-            st.fallback = True
-            self.stats["fallback_rows"] += 1
+            self._fall_back(st, "table")
             return False
         return True
+
+    def _fall_back(self, st: RowState, reason: str) -> None:
+        """This request's blocks do not fit: it attends densely from now on (counted, logged)."""
+        st.fallback = True
+        self.stats["fallback_rows"] += 1
+        self.stats[f"fallback_rows_{reason}"] += 1
+        report_fallback(reason, self.stats)
 
     def _append_row(self, st, row, starts, lens, ents) -> None:
         s, a, n = self.store, st.nblocks, len(starts)
@@ -374,8 +377,10 @@ class Compressor:
             return
         ents = s.alloc_entries(n)
         if ents is None:
-            st.fallback = True
-            self.stats["fallback_rows"] += 1
+            self.stats["entries_reclaimed"] += reclaim(self, n)
+            ents = s.alloc_entries(n)
+        if ents is None:
+            self._fall_back(st, "store")
             return
         dev = s.e_start.device
         e = torch.tensor(ents, dtype=torch.int64, device=dev)
