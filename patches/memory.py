@@ -42,8 +42,14 @@ def tokens_with_store(dense_tokens: int, cell: int, page: int, store_bytes) -> i
     return lo * page
 
 
-def _geometry_for(kvc, settings, tokens: int, rows: int):
+def _max_context(kvc) -> int:
+    """req_to_token's width (``_build_default_req_pool``)."""
     from sglang.srt.mem_cache.allocation_sizing import get_req_to_token_extra_context_len
+
+    return kvc.model_config.context_len + get_req_to_token_extra_context_len()
+
+
+def _geometry_for(kvc, settings, tokens: int, rows: int):
     from sglang.srt.runtime_context import get_parallel
 
     from dynsplit_sglang.runtime.store import StoreGeometry
@@ -58,7 +64,7 @@ def _geometry_for(kvc, settings, tokens: int, rows: int):
         dtype_size=kvc.kv_cache_dtype.itemsize,
         num_slots=tokens + page,  # the K buffer has page_size padding rows
         max_rows=rows,
-        max_context=kvc.model_config.context_len + get_req_to_token_extra_context_len(),
+        max_context=_max_context(kvc),
     )
 
 
@@ -89,7 +95,8 @@ def _around_config_from_budget(original, self, budget_bytes, *args, **kwargs):
         config = original(self, budget_bytes, *args, **kwargs)
     store = _geometry_for(self, settings, config.max_total_num_tokens, rows).nbytes
     PLAN.update(dense_max_total_num_tokens=dense, max_total_num_tokens=config.max_total_num_tokens,
-                kv_cell_bytes=cell, store_bytes_reserved=store, store_rows_reserved=rows)
+                kv_cell_bytes=cell, store_bytes_reserved=store, store_rows_reserved=rows,
+                store_max_context=_max_context(self))
     logger.info("dynsplit-sglang: KV budget of %d dense tokens (%d B each) holds %d tokens and "
                 "the block store (%.1f MiB for %d rows)", dense, cell,
                 config.max_total_num_tokens, store / 2**20, rows)
