@@ -80,6 +80,29 @@ class SparseDecodeWrapper:
             self._max_kept = cpu.max_kept_blocks(self.plan_)  # host read: plan time only
         return self.plan_
 
+    def plan_static(self, plan: SelectionPlan, summary_index: torch.Tensor,
+                    token_slots: torch.Tensor) -> None:
+        """Use a plan whose tensors the caller keeps and refreshes in place (a captured CUDA
+        graph reads them by address: runtime/graphs.py). No host read; the selection is the
+        core's on every side."""
+        self.plan_, self._summary_index, self._token_slots = plan, summary_index, token_slots
+        self.last_selection = None
+        self._max_kept = None
+        self._mid = None
+        if dispatch.backend(token_slots) == "triton" and self.num_kv_heads is not None:
+            self._mid = self._workspace(plan.seq_lens.shape[0], plan.capacity,
+                                        token_slots.device)
+
+    def reserve(self, max_batch: int, dev) -> None:
+        """Allocate the Triton split workspace for batches up to `max_batch` once, so that later
+        plans never move it (captured graphs keep its address)."""
+        if dispatch.backend(torch.empty(0, device=dev)) != "triton" or self.num_kv_heads is None:
+            return
+        from . import sparse_decode as sd
+        need = max_batch * self.num_q_heads * (self.max_splits or sd.MAX_SPLITS) * (
+            self.head_dim_v + 1)
+        self._buffer = torch.empty(need, dtype=torch.float32, device=dev)
+
     def _workspace(self, batch: int, capacity: int, dev: torch.device):
         from . import sparse_decode as sd  # imports triton: only on the Triton side
         if self.num_q_heads is None or self.head_dim_v is None:

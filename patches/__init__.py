@@ -4,6 +4,7 @@ One module per SGLang surface; each names the SGLang symbol and version it touch
 ``server_args`` (the CLI flags), ``engine`` (``sgl.Engine`` keyword arguments), ``attention``
 (the compressed-decode backend), ``eviction`` (the radix cache that counts freed slots),
 ``memory`` (the block store's bytes reserved from the KV budget before the pool is sized),
+``graphs`` (decode batches that do not fit the compressed decode graph run eagerly),
 ``native_extend`` (torch_native's extend attention without its redundant full-length query,
 which made radix-cache hits cost a full prefill). ``cpu_host/``
 holds the start-up workarounds that let SGLang run on a CPU-only host; they run from a ``.pth``
@@ -41,11 +42,12 @@ def apply_all() -> list[str]:
 
         from dynsplit_sglang.settings import Settings
 
-        from . import attention, engine, eviction, memory, native_extend, server_args
+        from . import attention, engine, eviction, graphs, memory, native_extend, server_args
 
         targets = server_args.register(HookRegistry, HookType)
         targets += engine.register(HookRegistry, HookType)
         targets += memory.register(HookRegistry, HookType)
+        targets += graphs.register(HookRegistry, HookType)
         HookRegistry.apply_hooks()  # idempotent: load_plugins() applies again, skipping these
         names = attention.register()
         extend = native_extend.register()

@@ -121,3 +121,20 @@ def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
     gens = req_to_token_pool.req_generation[rows].tolist()
     return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode,
                      _configs(fb.rids, base_config))
+
+
+def graph_view_of(fb, req_to_token_pool) -> BatchView | None:
+    """The real requests of a decode-graph replay: SGLang 0.5.23's ``build_replay_fb_view`` pads
+    the batch to the captured size (``num_padding`` rows at the end, row 0, seq_len 1) and keeps
+    the live ``out_cache_loc``; per-request settings come from each row's state (set when the
+    request was prefilled), not from rids, which the view does not carry."""
+    raw = fb.batch_size - (getattr(fb, "num_padding", 0) or 0)
+    mode = getattr(fb, "actual_forward_mode", None) or fb.forward_mode
+    if raw <= 0 or mode.is_idle():
+        return None
+    rows = fb.req_pool_indices[:raw].tolist()
+    lens = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens
+    seq = lens[:raw].tolist()
+    gens = req_to_token_pool.req_generation[rows].tolist()
+    return BatchView(rows, gens, seq, [n - 1 for n in seq], fb.input_ids[:raw],
+                     fb.out_cache_loc[:raw], True)

@@ -126,7 +126,8 @@ class Compressor:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def begin_forward(self, batch: BatchView) -> None:
+    def begin_forward(self, batch: BatchView, plan: bool = True) -> None:
+        """plan=False: a captured decode graph plans into its own buffers (graphs.py)."""
         self.batch = batch
         self.store.invalidate_slots(batch.out_cache_loc)
         self.token[batch.out_cache_loc.long()] = batch.input_ids.long()
@@ -137,7 +138,7 @@ class Compressor:
             self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch.rows))
             for i, st in enumerate(states):
                 self._advance_decode(st, batch.rows[i], batch.seq_lens[i] - 1)
-            self._sparse = self._plan_decode(states)
+            self._sparse = self._plan_decode(states) if plan else False
         else:
             self._sparse = False
             self._votes = [
