@@ -33,6 +33,23 @@ def _requested() -> bool:
     return bool(os.environ.get(ENV)) or any(a.startswith("--kv-compression") for a in sys.argv)
 
 
+def sglang_version_problem() -> str | None:
+    """Why this SGLang is outside the range pyproject.toml declares, or None."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        wanted = [Requirement(r) for r in requires("dynsplit-sglang") or []]
+        have = version("sglang")
+    except PackageNotFoundError:
+        return None  # not installed as a distribution (a source checkout on sys.path)
+    spec = next((r.specifier for r in wanted if r.name == "sglang"), None)
+    if spec is None or spec.contains(have, prereleases=True):
+        return None
+    return f"dynsplit-sglang supports sglang{spec}, this is sglang {have}"
+
+
 def apply_all() -> list[str]:
     """Register every SGLang hook once per process; return the names of the hooks applied."""
     global _done
@@ -57,8 +74,10 @@ def apply_all() -> list[str]:
         missing += [n for n in attention.WRAPPED if n not in attention.applied()]
         missing += [n for n in extend if not native_extend.applied()]
         missing += [] if eviction.applied() else [eviction.TARGET]
-        if missing:
-            msg = f"dynsplit-sglang: hooks did not apply: {missing} (is this SGLang 0.5.23?)"
+        problems = [f"hooks did not apply: {missing} (is this SGLang 0.5.23?)"] if missing else []
+        problems += [p for p in [sglang_version_problem()] if p]
+        if problems:
+            msg = "dynsplit-sglang: " + "; ".join(problems)
             if _requested():
                 raise SystemExit(msg)
             logger.error(msg)
