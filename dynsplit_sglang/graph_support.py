@@ -12,7 +12,8 @@ decode.
 ``VERIFIED_PHASES`` lists the phases whose compressed graph path passed ``benchmarks/gpu/check.sh``
 on a GPU; the check's author adds a phase here (with the check's log in CHANGELOG.md) and the
 refusal lifts for it. ``DYNSPLIT_UNVERIFIED_CUDA_GRAPHS=1`` lets that check itself start a server
-with graphs on; it is not for serving.
+with graphs on; it is not for serving. Two SGLang switches that act around a captured graph stay
+refused with graphs on, verified or not (``_ENV_REFUSED``).
 """
 
 from __future__ import annotations
@@ -64,10 +65,25 @@ def graph_phases_on(sa: Any) -> list[str]:
     return on
 
 
+# SGLang 0.5.23 switches that change what runs around a captured graph, not built for here:
+# the metadata glue graph captures init_forward_metadata_out_graph itself (the plan is host
+# work), and post-capture KV sizing resizes the pool after the block store was sized for it.
+_ENV_REFUSED = {
+    "SGLANG_ENABLE_METADATA_GLUE_GRAPH": "captures the per-replay metadata step, where the "
+                                         "compressed decode plans on the host",
+    "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING": "resizes the KV pool after the block store was "
+                                            "sized for it",
+}
+
+
 def cuda_graph_problem(sa: Any) -> str | None:
     """The refusal for these server arguments, or None if compression may run with them."""
-    unproven = [p for p in graph_phases_on(sa) if p not in VERIFIED_PHASES]
-    if not unproven or os.environ.get(UNVERIFIED_ENV) == "1":
-        return None
-    return (f"CUDA graphs ({'/'.join(unproven)} capture is on; compressed decode under graphs is "
-            "not verified on a GPU yet): add --disable-cuda-graph")
+    phases = graph_phases_on(sa)
+    env = [f"{k}=1 ({why}): unset it" for k, why in _ENV_REFUSED.items()
+           if phases and os.environ.get(k, "").lower() in ("1", "true")]
+    unproven = [p for p in phases if p not in VERIFIED_PHASES]
+    if unproven and os.environ.get(UNVERIFIED_ENV) != "1":
+        return "; ".join(
+            [f"CUDA graphs ({'/'.join(unproven)} capture is on; compressed decode under graphs "
+             "is not verified on a GPU yet): add --disable-cuda-graph"] + env)
+    return "; ".join(env) or None

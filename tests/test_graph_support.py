@@ -79,3 +79,14 @@ def test_refusal_lifts_only_for_verified_phases_or_the_check_override(server_arg
 def test_nothing_is_verified_yet():
     # Flipped by whoever runs benchmarks/gpu/check.sh on a GPU and it passes (see CHANGELOG.md).
     assert graph_support.VERIFIED_PHASES == frozenset()
+
+
+def test_sglang_switches_around_graphs_that_the_plan_cannot_follow(server_args, monkeypatch):
+    raw, resolved = server_args("--attention-backend", "triton")
+    monkeypatch.setattr(graph_support, "VERIFIED_PHASES", frozenset({"decode", "prefill"}))
+    validate_server_args(ON, resolved)
+    monkeypatch.setenv("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "1")
+    with pytest.raises(ConfigError, match="SGLANG_ENABLE_METADATA_GLUE_GRAPH=1"):
+        validate_server_args(ON, resolved)
+    off, _ = server_args("--attention-backend", "triton", "--disable-cuda-graph")
+    validate_server_args(ON, off)  # no graphs: nothing to capture
