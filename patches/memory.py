@@ -86,9 +86,11 @@ def _around_config_from_budget(original, self, budget_bytes, *args, **kwargs):
     if tokens <= 0:
         from dynsplit_sglang.core import ConfigError
 
-        raise ConfigError(f"--kv-compression: the KV budget of {dense} tokens cannot hold the "
-                          "block store next to any token; raise --mem-fraction-static or "
-                          "--max-total-tokens")
+        need = _geometry_for(self, settings, page, rows).nbytes
+        raise ConfigError(f"--kv-compression: the KV budget of {dense} tokens ({dense * cell} B) "
+                          f"cannot hold the block store ({need} B for {rows - 1} request rows) "
+                          "next to any token; raise --mem-fraction-static or --max-total-tokens, "
+                          "or lower --max-running-requests")
     if tokens < dense:
         cap = kwargs.pop("cap_tokens", None)
         kwargs["cap_tokens"] = tokens if cap is None else min(cap, tokens)

@@ -9,7 +9,7 @@ import pytest
 from dynsplit_sglang import graph_support
 from dynsplit_sglang.core import ConfigError
 from dynsplit_sglang.launcher import CPU_SERVER_ARGS
-from dynsplit_sglang.settings import Settings, validate_server_args
+from dynsplit_sglang.settings import ENV, Settings, validate_server_args
 
 ON = Settings.from_mapping({"kv_compression": "dynsplit"})
 
@@ -24,9 +24,13 @@ def server_args():
     path = str(models.ensure(models.TINY_MODEL))
 
     def build(*flags):
-        raw = prepare_server_args(["--model-path", path, "--device", "cpu", *flags])
-        resolved = prepare_server_args(["--model-path", path, "--device", "cpu", *flags])
-        resolved.resolve_once()
+        # Compression off while SGLang parses: the plugin's own prepare_server_args hook (if an
+        # earlier test loaded it) would otherwise validate with settings left in the environment.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv(ENV, raising=False)
+            raw = prepare_server_args(["--model-path", path, "--device", "cpu", *flags])
+            resolved = prepare_server_args(["--model-path", path, "--device", "cpu", *flags])
+            resolved.resolve_once()
         return raw, resolved
 
     return build
