@@ -21,6 +21,7 @@ from typing import Any
 from .core import ConfigError, DynSplitConfig
 from .core.config import CANDIDATE_MODES, SCORES
 from .core.strategies import STRATEGIES, load_env
+from .graph_support import cuda_graph_problem
 
 ENV = "SGLANG_DYNSPLIT"
 ATTR = "_dynsplit"  # the ServerArgs attribute the settings travel on
@@ -279,6 +280,9 @@ def validate_server_args(settings: Settings, sa: Any) -> None:
              "extend attention masks evicted slots so far"),
         ]
     problems += [msg for bad, msg in checks if bad]
+    graphs = cuda_graph_problem(sa)  # never a silent dense decode under SGLang's graphs
+    if graphs:
+        problems.append(graphs)
     if problems:
         raise ConfigError(f"--kv-compression {settings.method} cannot run with: "
                           + "; ".join(problems))

@@ -27,11 +27,33 @@ def _tp_all_reduce(t):
     return get_tp_group().all_reduce(t)
 
 
+def _free_slot_ids(alloc):
+    """The allocator's free slots (TokenToKVPoolAllocator: free_pages + release_pages, page 1)."""
+    import torch
+
+    parts = [getattr(alloc, a, None) for a in ("free_pages", "release_pages")]
+    parts = [p for p in parts if isinstance(p, torch.Tensor)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
 def _allocator_hooks(model_runner) -> dict:
+    hooks = {}
+    rows = getattr(model_runner, "req_to_token_pool", None)
+    if rows is not None and hasattr(rows, "free_slots"):
+        every = range(rows.req_to_token.shape[0])
+        hooks["live_rows"] = lambda: set(every) - set(rows.free_slots)
     alloc = getattr(model_runner, "token_to_kv_pool_allocator", None)
     if alloc is None:
-        return {}
-    return {"free_slots": alloc.free, "used_slots": lambda: alloc.size - alloc.available_size()}
+        return hooks
+    return {**hooks, "free_slots": alloc.free, "free_slot_ids": lambda: _free_slot_ids(alloc),
+            "used_slots": lambda: alloc.size - alloc.available_size()}
+
+
+def _memory_stats(comp: Compressor) -> dict:
+    """What the block store holds and, when patches/memory.py sized the pool, what it reserved."""
+    from dynsplit_sglang.patches.memory import PLAN
+
+    return {"store_bytes": comp.store_bytes, **PLAN}
 
 
 def build_compressor(model_runner, settings: Settings) -> Compressor:
@@ -61,6 +83,7 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
         all_reduce=_tp_all_reduce if sa.tp_size > 1 else None,
         **_allocator_hooks(model_runner),
     )
+    comp.stats.update(_memory_stats(comp))
     logger.info(
         "dynsplit-sglang: %s compression on %d layers (%d dense), %d KV heads x %d, %d slots; %s",
         settings.method, num_layers, comp.first_compressed, k0.shape[1], k0.shape[2], k0.shape[0],
@@ -99,3 +122,20 @@ def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
     gens = req_to_token_pool.req_generation[rows].tolist()
     return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode,
                      _configs(fb, base_config))
+
+
+def graph_view_of(fb, req_to_token_pool) -> BatchView | None:
+    """The real requests of a decode-graph replay: SGLang 0.5.23's ``build_replay_fb_view`` pads
+    the batch to the captured size (``num_padding`` rows at the end, row 0, seq_len 1) and keeps
+    the live ``out_cache_loc``; per-request settings come from each row's state (set when the
+    request was prefilled), not from rids, which the view does not carry."""
+    raw = fb.batch_size - (getattr(fb, "num_padding", 0) or 0)
+    mode = getattr(fb, "actual_forward_mode", None) or fb.forward_mode
+    if raw <= 0 or mode.is_idle():
+        return None
+    rows = fb.req_pool_indices[:raw].tolist()
+    lens = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens
+    seq = lens[:raw].tolist()
+    gens = req_to_token_pool.req_generation[rows].tolist()
+    return BatchView(rows, gens, seq, [n - 1 for n in seq], fb.input_ids[:raw],
+                     fb.out_cache_loc[:raw], True)
