@@ -28,11 +28,24 @@ def stats(server):
     return json.loads(server.stats_path.read_text()) if server.stats_path.exists() else {}
 
 
-def flush(server):
+def flush(server, timeout=60):
+    """Empty the radix cache. SGLang 0.5.23 answers 400 while its scheduler still holds a
+    request, which it does for one loop iteration after the response of a finished one has gone
+    out (``is_fully_idle``: running batch, last batch); so a 400 is retried until it is idle."""
+    import time
+    import urllib.error
     import urllib.request
 
-    urllib.request.urlopen(urllib.request.Request(server.base_url + "/flush_cache",
-                                                  method="POST"), timeout=60).read()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(server.base_url + "/flush_cache",
+                                                          method="POST"), timeout=60).read()
+            return
+        except urllib.error.HTTPError as e:
+            if e.code != 400 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def post(server, path, body, timeout=300):
