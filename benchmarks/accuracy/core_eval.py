@@ -63,7 +63,9 @@ def _core_attention(module, query, key, value, attention_mask, scaling=None, dro
     if layer not in req.summaries:
         center, radius = core.summarize(k[None, : req.prompt_len], req.table, cfg.max_block_len,
                                         cfg.summary_spread)
-        req.summaries[layer] = (center[0], radius[0])
+        # Stored in the KV dtype, as SGLang's block store keeps them (a gauss center is a mean,
+        # not one of the keys, so the rounding matters at near ties).
+        req.summaries[layer] = (center[0].to(k.dtype), radius[0].to(k.dtype))
     center, radius = req.summaries[layer]
     index = torch.arange(nb)[None].masked_fill(req.table.lens == 0, -1)
     scores = core.score_blocks(q[None], center, radius, index, cfg.summary_spread is not None)

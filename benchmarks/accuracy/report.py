@@ -208,6 +208,9 @@ def pooled(data: dict) -> str:
     return "\n".join(out)
 
 
+MIN_PAIRED = 50  # samples per (model, budget), pooled over tasks and lengths
+
+
 def headline_targets(data: dict) -> str:
     """The accuracy issue's done-when points, checked from the rows and the paired stats."""
     rows, lines = data["rows"], []
@@ -225,6 +228,8 @@ def headline_targets(data: dict) -> str:
             p = paired.get((model, "fixed", b))
             if p is None:
                 continue
+            lines.append(f"- {model} at {_frac(b)}: {p['n']} paired samples "
+                         f"(target ≥ {MIN_PAIRED}): **{'met' if p['n'] >= MIN_PAIRED else 'missed'}**")
             if qwen and b in (0.125, 512):
                 ok = p["mean"] >= 3 and p["ci_low"] > 0
                 lines.append(f"- {model} at {_frac(b)}: dynsplit − fixed = {p['mean']:+.1f} "

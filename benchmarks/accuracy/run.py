@@ -62,8 +62,10 @@ SGLANG_METHODS = ("none", *STRATEGIES, *VARIANTS)
 KVPRESS_METHODS = ("kvpress-snapkv", "kvpress-snapkv-paper", "kvpress-chunkkv",
                    "kvpress-streamingllm")
 ALL_METHODS = SGLANG_METHODS + KVPRESS_METHODS
-QWEN = "qwen2.5-coder-0.5b-instruct"
-SMOL = "smollm2-135m-instruct"
+from dynsplit_sglang.models import DEFAULT_MODEL as SMOL, QWEN_MODEL as QWEN  # noqa: E402
+# A batch of compressed requests on a busy 2-core host can take longer than a single request's
+# default 10 min (Qwen at 4k, 12 requests, the CPU shared with a test run: one timed out).
+BATCH_TIMEOUT_S = 3600
 HEADLINE_METHODS = ["none", "dynsplit", "fixed", "delimiter", "streaming", "quest"]
 
 MODES = {
@@ -240,15 +242,12 @@ class Results:
 
 
 def model_dir(name: str) -> Path:
-    from dynsplit_sglang.models import DEFAULT_MODEL, ensure
+    from dynsplit_sglang.models import ensure
 
-    if name == DEFAULT_MODEL:
-        return ensure(DEFAULT_MODEL)
-    if name == QWEN:
-        import qwen_model
-
-        return qwen_model.ensure()
-    raise SystemExit(f"unknown model {name!r}; known: {DEFAULT_MODEL}, {QWEN}")
+    try:
+        return ensure(name)  # built on first use (or: python -m dynsplit_sglang.models prepare)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def kvpress_python() -> Path:
@@ -401,7 +400,7 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
             #    decode step, so the first answer token comes from the compressed state
             out = []
             if jobs:
-                out = post_json(url, {
+                out = post_json(url, timeout=BATCH_TIMEOUT_S, payload={
                     "input_ids": [s.input_ids for s, _ in jobs],
                     "rid": [request_id(**dict(m.overrides)) for _, m in jobs],
                     "sampling_params": [{"max_new_tokens": s.max_new_tokens, "temperature": 0}

@@ -10,8 +10,9 @@ request:
 * the greedy answers are token-identical (the first answer token comes from the compressed
   state on both sides: the server recomputes the cached prompt's last token as a one-token
   extend, which attends like a decode step);
-* the tokens attended (summed over decode steps, compressed layers and KV heads) are equal: the
-  server's ``tokens_attended`` counter delta vs the core's selection counts. The number of tokens
+* the tokens attended (summed over decode steps, compressed layers and KV heads) are equal
+  (within 0.05% where block lengths vary, see ``_tolerance``): the server's ``tokens_attended``
+  counter delta vs the core's selection counts. The number of tokens
   a step keeps depends on which blocks were picked and on their lengths (whole blocks, greedy
   prefix of the score order), so it fingerprints the block boundaries and the selection.
 
@@ -117,6 +118,16 @@ def _methods(default: tuple[str, ...]):
     return [m if m in default else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
 
 
+def _tolerance(method, ref) -> float:
+    """Tokens-attended drift allowed for a method whose blocks differ in length: SGLang's and
+    transformers' forward passes give keys and queries that differ in the last bits, and a
+    near tie between two blocks flips; with equal block lengths the count does not move, with
+    variable ones it moves by a length difference. Measured: 13-39 tokens in 167k (0.02%) with
+    either block score; a wrong boundary or summary moves it by whole blocks at every step."""
+    variable = STRATEGIES[method].has_blocks and method not in ("fixed", "streaming")
+    return 0.0005 * ref["tokens_attended"] if variable else 0
+
+
 @pytest.mark.parametrize("method", _methods(("dynsplit", "delimiter")))
 def test_sglang_and_core_select_alike_and_answer_alike(default_server, samples, hf_model, method):
     import core_eval
@@ -133,7 +144,7 @@ def test_sglang_and_core_select_alike_and_answer_alike(default_server, samples, 
         got, attended, cached = _serve(default_server, s, method)
         assert cached >= len(s.input_ids) - 1
         got, want = _strip_eos(got, eos), _strip_eos(ref["output_ids"], eos)
-        if got != want or attended != ref["tokens_attended"]:
+        if got != want or abs(attended - ref["tokens_attended"]) > _tolerance(method, ref):
             mismatches.append(
                 f"{s.id} {method}: sglang {tok.decode(got)!r} attended {attended}; core "
                 f"{tok.decode(want)!r} attended {ref['tokens_attended']}")

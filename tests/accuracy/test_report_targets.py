@@ -1,0 +1,71 @@
+"""The headline's paired statistics and its done-when checks (benchmarks/accuracy stats.py and
+report.headline_targets), on records whose answers are known."""
+
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy"))
+
+import report  # noqa: E402
+import stats  # noqa: E402
+
+QWEN, SMOL = "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"
+
+
+def _records(model, budget, dyn, fixed):
+    """One record per sample and method; dyn/fixed: lists of scores in [0, 1]."""
+    out = []
+    for i, (a, b) in enumerate(zip(dyn, fixed)):
+        for method, score in (("dynsplit", a), ("fixed", b)):
+            out.append(dict(model=model, budget=budget, method=method, sample=f"s{i}",
+                            score=score))
+    return out
+
+
+def test_paired_summary_matches_a_direct_computation():
+    rng = random.Random(1)
+    dyn = [rng.random() for _ in range(40)]
+    fixed = [rng.random() for _ in range(40)]
+    recs = _records(QWEN, 0.125, dyn, fixed) + _records(QWEN, 512, fixed, dyn)  # other budget
+    p = stats.paired_summary(recs, QWEN, 0.125, "dynsplit", "fixed")
+    diffs = [a - b for a, b in zip(dyn, fixed)]
+    assert p["n"] == 40
+    assert abs(p["mean"] - 100 * sum(diffs) / 40) < 0.01
+    assert p["ci_low"] < p["mean"] < p["ci_high"]
+    assert p["wins"] == sum(d > 0 for d in diffs) and p["losses"] == sum(d < 0 for d in diffs)
+    # A constant difference has a zero-width interval.
+    const = stats.paired_summary(_records(QWEN, 1, [1.0] * 9, [0.5] * 9), QWEN, 1, "dynsplit",
+                                 "fixed")
+    assert const["mean"] == const["ci_low"] == const["ci_high"] == 50.0
+
+
+def _data(n, dyn_wins):
+    """Qwen at 1/8: n paired samples, dynsplit right on dyn_wins more of them than fixed."""
+    dyn = [1.0] * (n // 2 + dyn_wins) + [0.0] * (n - n // 2 - dyn_wins)
+    fixed = [1.0] * (n // 2) + [0.0] * (n - n // 2)
+    recs = _records(QWEN, 0.125, dyn, fixed)
+    rows = [dict(model=QWEN, method=m, budget=0.125, n=n,
+                 accuracy=sum(r["score"] for r in recs if r["method"] == m) / n)
+            for m in ("dynsplit", "fixed")]
+    rows.append(dict(model=QWEN, method="none", budget=1.0, n=n, accuracy=1.0))
+    paired = [stats.paired_summary(recs, QWEN, 0.125, "dynsplit", "fixed")]
+    return {"rows": rows, "paired": paired,
+            "meta": {"phases": {QWEN: {"sglang": {"fallback_rows": 0}}}}}
+
+
+def test_targets_met_with_enough_samples_and_a_clear_win():
+    text = report.headline_targets(_data(60, dyn_wins=12))
+    assert "60 paired samples (target ≥ 50): **met**" in text
+    assert "dynsplit − fixed = +20.0 points" in text
+    assert "(target ≥ +3 with the CI above 0): **met**" in text
+    assert "dense fallbacks 0 (target 0): **met**" in text
+    # dynsplit 70% vs full KV 100%: more than 10 points behind.
+    assert "dynsplit 70.0 vs full KV 100.0 (-30.0 points; target within 10): **missed**" in text
+
+
+def test_targets_missed_on_too_few_samples_or_a_tie():
+    few = report.headline_targets(_data(20, dyn_wins=6))
+    assert "20 paired samples (target ≥ 50): **missed**" in few
+    tie = report.headline_targets(_data(60, dyn_wins=0))
+    assert "dynsplit − fixed = +0.0 points" in tie and "CI above 0): **missed**" in tie
