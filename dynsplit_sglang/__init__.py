@@ -2,7 +2,8 @@
 
 Servers pick it up through the ``sglang.srt.plugins`` entry point (``--kv-compression dynsplit``).
 For ``sgl.Engine(kv_compression=..., dynsplit_config=...)``, call ``activate()`` first so the
-keyword arguments are understood (or set ``SGLANG_DYNSPLIT`` to the settings' JSON).
+keyword arguments are understood (or set ``SGLANG_DYNSPLIT`` to the settings' JSON). Per request:
+``sampling_params.custom_params["dynsplit"]`` (see ``dynsplit_sglang.overrides``).
 """
 
 __version__ = "0.1.0"
@@ -16,7 +17,8 @@ def activate() -> None:
 
 
 def request_id(unique=None, **overrides) -> str:
-    """A request id carrying per-request DynSplit overrides (see ``dynsplit_sglang.overrides``)."""
+    """A request id carrying per-request DynSplit overrides: the alias of
+    ``sampling_params.custom_params["dynsplit"]`` (see ``dynsplit_sglang.overrides``)."""
     from .overrides import request_id as make
 
     return make(unique, **overrides)

@@ -42,12 +42,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def server_command(model_path, port: int, host: str = "127.0.0.1", extra_args=()) -> list[str]:
+LAUNCH_SERVER = (sys.executable, "-m", "sglang.launch_server")
+# SGLang's recommended entry point (the console script next to this interpreter).
+SGLANG_SERVE = (os.path.join(os.path.dirname(sys.executable), "sglang"), "serve")
+
+
+def server_command(model_path, port: int, host: str = "127.0.0.1", extra_args=(),
+                   entry=LAUNCH_SERVER, base_args=None) -> list[str]:
+    """base_args: the flags before extra_args (default CPU_SERVER_ARGS; a GPU run passes its
+    own, e.g. benchmarks/gpu/serve_check.py)."""
     return [
-        sys.executable, "-m", "sglang.launch_server",
+        *entry,
         "--model-path", str(model_path),
         "--host", host, "--port", str(port),
-        *CPU_SERVER_ARGS, *extra_args,
+        *(CPU_SERVER_ARGS if base_args is None else base_args), *extra_args,
     ]  # fmt: skip
 
 
@@ -82,10 +90,13 @@ def start_server(
     host: str = "127.0.0.1",
     health_timeout: float = 300.0,
     env: dict | None = None,
+    entry=LAUNCH_SERVER,
+    base_args=None,
 ) -> ServerHandle:
     """Launch a server in its own process group and wait until /health answers 200.
 
-    ``env`` is the server's complete environment (default: this process's).
+    ``env`` is the server's complete environment (default: this process's); ``entry`` the
+    command before the flags (``SGLANG_SERVE`` for ``sglang serve``).
     """
     port = port or free_port(host)
     model_path = Path(model_path).resolve() if Path(model_path).exists() else model_path
@@ -95,7 +106,7 @@ def start_server(
         log_path = cache_dir() / "logs" / f"sglang-server-{port}.log"
     log_path = Path(log_path).resolve()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = server_command(model_path, port, host, extra_args)
+    cmd = server_command(model_path, port, host, extra_args, entry, base_args)
     with open(log_path, "wb") as log:
         # A neutral cwd: from the repo root `import kernels` would find our kernels/ folder.
         # start_new_session: one killpg reaches the scheduler and detokenizer too.

@@ -1,12 +1,18 @@
-"""Per-request overrides of the DynSplit parameters, carried in the request id.
+"""Per-request overrides of the DynSplit parameters.
 
-SGLang 0.5.23 hands every request's ``rid`` down to the attention backend (``ForwardBatch.rids``)
-whatever the entry point (``/generate``, the OpenAI endpoints, the frontend language), so an id of
-the form ``dynsplit:<field>=<value>,...:<unique part>`` lets one radix-cached server serve several
-strategies and budgets side by side (the accuracy suite pays each prompt's prefill once)::
+The channel is SGLang's own request field ``sampling_params.custom_params["dynsplit"]``, a JSON
+object of field: value (``/generate``; the OpenAI endpoints take ``custom_params`` in the body,
+``extra_body`` in the OpenAI client)::
 
-    rid = request_id(strategy="fixed", budget_fraction=0.125)
-    requests.post(url + "/generate", json={"text": ..., "rid": rid, ...})
+    {"text": ..., "sampling_params": {"max_new_tokens": 64,
+                                      "custom_params": {"dynsplit": {"strategy": "fixed",
+                                                                     "budget_fraction": 0.125}}}}
+
+Alias: a request id of the form ``dynsplit:<field>=<value>,...:<unique part>``
+(``request_id(...)``), for clients that can set the rid but not custom_params. Both forms are
+validated the same way, once, when SGLang admits the request (``patches/admission.py``): an invalid
+override is an HTTP 400 naming the field, and the request does not run. ``strategy="none"`` runs
+the request dense (it attends to its whole context).
 """
 
 from __future__ import annotations
@@ -14,32 +20,56 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from functools import lru_cache
+from typing import Any
 
 from .core import ConfigError, DynSplitConfig
 
 PREFIX = "dynsplit:"
+KEY = "dynsplit"  # in sampling_params.custom_params
+RID_WHERE = "rid dynsplit:"  # how errors name a rid-form override's fields
 # Server-wide by construction: the compressed layers, the vote width and the sink size the
 # block store and the decode plan of the whole batch.
-_FIELDS = {f.name for f in dataclasses.fields(DynSplitConfig)} - {
-    "dense_layers", "future_window", "sink", "score_layers", "evict"}
-_DENSE = 2**31 - 1  # strategy=none: a budget no context reaches
+SERVER_ONLY = ("dense_layers", "future_window", "sink", "score_layers", "evict")
+FIELDS = tuple(sorted({f.name for f in dataclasses.fields(DynSplitConfig)} - set(SERVER_ONLY)))
+_MAX_ITEMS = 16  # more keys than fields: refused before anything is parsed
+# Client-side checks refuse nothing that depends on the server (its geometry, sink, recent).
+_FINEST = DynSplitConfig(block_size=2, tolerance=1, sink=0, recent=1)
+
+
+def _at(where: str, field: Any) -> str:
+    return f"{where}{field}" if where.endswith(":") else f"{where}.{field}"
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 def request_id(unique: str | None = None, **overrides) -> str:
-    """A request id carrying these overrides (validated here, so a bad one fails at the client)."""
-    unknown = sorted(set(overrides) - _FIELDS)
-    if unknown:
-        raise ConfigError(f"request override: field(s) {unknown} cannot be set per request; "
-                          f"settable: {sorted(_FIELDS)}")
-    _apply(DynSplitConfig(), dict(overrides))  # validates
+    """A request id carrying these overrides (validated here as far as the client can: the
+    server checks them again against its own geometry and context length)."""
+    check(overrides, _FINEST, where="request_id")
     body = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     return f"{PREFIX}{body}:{unique or uuid.uuid4().hex}"
 
 
-def _value(name: str, text: str):
-    default = getattr(DynSplitConfig(), name)
-    if name in ("budget", "budget_fraction") and text == "None":
+def from_request_id(rid: Any) -> dict | None:
+    """The overrides a request id carries (values as text), or None for an ordinary id."""
+    if not isinstance(rid, str) or not rid.startswith(PREFIX):
         return None
+    body = rid[len(PREFIX):].split(":", 1)[0]
+    items = [i for i in body.split(",") if i]
+    if len(items) > _MAX_ITEMS:
+        raise ConfigError(f"{RID_WHERE} {len(items)} items; at most {len(FIELDS)} fields")
+    out = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        out[name] = text
+    return out
+
+
+def _text_value(name: str, text: str):
+    default = getattr(DynSplitConfig(), name)
     if name == "budget_fraction" or isinstance(default, float):
         return float(text)
     if isinstance(default, int) or name == "budget":
@@ -47,29 +77,60 @@ def _value(name: str, text: str):
     return text
 
 
-@lru_cache(maxsize=4096)
-def parse_request_id(rid: str | None, base: DynSplitConfig) -> DynSplitConfig | None:
-    """The request's configuration, or None when its id carries no override."""
-    if not rid or not rid.startswith(PREFIX):
-        return None
-    body = rid[len(PREFIX):].split(":", 1)[0]
+def check(overrides: Any, base: DynSplitConfig, where: str = "custom_params.dynsplit",
+          context_len: int | None = None, from_text: bool = False) -> DynSplitConfig:
+    """The request's configuration; ConfigError naming ``where.<field>`` when it is invalid."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where} must be a JSON object of field: value, got "
+                          f"{type(overrides).__name__}")
+    if len(overrides) > _MAX_ITEMS:
+        raise ConfigError(f"{where}: {len(overrides)} keys; at most {len(FIELDS)} fields")
     changes = {}
-    for item in filter(None, body.split(",")):
-        name, _, text = item.partition("=")
-        if name not in _FIELDS:
-            raise ConfigError(f"request override: field {name!r} cannot be set per request "
-                              f"(rid {rid!r})")
-        try:
-            changes[name] = _value(name, text)
-        except ValueError:
-            raise ConfigError(f"request override: {name}={text!r} is not a valid value") from None
-    return _check_geometry(_apply(base, changes), base)
+    for name, value in overrides.items():
+        if name not in FIELDS:
+            why = ("set per server only" if name in SERVER_ONLY else "not a DynSplit field")
+            raise ConfigError(f"{_at(where, _short(name))} cannot be set per request ({why}); "
+                              f"settable: {list(FIELDS)}", name, value)
+        if from_text:
+            try:
+                value = _text_value(name, value)
+            except ValueError:
+                raise ConfigError(f"{_at(where, name)}={_short(value)} is not a valid value", name,
+                                  value) from None
+        if value is None:  # would mean the library default, not the server's setting
+            raise ConfigError(f"{_at(where, name)} is null; give a value or leave it out", name)
+        changes[name] = value
+    try:
+        cfg = _resolve(tuple(sorted(changes.items(), key=lambda kv: kv[0])), base)
+    except ConfigError as e:
+        if e.field is None:
+            raise ConfigError(f"{where}: {e}") from None
+        if e.field == "budget" and isinstance(e.value, tuple):
+            raise ConfigError(f"{where}: give at most one of budget (tokens) or budget_fraction "
+                              "(of the context)", e.field, e.value) from None
+        expected = e.expected + (" or 'none' (dense)" if e.field == "strategy" else "")
+        raise ConfigError(f"{_at(where, e.field)}={_short(e.value)} is invalid; expected "
+                          f"{expected}", e.field, e.value, expected) from None
+    except TypeError as e:  # an unhashable value (list, object) where a scalar belongs
+        raise ConfigError(f"{where}: values must be numbers or strings ({e})") from None
+    if context_len is not None and cfg.budget is not None and cfg.budget > context_len:
+        raise ConfigError(f"{_at(where, 'budget')}={cfg.budget} is above the model's context "
+                          f"length ({context_len} tokens)", "budget", cfg.budget)
+    return cfg
 
 
-def _apply(base: DynSplitConfig, changes: dict) -> DynSplitConfig:
-    if changes.get("strategy") == "none":
-        changes.update(strategy=base.strategy, budget=_DENSE, budget_fraction=None)
-    return base.replace(**changes)
+@lru_cache(maxsize=4096)
+def _resolve(items: tuple, base: DynSplitConfig) -> DynSplitConfig:
+    changes = dict(items)
+    if changes.get("strategy") == "none":  # the whole context, whatever its length
+        changes.update(strategy=base.strategy, budget=None, budget_fraction=1.0)
+    return _check_geometry(base.replace(**changes), base)
+
+
+def parse_request_id(rid: str | None, base: DynSplitConfig) -> DynSplitConfig | None:
+    """The configuration a rid-form request runs with, or None when its id carries none."""
+    found = from_request_id(rid)
+    return None if found is None else check(found, base, RID_WHERE, from_text=True)
 
 
 def _check_geometry(cfg: DynSplitConfig, base: DynSplitConfig) -> DynSplitConfig:
@@ -77,8 +138,10 @@ def _check_geometry(cfg: DynSplitConfig, base: DynSplitConfig) -> DynSplitConfig
     # would overflow them and silently attend densely, so it is refused instead.
     if cfg.min_block_len < base.min_block_len:
         raise ConfigError(
-            f"request override: block_size={cfg.block_size}, tolerance={cfg.tolerance} allows "
+            f"block_size={cfg.block_size}, tolerance={cfg.tolerance} allows "
             f"{cfg.min_block_len}-token blocks, finer than the server's {base.min_block_len} "
             "(its block tables are sized for those); start the server with "
-            "--dynsplit-block-size/--dynsplit-tolerance for finer blocks")
+            "--dynsplit-block-size/--dynsplit-tolerance for finer blocks", "block_size",
+            cfg.block_size, f"blocks no finer than the server's {base.min_block_len} tokens "
+            "(block_size - tolerance)")
     return cfg

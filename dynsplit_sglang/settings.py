@@ -2,8 +2,10 @@
 carried to every SGLang process.
 
 SGLang 0.5.23's ServerArgs is a sealed msgspec record built at import time, so a plugin cannot add
-fields; the settings travel instead as JSON in the environment variable ``SGLANG_DYNSPLIT`` that
-spawned schedulers inherit (and that Engine users may set themselves).
+fields; the settings ride on it as the bookkeeping attribute ``ServerArgs._dynsplit`` (JSON), which
+SGLang pickles with the record to every scheduler. ``Settings.of(server_args)`` is the one way any
+process reads them. The environment variable ``SGLANG_DYNSPLIT`` is only an input, read where
+ServerArgs are made (``patches/server_args.py``, ``patches/engine.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from .core import ConfigError, DynSplitConfig
+from .core.config import CANDIDATE_MODES, SCORES
 from .core.strategies import STRATEGIES, load_env
+from .graph_support import cuda_graph_problem
 
 ENV = "SGLANG_DYNSPLIT"
+ATTR = "_dynsplit"  # the ServerArgs attribute the settings travel on
 load_env()  # strategies kept outside the package travel to every process like the settings
 # The one list of SGLang 0.5.23 attention backends compressed decode runs on: name (as in
 # --attention-backend) -> the SGLang class it extends (runtime/backends.py, patches/attention.py).
@@ -27,9 +33,44 @@ SUPPORTED_BACKENDS = {
     "triton": "sglang.srt.layers.attention.triton_backend.TritonAttnBackend",
 }
 _TYPES = {"budget": int, "budget_fraction": float, "alpha": float}
-_BOOL_HELP = {"evict": "Free the KV slots of each request's least important blocks once its "
-                       "prompt is split, keeping sink, recent window and top blocks within the "
-                       "budget (memory, not only attention). Needs --disable-overlap-schedule."}
+_CHOICES = {"candidates": CANDIDATE_MODES, "score": SCORES}
+FIELD_HELP = {
+    "budget": "K/V tokens attended per decode step, per KV head of each compressed layer, sink "
+              "and recent window included: an integer >= sink + recent and at most the model's "
+              "context length. Requests no longer than it run dense. Default {default} unless "
+              "--dynsplit-budget-fraction is given.",
+    "budget_fraction": "The budget as the fraction of the context KEPT (attended) at each "
+                       "decode step, in (0, 1]: 0.125 attends 1/8 of the tokens (never fewer "
+                       "than sink + recent). Replaces --dynsplit-budget.",
+    "block_size": "C: the target block length in tokens; blocks end at a delimiter between "
+                  "C - Δ and C + Δ tokens. Integer in [2, 4096]. Default {default}.",
+    "tolerance": "Δ: how far, in tokens, a block's length may stray from C. Integer in "
+                 "[0, C - 1]. Default {default}.",
+    "alpha": "α: weight of the distant-context penalty in a delimiter's importance score "
+             "(0 = only the attention its block keeps). Number in [0, 100]. Default {default}.",
+    "future_window": "|F|: the queries after a candidate delimiter that vote on it, in tokens. "
+                     "Integer in [1, 256]. Default {default}.",
+    "sink": "Tokens at the start of the context that are always attended (attention sink). "
+            "Integer in [0, 1024]. Default {default}.",
+    "recent": "Most recent tokens that are always attended. Integer in [1, 65536]. "
+              "Default {default}.",
+    "candidates": "Which tokens may end a block: punct (punctuation, newlines) or all. "
+                  "Default {default}.",
+    "dense_layers": "The first N layers decode densely (uncompressed). Integer in [0, 1024]. "
+                    "Default {default}.",
+    "score_layers": "Layers (evenly spaced) whose attention votes on block boundaries; 0 = all "
+                    "layers. Default {default}.",
+    "score": "How a block is scored against the query from its summary, without reading its "
+             "keys: gauss (the block's mean key plus --dynsplit-spread expected-maximum "
+             "deviations of its keys along the query) or bound (Quest's upper bound from the "
+             "keys' channel-wise min/max box). Default {default}.",
+    "spread": "gauss score only: how many expected-maximum deviations above a block's mean key "
+              "its score reaches; higher favours blocks whose keys vary more. Number in "
+              "(0, 16]. Default {default}.",
+    "evict": "Free the KV slots of each request's least important blocks once its prompt is "
+             "split, keeping sink, recent window and top blocks within the budget (memory, not "
+             "only attention). Needs --disable-overlap-schedule.",
+}
 
 
 def methods() -> tuple[str, ...]:
@@ -37,8 +78,31 @@ def methods() -> tuple[str, ...]:
     return ("none", *STRATEGIES)
 
 
-def _flag(field: str) -> str:
+def method_help() -> str:
+    """--kv-compression's help: each registered strategy's one-line description."""
+    named = "; ".join(f"{name}: {s.description or 'a registered strategy'}"
+                      for name, s in STRATEGIES.items())
+    return (f"KV-cache compression at decode. {named}; none: dense attention (the default). "
+            "Prefill is always dense.")
+
+
+def flag(field: str) -> str:
     return "--dynsplit-" + field.replace("_", "-")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def flag_message(e: ConfigError) -> str:
+    """The error as a command-line user reads it: the flag, not the config field."""
+    if e.field is None:
+        return str(e)
+    if e.field == "budget" and isinstance(e.value, tuple):
+        return ("give exactly one of --dynsplit-budget (tokens) or --dynsplit-budget-fraction "
+                "(of the context)")
+    return f"{flag(e.field)} {_short(e.value)} is invalid; expected {e.expected}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +116,10 @@ class Settings:
 
     def to_json(self) -> str:
         return json.dumps({"kv_compression": self.method, **self.config.to_dict()})
+
+    def describe(self) -> dict:
+        """What /server_info shows."""
+        return {"kv_compression": self.method, **(self.config.to_dict() if self.enabled else {})}
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> "Settings":
@@ -72,15 +140,40 @@ class Settings:
         return cls(method, DynSplitConfig.from_dict(data))
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        raw = os.environ.get(ENV)
-        if not raw:
-            return cls()
+    def from_json(cls, raw: str, source: str = ENV) -> "Settings":
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{ENV} is not valid JSON ({e})") from None
+            raise ConfigError(f"{source} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} must be a JSON object")
         return cls.from_mapping(data)
+
+    @classmethod
+    def from_env(cls) -> "Settings | None":
+        """The input given as SGLANG_DYNSPLIT (None when unset)."""
+        raw = os.environ.get(ENV)
+        return cls.from_json(raw) if raw else None
+
+    @classmethod
+    def of(cls, server_args: Any) -> "Settings":
+        """The settings that travel with these ServerArgs (compression off when none do)."""
+        raw = getattr(server_args, ATTR, None)
+        return _parsed(raw) if raw else cls()
+
+    def attach(self, server_args: Any) -> None:
+        """Put these settings on the ServerArgs that SGLang hands to every scheduler ("" when
+        compression is off: settled, so no later input can turn it on)."""
+        setattr(server_args, ATTR, self.to_json() if self.enabled else "")
+
+    @staticmethod
+    def settled(server_args: Any) -> bool:
+        return getattr(server_args, ATTR, None) is not None
+
+
+@lru_cache(maxsize=8)
+def _parsed(raw: str) -> Settings:
+    return Settings.from_json(raw, f"ServerArgs.{ATTR}")
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -88,31 +181,38 @@ class Settings:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --kv-compression and one --dynsplit-* flag per DynSplitConfig field."""
-    group = parser.add_argument_group("KV compression (dynsplit-sglang)")
-    group.add_argument("--kv-compression", choices=methods(), default=None,
-                       help="KV-cache compression at decode: DynSplit-KV semantic blocks "
-                            "('dynsplit') or a rigid baseline. Default: none.")
+    group = parser.add_argument_group(
+        "KV compression (dynsplit-sglang)",
+        "Budgets count K/V tokens per KV head of each compressed layer and decode step.")
+    group.add_argument("--kv-compression", choices=methods(), default=None, help=method_help())
     group.add_argument("--dynsplit-config", default=None, metavar="JSON",
                        help="DynSplit parameters as one JSON object (fields as the flags below, "
-                            "with underscores); individual flags take precedence.")
+                            "with underscores, e.g. '{\"budget_fraction\": 0.125}'); individual "
+                            "flags take precedence.")
     defaults = DynSplitConfig()
     for f in dataclasses.fields(DynSplitConfig):
         if f.name == "strategy":
             continue
-        if isinstance(getattr(defaults, f.name), bool):
-            group.add_argument(_flag(f.name), action="store_const", const=True, default=None,
-                               help=_BOOL_HELP[f.name])
+        default = getattr(defaults, f.name)
+        text = FIELD_HELP[f.name].format(default=default)
+        if isinstance(default, bool):
+            # store_true with default None: "not given" stays distinguishable, and SGLang's
+            # --config merger accepts store_true flags (not store_const).
+            group.add_argument(flag(f.name), action="store_true", default=None, help=text)
             continue
-        typ = _TYPES.get(f.name) or type(getattr(defaults, f.name))
-        group.add_argument(_flag(f.name), type=typ, default=None,
-                           help=f"DynSplit {f.name} (default {getattr(defaults, f.name)}).")
+        typ = _TYPES.get(f.name) or type(default)
+        group.add_argument(flag(f.name), type=typ, default=None, choices=_CHOICES.get(f.name),
+                           help=text)
 
 
 def strip_and_parse(argv: list[str]) -> tuple[list[str], Settings | None]:
     """Split our flags off argv (SGLang's own parser must not see them); None if none given."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     add_arguments(parser)
-    ns, rest = parser.parse_known_args(argv)
+    try:
+        ns, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:  # names the flag: "argument --dynsplit-...: ..."
+        raise ConfigError(str(e)) from None
     given = {k: v for k, v in vars(ns).items() if v is not None}
     if not given:
         return list(argv), None
@@ -180,6 +280,33 @@ def validate_server_args(settings: Settings, sa: Any) -> None:
              "extend attention masks evicted slots so far"),
         ]
     problems += [msg for bad, msg in checks if bad]
+    graphs = cuda_graph_problem(sa)  # never a silent dense decode under SGLang's graphs
+    if graphs:
+        problems.append(graphs)
     if problems:
         raise ConfigError(f"--kv-compression {settings.method} cannot run with: "
                           + "; ".join(problems))
+
+
+def check_model(settings: Settings, model_config: Any) -> None:
+    """Fail before serving for models the block store cannot describe, and for budgets the
+    model's context can never reach (SGLang's ``ModelConfig``: attention_arch, context_len)."""
+    if not settings.enabled:
+        return
+    arch = getattr(model_config, "attention_arch", None)
+    if arch is not None and getattr(arch, "name", str(arch)) != "MHA":
+        raise ConfigError(f"--kv-compression: attention architecture {arch} (MLA/DSA) is not "
+                          "supported; use a model with multi-head or grouped-query attention")
+    if getattr(model_config, "is_hybrid_swa", False) or getattr(model_config, "is_hybrid", False):
+        raise ConfigError("--kv-compression: hybrid (sliding-window or linear) attention models "
+                          "are not supported")
+    ctx, cfg = getattr(model_config, "context_len", None), settings.config
+    if not isinstance(ctx, int):
+        return
+    if cfg.budget is not None and cfg.budget > ctx:
+        raise ConfigError(f"--dynsplit-budget {cfg.budget} is above the model's context length "
+                          f"({ctx} tokens): no request could ever be compressed; use at most "
+                          f"{ctx} or --dynsplit-budget-fraction")
+    if cfg.sink + cfg.recent >= ctx:
+        raise ConfigError(f"--dynsplit-sink {cfg.sink} + --dynsplit-recent {cfg.recent} cover the "
+                          f"model's whole context ({ctx} tokens): nothing would be compressed")

@@ -6,6 +6,11 @@ answers. The radix cache serves the shared prefix to every session after the fir
 compressor reuses that prefix's semantic blocks instead of rebuilding them: the counters printed
 at the end show blocks built vs reused and K/V tokens attended vs what dense attention reads.
 
+Each session may also set its own compression: the program's ``dynsplit`` argument travels as
+``sampling_params.custom_params["dynsplit"]`` through ``dynsplit_sglang.frontend.RuntimeEndpoint``
+(SGLang's endpoint, which forwards neither a rid nor custom_params), and every generation's meta
+info reports what it used (strategy, budget, K/V tokens attended vs dense, blocks built/reused).
+
     python examples/agent_frontend.py                       # starts and stops its own server
     python examples/agent_frontend.py --base-url http://127.0.0.1:30000   # a running server
                                                             # (started with --enable-metrics)
@@ -21,6 +26,7 @@ from pathlib import Path
 import sglang as sgl
 
 from dynsplit_sglang import launcher, models
+from dynsplit_sglang.frontend import RuntimeEndpoint
 
 COMPRESSION = ["--kv-compression", "dynsplit", "--dynsplit-budget-fraction", "0.25",
                "--enable-metrics"]
@@ -62,18 +68,20 @@ def system_prompt() -> str:
     return "\n".join(lines)
 
 
+# (task, tool observation, this session's compression: None = the server's settings)
 SESSIONS = [
     ("What will the weather be in Paris tomorrow?",
-     '{"city": "Paris", "tomorrow": {"high_c": 14, "low_c": 7, "sky": "light rain"}}'),
-    ("How many kilometres is 26.2 miles?", '{"value": 42.16, "unit": "km"}'),
+     '{"city": "Paris", "tomorrow": {"high_c": 14, "low_c": 7, "sky": "light rain"}}', None),
+    ("How many kilometres is 26.2 miles?", '{"value": 42.16, "unit": "km"}',
+     {"budget_fraction": 0.5}),
     ("Do I have meetings on 2026-11-25?",
      '{"meetings": [{"time": "10:00", "title": "design review"}, '
-     '{"time": "15:30", "title": "1:1 with Sam"}]}'),
+     '{"time": "15:30", "title": "1:1 with Sam"}]}', {"strategy": "fixed", "budget": 256}),
 ]
 
 
 @sgl.function
-def agent(s, task, observation):
+def agent(s, task, observation, dynsplit=None):  # dynsplit: read by the endpoint
     s += sgl.system(system_prompt())
     s += sgl.user(task)
     s += sgl.assistant(sgl.gen("plan", max_tokens=40, temperature=0))
@@ -93,23 +101,29 @@ def dynsplit_counters(base_url: str) -> dict:
 
 def run(base_url: str) -> dict:
     # SmolLM2 is trained on ChatML; the frontend cannot guess that from a local folder's name.
-    sgl.set_default_backend(sgl.RuntimeEndpoint(base_url, chat_template_name="chatml"))
-    states = agent.run_batch([{"task": t, "observation": o} for t, o in SESSIONS],
-                             num_threads=1, progress_bar=True)
-    for (task, _), st in zip(SESSIONS, states):
+    sgl.set_default_backend(RuntimeEndpoint(base_url, chat_template_name="chatml"))
+    states = agent.run_batch([{"task": t, "observation": o, "dynsplit": d}
+                              for t, o, d in SESSIONS], num_threads=1, progress_bar=True)
+    for (task, _, _), st in zip(SESSIONS, states):
         plan, answer = st.get_meta_info("plan"), st.get_meta_info("answer")
+        mine = answer["dynsplit"]
         print(f"\n--- user: {task}")
         print(f"plan:   {st['plan'].strip()}")
         print(f"answer: {st['answer'].strip()}")
         print(f"prompt tokens {plan['prompt_tokens']} (cached {plan['cached_tokens']}) -> "
               f"{answer['prompt_tokens']} (cached {answer['cached_tokens']})")
+        print(f"compression ({mine['source']}): {mine['strategy']}, budget "
+              f"{mine['budget'] or mine['budget_fraction']}; K/V tokens attended "
+              f"{mine['tokens_attended']} of {mine['tokens_dense']}; blocks built "
+              f"{mine['blocks_built']}, reused {mine['blocks_reused']}")
     c = dynsplit_counters(base_url)
     print("\nDynSplit counters:")
     print(f"  blocks built {c.get('blocks_built', 0):.0f}, reused from shared prefixes "
           f"{c.get('blocks_reused', 0):.0f}")
     print(f"  K/V tokens attended {c.get('tokens_attended', 0):.0f} of "
           f"{c.get('tokens_dense', 0):.0f} (compression {c.get('compression_ratio', 1):.2f}x)")
-    return {"counters": c, "cached": [s.get_meta_info("answer")["cached_tokens"] for s in states]}
+    return {"counters": c, "cached": [s.get_meta_info("answer")["cached_tokens"] for s in states],
+            "compression": [s.get_meta_info("answer")["dynsplit"] for s in states]}
 
 
 def _exit_on_sigterm(*_):

@@ -55,6 +55,23 @@ class SparseDecodeWrapper:
         """selection: the step's SelectionPlan (core.plan_selection); summary_index: [B, NB]
         summary rows of the plan's blocks (-1 = none); token_slots: [B, T] position → KV slot;
         l2: the score's radius norm (core.selection.score_blocks), one bool or a [B] tensor."""
+        side = self.kernels.side
+        if side == "triton" and isinstance(l2, bool):  # the kernel reads a per-request flag
+            l2 = torch.full((selection.seq_lens.shape[0],), int(l2), dtype=torch.int32,
+                            device=token_slots.device)
+        self._install(selection, summary_index, token_slots, l2)
+        if side == "torch":
+            from . import cpu
+            self._max_kept = cpu.max_kept_blocks(selection)  # host read: plan time only
+
+    def plan_static(self, selection: SelectionPlan, summary_index: torch.Tensor,
+                    token_slots: torch.Tensor, l2: torch.Tensor) -> None:
+        """Use a plan whose tensors the caller keeps and refreshes in place (a captured CUDA
+        graph reads them by address: runtime/graphs.py), the per-request radius norm included
+        (l2: bool [B]). No host read; the selection is the core's on every side."""
+        self._install(selection, summary_index, token_slots, l2)
+
+    def _install(self, selection, summary_index, token_slots, l2) -> None:
         self.selection_plan = selection
         self._summary_index = summary_index
         self._token_slots = token_slots
@@ -62,16 +79,19 @@ class SparseDecodeWrapper:
         self.last_selection = None
         self._mid = None
         self._max_kept = None
-        side = self.kernels.side
-        if side == "triton" and isinstance(l2, bool):  # the kernel reads a per-request flag
-            self._l2 = torch.full((selection.seq_lens.shape[0],), int(l2), dtype=torch.int32,
-                                  device=token_slots.device)
-        if side == "triton" and self.num_kv_heads is not None:
+        if self.kernels.side == "triton" and self.num_kv_heads is not None:
             batch = selection.seq_lens.shape[0]
             self._mid = self._workspace(batch, selection.capacity, token_slots.device)
-        elif side == "torch":
-            from . import cpu
-            self._max_kept = cpu.max_kept_blocks(selection)  # host read: plan time only
+
+    def reserve(self, max_batch: int, dev) -> None:
+        """Allocate the Triton split workspace for batches up to `max_batch` once, so that later
+        plans never move it (captured graphs keep its address)."""
+        if self.kernels.side != "triton" or self.num_kv_heads is None:
+            return
+        from . import sparse_decode as sd
+        need = max_batch * self.num_q_heads * (self.max_splits or sd.MAX_SPLITS) * (
+            self.head_dim_v + 1)
+        self._buffer = torch.empty(need, dtype=torch.float32, device=dev)
 
     def _workspace(self, batch: int, capacity: int, dev: torch.device):
         from . import sparse_decode as sd  # imports triton: only on the Triton side

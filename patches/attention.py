@@ -9,7 +9,7 @@ page-size rules) as it is.
 
 from __future__ import annotations
 
-from dynsplit_sglang.settings import SUPPORTED_BACKENDS, Settings, validate_server_args
+from dynsplit_sglang.settings import SUPPORTED_BACKENDS, Settings, check_model, validate_server_args
 
 REGISTRY = "sglang.srt.layers.attention.attention_registry.ATTENTION_BACKENDS"
 WRAPPED = tuple(SUPPORTED_BACKENDS)
@@ -17,13 +17,17 @@ WRAPPED = tuple(SUPPORTED_BACKENDS)
 
 def _wrap(name: str, original):
     def factory(runner):
-        settings = Settings.from_env()
+        settings = Settings.of(runner.server_args)  # what travelled with the ServerArgs
         if not settings.enabled:
             return original(runner)
-        validate_server_args(settings, runner.server_args)
-        from dynsplit_sglang.runtime.backends import backend_class, check_model
+        from dynsplit_sglang.patches import native_extend, require_all
 
-        check_model(runner)
+        require_all()
+        validate_server_args(settings, runner.server_args)
+        check_model(settings, runner.model_config)
+        native_extend.MASK_EVICTED = settings.config.evict
+        from dynsplit_sglang.runtime.backends import backend_class
+
         return backend_class(name)(runner, settings)
 
     factory.__dynsplit_wraps__ = original

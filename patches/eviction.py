@@ -15,7 +15,8 @@ register_radix_cache_backend("dynsplit-evict", ...)``, SGLang's own plugin point
 ``--dynsplit-evict`` selects it (``--radix-cache-backend dynsplit-evict``). It builds the classic
 ``sglang.srt.mem_cache.radix_cache.RadixCache`` with the accounting below: the default
 ``UnifiedRadixCache`` keeps its sizes in per-component ledgers this plugin does not reach.
-``MASK_EVICTED`` makes the torch_native extend patch (``native_extend``) attend to live keys only.
+``MASK_EVICTED`` makes the torch_native extend patch (``native_extend``) attend to live keys only
+(set by the attention backend factory when the server's settings ask for eviction).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def build(ctx):
     return _cache_class()(ctx.params)
 
 
-def register(evict: bool) -> list[str]:
+def register() -> list[str]:
     from sglang.srt.mem_cache.registry import (
         register_radix_cache_backend,
         registered_radix_cache_backends,
@@ -132,10 +133,6 @@ def register(evict: bool) -> list[str]:
 
     if NAME not in registered_radix_cache_backends():
         register_radix_cache_backend(NAME, build)
-    if evict:
-        from . import native_extend
-
-        native_extend.MASK_EVICTED = True
     return [TARGET]
 
 

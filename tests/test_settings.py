@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dynsplit_sglang.core import ConfigError, DynSplitConfig
+from dynsplit_sglang.core.strategies import STRATEGIES
 from dynsplit_sglang.overrides import parse_request_id, request_id
 from dynsplit_sglang.settings import Settings, add_arguments, strip_and_parse, validate_server_args
 
@@ -15,6 +16,13 @@ def test_flags_are_split_off_and_parsed():
                                "--dynsplit-budget", "512", "--dynsplit-alpha", "0.5", "--port", "1"])
     assert rest == ["--model-path", "m", "--port", "1"]
     assert s.method == "dynsplit" and s.config.budget == 512 and s.config.alpha == 0.5
+
+
+def test_block_score_flags():
+    _, s = strip_and_parse(["--kv-compression", "dynsplit", "--dynsplit-score", "bound",
+                            "--dynsplit-spread", "2.5"])
+    assert s.config.score == "bound" and s.config.spread == 2.5
+    assert s.config.summary_spread is None  # bound: the min/max box
 
 
 def test_json_config_and_flag_precedence():
@@ -42,25 +50,74 @@ def test_invalid_flags_are_clear_errors(argv, match):
         strip_and_parse(argv)
 
 
-def test_unknown_method_rejected_by_argparse():
-    with pytest.raises(SystemExit):
+def test_unknown_method_is_a_config_error_naming_the_flag():
+    with pytest.raises(ConfigError, match="--kv-compression: invalid choice: 'quest'"):
         strip_and_parse(["--kv-compression", "quest"])
 
 
-def test_help_lists_every_flag():
+def test_help_lists_every_flag_with_its_unit_meaning_and_choices():
     p = argparse.ArgumentParser()
     add_arguments(p)
-    text = p.format_help()
+    text = " ".join(p.format_help().split())  # argparse wraps lines
     for flag in ("--kv-compression", "--dynsplit-budget", "--dynsplit-block-size",
                  "--dynsplit-tolerance", "--dynsplit-alpha", "--dynsplit-sink",
-                 "--dynsplit-recent", "--dynsplit-dense-layers", "--dynsplit-config"):
+                 "--dynsplit-recent", "--dynsplit-dense-layers", "--dynsplit-config",
+                 "--dynsplit-evict", "--dynsplit-score-layers", "--dynsplit-future-window",
+                 "--dynsplit-score", "--dynsplit-spread"):
         assert flag in text
+    methods = "{" + ",".join(("none", *STRATEGIES)) + "}"  # tests may register more
+    for words in (methods, "{punct,all}", "{gauss,bound}", "dynsplit: DynSplit-KV",
+                  "streaming: sink + recent window only", "none: dense attention",
+                  "mean key plus --dynsplit-spread expected-maximum deviations",
+                  "Quest's upper bound", "Number in (0, 16]. Default 1.5.",
+                  "C: the target block length in tokens", "Δ: how far, in tokens",
+                  "α: weight of the distant-context penalty", "fraction of the context KEPT",
+                  "K/V tokens attended per decode step, per KV head", "Default 16",
+                  "at most the model's context length"):
+        assert words in text, words
 
 
-def test_env_round_trip(monkeypatch):
+def test_flag_errors_name_the_flag_not_the_config_field():
+    from dynsplit_sglang.settings import flag_message
+
+    for argv, want in [
+        (["--dynsplit-budget", "-1"], "--dynsplit-budget -1 is invalid; expected an integer >= "),
+        (["--dynsplit-tolerance", "16"], "--dynsplit-tolerance 16 is invalid; expected an integer "
+                                         "in [0, block_size-1]"),
+        (["--dynsplit-budget-fraction", "1.5"], "--dynsplit-budget-fraction 1.5 is invalid"),
+        (["--dynsplit-candidates", "words"], "argument --dynsplit-candidates: invalid choice"),
+        (["--dynsplit-budget", "x"], "argument --dynsplit-budget: invalid int value: 'x'"),
+        (["--dynsplit-score", "max"], "argument --dynsplit-score: invalid choice: 'max'"),
+        (["--dynsplit-spread", "0"], "--dynsplit-spread 0.0 is invalid; expected a finite number "
+                                     "in (0, 16]"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            strip_and_parse(["--kv-compression", "dynsplit", *argv])
+        msg = flag_message(e.value)
+        assert msg.startswith(want) and "\n" not in msg and "budget=" not in msg, msg
+
+
+def test_settings_travel_on_the_server_args_and_env_is_only_an_input(monkeypatch):
+    import pickle
+    from types import SimpleNamespace as SA  # ServerArgs pickles its underscore attributes too
+
+    sa = SA()
+    assert Settings.of(sa) == Settings() and not Settings.settled(sa)
+    s = Settings.from_mapping({"kv_compression": "fixed", "budget": 300})
+    s.attach(sa)
+    monkeypatch.setenv("SGLANG_DYNSPLIT", '{"kv_compression": "streaming"}')
+    assert Settings.of(pickle.loads(pickle.dumps(sa))) == s  # the env var is not read here
+    off = SA()
+    Settings().attach(off)  # settled as off: no later input turns it on
+    assert Settings.settled(off) and not Settings.of(off).enabled
+
+
+def test_env_input_round_trip(monkeypatch):
     s = Settings.from_mapping({"kv_compression": "delimiter", "budget": 300})
     monkeypatch.setenv("SGLANG_DYNSPLIT", s.to_json())
     assert Settings.from_env() == s
+    monkeypatch.delenv("SGLANG_DYNSPLIT")
+    assert Settings.from_env() is None
     monkeypatch.setenv("SGLANG_DYNSPLIT", "{oops")
     with pytest.raises(ConfigError, match="SGLANG_DYNSPLIT"):
         Settings.from_env()
@@ -107,7 +164,9 @@ def test_request_overrides_round_trip_and_validate():
     with pytest.raises(ConfigError, match="per request"):
         request_id(dense_layers=0)
     with pytest.raises(ConfigError, match="budget"):
-        request_id(budget=3)
+        request_id(budget=0)  # the client checks what does not depend on the server ...
+    with pytest.raises(ConfigError, match="budget=3 is invalid"):
+        parse_request_id(request_id(budget=3), base)  # ... the server the rest (sink + recent)
     with pytest.raises(ConfigError, match="per request"):
         parse_request_id("dynsplit:sink=2:x", base)
     # Finer blocks than the server's would overflow its block tables (silent dense fallback).

@@ -16,12 +16,21 @@ SCORES = ("gauss", "bound")  # block scores (core.selection.score_blocks)
 
 
 class ConfigError(ValueError):
-    """An invalid DynSplit parameter; the message names the field and its valid range."""
+    """An invalid DynSplit parameter; the message names the field and its valid range.
+
+    ``field``, ``value`` and ``expected`` (when set) let each entry point name the field its own
+    way: the command-line flag, or the request's override key."""
+
+    def __init__(self, message: str, field: str | None = None, value: Any = None,
+                 expected: str | None = None) -> None:
+        super().__init__(message)
+        self.field, self.value, self.expected = field, value, expected
 
 
 def _require(ok: bool, field: str, value: Any, valid: str) -> None:
     if not ok:
-        raise ConfigError(f"dynsplit config: {field}={value!r} is invalid; expected {valid}")
+        raise ConfigError(f"dynsplit config: {field}={value!r} is invalid; expected {valid}",
+                          field, value, valid)
 
 
 def _is_int(v: Any) -> bool:

@@ -95,8 +95,11 @@ def plan_selection(
     capacity: int | None = None, max_block_len: int | None = None,
 ) -> SelectionPlan:
     """seq_lens: [B] tokens in each sequence including the current one; budget/recent: int or [B].
-    capacity defaults to the largest budget; max_block_len bounds the block length (static
-    shapes; defaults to a host read of the longest block)."""
+    capacity (positions per request and KV head) defaults to the most any request can attend,
+    max(min(budget, seq_len)): a budget is a per-request value, possibly far above any context,
+    and must not size a tensor. max_block_len bounds the block length (static shapes; defaults
+    to a host read of the longest block); it is clipped to the capacity, since a block longer
+    than a request's block budget is never kept."""
     dev = table.starts.device
     seq = seq_lens.to(dev).long()
     b = seq.numel()
@@ -108,11 +111,12 @@ def plan_selection(
     clen = (torch.minimum(st + table.lens.long(), r0[:, None]) - cs).clamp(min=0)
     dense = seq <= bud
     clen = clen.masked_fill(dense[:, None], 0)
+    cap = int(torch.minimum(bud, seq).max()) if capacity is None else capacity
     return SelectionPlan(
         clip_start=cs, clip_len=clen, seq_lens=seq, recent_start=r0,
         block_budget=(bud - sink - (seq - r0)).clamp(min=0), dense=dense, sink=sink,
-        capacity=int(bud.max()) if capacity is None else capacity,
-        max_clip_len=int(table.lens.max()) if max_block_len is None else max_block_len,
+        capacity=cap,
+        max_clip_len=min(int(table.lens.max()) if max_block_len is None else max_block_len, cap),
     )
 
 

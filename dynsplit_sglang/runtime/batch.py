@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-from ..core import ConfigError
 from ..core.delimiters import MODES, candidate_mask
-from ..overrides import parse_request_id
 from ..settings import Settings
+from . import requests
 from .compressor import BatchView, Compressor
 from .report import Reporter
 
@@ -28,11 +27,33 @@ def _tp_all_reduce(t):
     return get_tp_group().all_reduce(t)
 
 
+def _free_slot_ids(alloc):
+    """The allocator's free slots (TokenToKVPoolAllocator: free_pages + release_pages, page 1)."""
+    import torch
+
+    parts = [getattr(alloc, a, None) for a in ("free_pages", "release_pages")]
+    parts = [p for p in parts if isinstance(p, torch.Tensor)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
 def _allocator_hooks(model_runner) -> dict:
+    hooks = {}
+    rows = getattr(model_runner, "req_to_token_pool", None)
+    if rows is not None and hasattr(rows, "free_slots"):
+        every = range(rows.req_to_token.shape[0])
+        hooks["live_rows"] = lambda: set(every) - set(rows.free_slots)
     alloc = getattr(model_runner, "token_to_kv_pool_allocator", None)
     if alloc is None:
-        return {}
-    return {"free_slots": alloc.free, "used_slots": lambda: alloc.size - alloc.available_size()}
+        return hooks
+    return {**hooks, "free_slots": alloc.free, "free_slot_ids": lambda: _free_slot_ids(alloc),
+            "used_slots": lambda: alloc.size - alloc.available_size()}
+
+
+def _memory_stats(comp: Compressor) -> dict:
+    """What the block store holds and, when patches/memory.py sized the pool, what it reserved."""
+    from dynsplit_sglang.patches.memory import PLAN
+
+    return {"store_bytes": comp.store_bytes, **PLAN}
 
 
 def build_compressor(model_runner, settings: Settings) -> Compressor:
@@ -62,6 +83,7 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
         all_reduce=_tp_all_reduce if sa.tp_size > 1 else None,
         **_allocator_hooks(model_runner),
     )
+    comp.stats.update(_memory_stats(comp))
     logger.info(
         "dynsplit-sglang: %s compression on %d layers (%d dense), %d KV heads x %d, %d slots; %s",
         settings.method, num_layers, comp.first_compressed, k0.shape[1], k0.shape[2], k0.shape[0],
@@ -70,15 +92,18 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
     return comp
 
 
-def _configs(rids, base):
-    out = []
-    for rid in rids or []:
-        try:
-            out.append(parse_request_id(rid, base))
-        except ConfigError as e:  # the request still runs, with the server's settings
-            logger.error("dynsplit-sglang: %s; using the server's settings", e)
-            out.append(None)
-    return out or None
+def _configs(fb, base):
+    reqs = requests.for_rids(fb.rids)
+    if reqs is None or len(reqs) != fb.batch_size:
+        return None
+    return [r.resolve(base) for r in reqs]
+
+
+def account_forward(compressor, fb) -> None:
+    """After a forward's last layer: its numbers to each request's own counters."""
+    reqs = requests.for_rids(fb.rids)
+    if reqs and compressor.step is not None:
+        requests.account(compressor, compressor.step.batch, reqs)
 
 
 def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
@@ -96,4 +121,21 @@ def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
         prefix = list(fb.extend_prefix_lens_cpu)
     gens = req_to_token_pool.req_generation[rows].tolist()
     return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode,
-                     _configs(fb.rids, base_config))
+                     _configs(fb, base_config))
+
+
+def graph_view_of(fb, req_to_token_pool) -> BatchView | None:
+    """The real requests of a decode-graph replay: SGLang 0.5.23's ``build_replay_fb_view`` pads
+    the batch to the captured size (``num_padding`` rows at the end, row 0, seq_len 1) and keeps
+    the live ``out_cache_loc``; per-request settings come from each row's state (set when the
+    request was prefilled), not from rids, which the view does not carry."""
+    raw = fb.batch_size - (getattr(fb, "num_padding", 0) or 0)
+    mode = getattr(fb, "actual_forward_mode", None) or fb.forward_mode
+    if raw <= 0 or mode.is_idle():
+        return None
+    rows = fb.req_pool_indices[:raw].tolist()
+    lens = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens
+    seq = lens[:raw].tolist()
+    gens = req_to_token_pool.req_generation[rows].tolist()
+    return BatchView(rows, gens, seq, [n - 1 for n in seq], fb.input_ids[:raw],
+                     fb.out_cache_loc[:raw], True)

@@ -21,7 +21,7 @@ from .eviction import Evictor
 from .report import Reporter
 from .rows import RowBlocks
 from .state import BatchView, RowState, StepState
-from .store import BlockStore
+from .store import BlockStore, StoreGeometry
 
 __all__ = ["BatchView", "Compressor"]
 
@@ -47,6 +47,8 @@ class Compressor:
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         free_slots: Callable[[torch.Tensor], None] | None = None,
         used_slots: Callable[[], int] | None = None,
+        free_slot_ids: Callable[[], torch.Tensor] | None = None,
+        live_rows: Callable[[], set] | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
@@ -54,26 +56,19 @@ class Compressor:
         self.req_to_token = req_to_token
         self.scored = set(cfg.scored_layers(num_layers))
         self.first_compressed = min(cfg.dense_layers, num_layers)
-        min_len = cfg.min_block_len
-        self.store = BlockStore(
-            num_slots=num_slots,
-            max_rows=max_rows,
-            max_blocks_per_row=max_context // min_len + 4,
-            max_entries=BlockStore.entry_capacity(num_slots, max_rows, min_len),
-            compressed_layers=num_layers - self.first_compressed,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            future_window=cfg.future_window,
-            dtype=dtype,
-            device=device,
-            track_heat=cfg.evict,
-        )
+        # One geometry sizes the store and counts its bytes, as the pool sizer reserved them
+        # (patches/memory.py).
+        self.geometry = StoreGeometry.for_pool(cfg, num_layers, kv_heads, head_dim,
+                                               torch.empty(0, dtype=dtype).element_size(),
+                                               num_slots, max_rows, max_context)
+        self.store = BlockStore.from_geometry(self.geometry, dtype, device)
         self.stats: Counter = Counter()
         # The kernel side (Triton on CUDA, torch on CPU) is chosen here, once, for every user.
         self.wrapper = SparseDecodeWrapper(num_q_heads, kv_heads, head_dim, device=device)
         kernels = self.wrapper.kernels
         self.blocks = RowBlocks(self.store, req_to_token, key_buffer, vocab_masks, kernels,
-                                self.first_compressed, len(self.scored), self.stats)
+                                self.first_compressed, len(self.scored), self.stats,
+                                free_slot_ids=free_slot_ids, live_rows=live_rows)
         # Eviction hands KV slots back to the allocator (free_slots).
         self.evictor: Evictor | None = None
         if cfg.evict:
@@ -94,9 +89,16 @@ class Compressor:
     def rows(self) -> dict[int, RowState]:
         return self.blocks.rows
 
+    @property
+    def store_bytes(self) -> int:
+        """What the block store allocated, the per-slot token ids included (geometry.nbytes)."""
+        token = self.blocks.token
+        return self.store.nbytes + token.numel() * token.element_size()
+
     # -- lifecycle --------------------------------------------------------------------------
 
-    def begin_forward(self, batch: BatchView) -> None:
+    def begin_forward(self, batch: BatchView, plan: bool = True) -> None:
+        """plan=False: a captured decode graph plans into its own buffers (graphs.py)."""
         states = self.blocks.begin(batch, self.cfg)
         step = self.step = StepState(batch, states)
         # One new token per request over a cached prompt (a radix hit recomputing the prompt's
@@ -109,7 +111,7 @@ class Compressor:
             self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch.rows))
             for i, st in enumerate(states):
                 self.blocks.advance_decode(st, batch.rows[i], batch.seq_lens[i] - 1)
-            step.sparse = self._plan_decode(step)
+            step.sparse = self._plan_decode(step) if plan else False
             if step.decode_like and step.sparse:
                 self.stats["sparse_single_token_extends"] += 1
         if not batch.is_decode:
@@ -181,13 +183,17 @@ class Compressor:
         step = self.step
         if not step.sparse or layer_id < self.first_compressed:
             if self.evictor is not None:
-                return self.evictor.attend_kept(step, q, k_buffer, v_buffer, scale)
+                out = self.evictor.attend_kept(step, q, k_buffer, v_buffer, scale)
+                if layer_id >= self.first_compressed:
+                    step.count_rows(step.kept[1])
+                return out
             return None
         li = layer_id - self.first_compressed
         out = self.wrapper.run(q, k_buffer, v_buffer, self.store.center[li],
                                self.store.radius[li], scale)
         # Counted on the device; read once per forward (no sync per layer on a GPU).
         counts = self.wrapper.tokens_attended()
+        step.count_rows(counts)
         if self._attended is None:
             self._attended = torch.zeros(2, dtype=torch.int64, device=counts.device)
         self._attended[0] += counts.sum()
@@ -197,6 +203,12 @@ class Compressor:
         if layer_id == self.num_layers - 1:
             self._dump_stats()
         return out
+
+    def rows_attended(self) -> list[int] | None:
+        """K/V tokens each request of this decode forward attended over the compressed layers
+        (None when SGLang's dense decode ran). A host read: once per forward."""
+        step = self.step
+        return None if step is None or step.row_attended is None else step.row_attended.tolist()
 
     # -- decode plan ----------------------------------------------------------------------------
 
@@ -224,7 +236,9 @@ class Compressor:
             torch.tensor(budgets, device=dev),
             self.cfg.sink,
             torch.tensor(recents, device=dev),
-            capacity=max(budgets),
+            # What the batch can attend, not the largest budget: a budget (per request) may be
+            # far above any context (strategy=none, a large token override).
+            capacity=max(min(bud, n) for bud, n in zip(budgets, seq)),
             max_block_len=max(st.cfg.max_block_len for st in states),
         )
         l2 = [st.cfg.summary_spread is not None for st in states]

@@ -23,7 +23,21 @@ COUNTERS = {
     "tokens_dense": "K/V tokens dense attention would have read for the same steps",
     "requests": "Requests seen by the compressor",
     "fallback_rows": "Requests whose blocks did not fit the store (attended densely)",
+    "fallback_rows_store": "Of these: block entries ran out (after reclaiming unreachable ones)",
+    "fallback_rows_table": "Of these: more blocks than a request row's table holds",
+    "entries_reclaimed": "Block entries of freed slots and finished rows returned to the store",
 }
+
+
+def report_fallback(reason: str, stats: Counter) -> None:
+    """A dense fallback is never silent: a warning for the first of each kind and every
+    hundredth after it (the counters have them all)."""
+    n = stats[f"fallback_rows_{reason}"]
+    if n == 1 or n % 100 == 0:
+        why = {"store": "the block store's entries ran out",
+               "table": "the request has more blocks than its row table holds"}[reason]
+        logger.warning("dynsplit-sglang: a request attends densely because %s (%d so far; "
+                       "counter fallback_rows_%s)", why, n, reason)
 
 
 def summary(stats: Counter) -> dict:
@@ -74,8 +88,9 @@ class Reporter:
             self._last_log = now
             logger.info(
                 "dynsplit-sglang: blocks built %d, reused %d; K/V tokens attended %d of %d "
-                "(compression %.2fx); requests %d",
+                "(compression %.2fx); requests %d, dense fallbacks %d",
                 data.get("blocks_built", 0), data.get("blocks_reused", 0),
                 data.get("tokens_attended", 0), data.get("tokens_dense", 0),
                 data.get("compression_ratio", 1.0), data.get("requests", 0),
+                data.get("fallback_rows", 0),
             )

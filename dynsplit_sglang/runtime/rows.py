@@ -19,6 +19,8 @@ import torch
 
 from ..core import STRATEGIES, BlockTable, DynSplitConfig, Segmentation, candidates_for
 from ..kernels import Kernels
+from .reclaim import reclaim
+from .report import report_fallback
 from .state import BatchView, RowState
 from .store import BlockStore
 
@@ -46,6 +48,10 @@ class RowBlocks:
     num_scored: int  # layers whose queries vote
     stats: Counter
     rows: dict[int, RowState] = field(default_factory=dict)
+    # Where entries no request can reach are found again when the store runs short (reclaim.py):
+    # the allocator's free slots, and the request rows SGLang holds.
+    free_slot_ids: Callable[[], torch.Tensor] | None = None
+    live_rows: Callable[[], set] | None = None
 
     def __post_init__(self) -> None:
         store = self.store  # token id per slot, for the candidate flags
@@ -65,6 +71,7 @@ class RowBlocks:
             return st
         if st is not None:  # the row was reused by a new request
             self.store.release_entries(st.local)
+        self.store.clear_row(row)
         cfg = b.configs[i] if b.configs and b.configs[i] is not None else default
         wf = cfg.future_window
         st = RowState(gen, cfg, shared_len=b.prefix_lens[i],
@@ -108,14 +115,21 @@ class RowBlocks:
             starts, lens, ents = zip(*adopted)
             self._append_row(st, row, list(starts), list(lens), list(ents))
             st.next_start = expect
+            st.reused = len(adopted)
             self.stats["blocks_reused"] += len(adopted)
 
     def _fits(self, st: RowState, n: int) -> bool:
         if st.nblocks + n > self.store.max_blocks_per_row:
-            st.fallback = True
-            self.stats["fallback_rows"] += 1
+            self._fall_back(st, "table")
             return False
         return True
+
+    def _fall_back(self, st: RowState, reason: str) -> None:
+        """This request's blocks do not fit: it attends densely from now on (counted, logged)."""
+        st.fallback = True
+        self.stats["fallback_rows"] += 1
+        self.stats[f"fallback_rows_{reason}"] += 1
+        report_fallback(reason, self.stats)
 
     def _append_row(self, st, row, starts, lens, ents) -> None:
         s, a, n = self.store, st.nblocks, len(starts)
@@ -203,8 +217,10 @@ class RowBlocks:
             return
         ents = s.alloc_entries(n)
         if ents is None:
-            st.fallback = True
-            self.stats["fallback_rows"] += 1
+            self.stats["entries_reclaimed"] += reclaim(self, n)
+            ents = s.alloc_entries(n)
+        if ents is None:
+            self._fall_back(st, "store")
             return
         dev = s.e_start.device
         e = torch.tensor(ents, dtype=torch.int64, device=dev)

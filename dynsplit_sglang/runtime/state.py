@@ -39,6 +39,7 @@ class RowState:
     nblocks: int = 0
     prompt_done: bool = False
     fallback: bool = False  # metadata did not fit: attend densely
+    reused: int = 0  # blocks adopted from the radix-shared prefix
     local: list[int] = field(default_factory=list)  # entries only this row references
 
 
@@ -52,3 +53,9 @@ class StepState:
     sparse: bool = False  # decode: some request is longer than its budget (the wrapper is planned)
     decode_like: bool = False  # an extend of one token per request over a cached prompt
     kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eviction: slots that still hold K/V
+    row_attended: torch.Tensor | None = None  # [B] K/V tokens attended, compressed layers
+
+    def count_rows(self, counts: torch.Tensor) -> None:
+        """Add one layer's tokens attended ([B, Hkv], on the device) to each request's count."""
+        per_row = counts.sum(1)
+        self.row_attended = per_row if self.row_attended is None else self.row_attended + per_row

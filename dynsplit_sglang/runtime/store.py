@@ -7,8 +7,8 @@ by slot is therefore shared for free and survives node splits (slots never move)
   positions later). Keeping columns apart lets a request that shares a prefix take exactly the
   votes of the shared queries and add its own. With eviction, also its key's distinctiveness.
 * per block: an entry (start position/slot, length, decision horizon, the sequence length
-  known when it was decided, the segmentation it belongs to) and its min/max key summaries for every
-  compressed layer. A block is registered under its *end* slot only when that slot is owned by
+  known when it was decided, the segmentation it belongs to) and its key summary (a center and
+  a radius, ``core.mapping``) for every compressed layer. A block is registered under its *end* slot only when that slot is owned by
   the request that decided it, so two requests never write the same key.
 * per request row: the fixed-shape block table the decode plan indexes.
 
@@ -20,7 +20,65 @@ stale entry goes when its slot is written again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+_SLOT_BYTES = 4 + 8  # end_entry (int32), the row blocks' token id (int64, runtime/rows.py)
+_ENTRY_META_BYTES = 6 * 8  # e_start, e_len, e_start_slot, e_horizon, e_known, e_kind (int64)
+_ROW_BYTES_PER_BLOCK = 4 + 4 + 8  # row_start, row_len (int32), row_entry (int64)
+
+
+@dataclass(frozen=True)
+class StoreGeometry:
+    """Every size of a BlockStore, derived from the KV pool it serves; ``nbytes`` is exactly what
+    it allocates (the per-slot token ids of ``RowBlocks`` included). The pool sizer
+    (``patches/memory.py``) reserves these bytes from SGLang's KV budget with the same numbers."""
+
+    num_slots: int
+    max_rows: int
+    max_blocks_per_row: int
+    max_entries: int
+    compressed_layers: int
+    kv_heads: int
+    head_dim: int
+    future_window: int
+    dtype_size: int
+    track_heat: bool = False
+
+    @classmethod
+    def for_pool(cls, cfg, num_layers: int, kv_heads: int, head_dim: int, dtype_size: int,
+                 num_slots: int, max_rows: int, max_context: int) -> "StoreGeometry":
+        """cfg: the server's DynSplitConfig; num_slots/max_rows/max_context: the K buffer's rows,
+        req_to_token's rows and width."""
+        min_len = cfg.min_block_len
+        return cls(
+            num_slots=num_slots,
+            max_rows=max_rows,
+            max_blocks_per_row=max_context // min_len + 4,
+            max_entries=BlockStore.entry_capacity(num_slots, max_rows, min_len),
+            compressed_layers=num_layers - min(cfg.dense_layers, num_layers),
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            future_window=cfg.future_window,
+            dtype_size=dtype_size,
+            track_heat=cfg.evict,
+        )
+
+    @property
+    def entry_bytes(self) -> int:
+        """One block: its entry and its summary (center and radius) in every compressed layer."""
+        return (_ENTRY_META_BYTES
+                + 2 * self.compressed_layers * self.kv_heads * self.head_dim * self.dtype_size)
+
+    @property
+    def slot_bytes(self) -> int:
+        return _SLOT_BYTES + 4 * self.future_window + (4 if self.track_heat else 0)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.num_slots * self.slot_bytes + self.max_entries * self.entry_bytes
+                + self.max_rows * self.max_blocks_per_row * _ROW_BYTES_PER_BLOCK)
 
 
 class BlockStore:
@@ -63,6 +121,18 @@ class BlockStore:
         self.row_entry = torch.full((max_rows, max_blocks_per_row), -1, dtype=torch.int64,
                                     device=device)
 
+    @classmethod
+    def from_geometry(cls, g: StoreGeometry, dtype: torch.dtype, device) -> "BlockStore":
+        return cls(g.num_slots, g.max_rows, g.max_blocks_per_row, g.max_entries,
+                   g.compressed_layers, g.kv_heads, g.head_dim, g.future_window, dtype, device,
+                   track_heat=g.track_heat)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this store's tensors hold (the row blocks' token ids not included)."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values()
+                   if isinstance(t, torch.Tensor))
+
     @staticmethod
     def entry_capacity(num_slots: int, max_rows: int, min_block: int) -> int:
         """Entries for a pool of `num_slots`: every slot's own blocks, plus as many again for
@@ -85,7 +155,24 @@ class BlockStore:
     def release_entries(self, ids: list[int]) -> None:
         self.free_entries.extend(ids)
 
+    def clear_row(self, row: int) -> None:
+        """A new request takes this row: no block of the previous one may stay visible (a batch's
+        table is as wide as its longest row)."""
+        self.row_len[row] = 0
+        self.row_entry[row] = -1
+
     # -- slots ------------------------------------------------------------------------------
+
+    def drop_registered(self, slots: torch.Tensor) -> int:
+        """Release the blocks registered at these slots, keeping the slots' votes (the blocks can
+        be split again from them). Returns how many were released."""
+        slots = slots.long()
+        ents = self.end_entry[slots]
+        dropped = ents[ents >= 0]
+        if dropped.numel():
+            self.release_entries(dropped.tolist())
+            self.end_entry[slots] = -1
+        return int(dropped.numel())
 
     def invalidate_slots(self, slots: torch.Tensor) -> int:
         """Forget everything keyed by these slots (they are being written anew). Returns the
@@ -93,12 +180,8 @@ class BlockStore:
         if slots.numel() == 0:
             return 0
         slots = slots.long()
-        ents = self.end_entry[slots]
-        dropped = ents[ents >= 0]
-        if dropped.numel():
-            self.release_entries(dropped.tolist())
-            self.end_entry[slots] = -1
+        dropped = self.drop_registered(slots)
         self.votes[slots] = 0.0
         if self.heat.numel():
             self.heat[slots] = 0.0
-        return int(dropped.numel())
+        return dropped

@@ -115,7 +115,7 @@ def test_selection_invariants(lens, budget, sink, recent, seed):
                                                                      float("-inf"))
     seq = torch.tensor(lens)
     sel = select_positions(scores, table, seq, budget, sink, recent)
-    assert sel.positions.shape == (len(lens), hkv, budget)
+    assert sel.positions.shape == (len(lens), hkv, max(min(budget, n) for n in lens))
     for b, n in enumerate(lens):
         for h in range(hkv):
             row = sel.positions[b, h]
@@ -177,3 +177,21 @@ def test_positions_to_slots_keeps_padding():
     pos = torch.tensor([[[0, 2, -1]]])
     slots = torch.tensor([[10, 11, 12]])
     assert positions_to_slots(pos, slots).tolist() == [[[10, 12, -1]]]
+
+
+def test_capacity_is_what_the_batch_can_attend_not_the_largest_budget():
+    # Issue 14: a dense request's budget (2**31 - 1 once, or any large per-request override)
+    # sized the [B, Hkv, capacity] selection output and killed the server (103 GB).
+    cfg = DynSplitConfig(block_size=8, tolerance=2)
+    table = _table([100, 300, 40], cfg)
+    seq = torch.tensor([100, 300, 40])
+    budgets = torch.tensor([2**31 - 1, 64, 10**12])
+    plan = plan_selection(table, seq, budgets, 4, 16, max_block_len=4096)
+    assert plan.capacity == 100  # the dense row's length; the sparse row needs 64
+    assert plan.max_clip_len <= plan.capacity  # a block longer than the budget is never kept
+    sel = select(torch.randn(3, 2, table.capacity, generator=torch.Generator().manual_seed(0)),
+                 plan)
+    assert sel.positions.shape == (3, 2, 100)
+    assert sel.counts[0].tolist() == [100, 100] and sel.counts[2].tolist() == [40, 40]
+    assert sel.positions[0, 0].tolist() == list(range(100))
+    assert int(sel.counts[1].max()) <= 64

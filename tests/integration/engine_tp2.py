@@ -15,6 +15,7 @@ def main():
     model, prompts, config = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     llm = sgl.Engine(model_path=model, device="cpu", attention_backend="torch_native",
                      disable_cuda_graph=True, max_total_tokens=4096, mem_fraction_static=0.2,
+                     max_running_requests=8,  # the block store's rows come out of the 4096
                      dtype="float32", tp_size=2, kv_compression="dynsplit",
                      dynsplit_config=config)
     try:

@@ -12,6 +12,7 @@ from dynsplit_sglang.core.strategies import Strategy, register
 
 class BeforePunct(Strategy):
     name = "before_punct"
+    description = "blocks ending right before punctuation (a test strategy)"
 
     def candidate_mode(self, cfg):
         return "punct"

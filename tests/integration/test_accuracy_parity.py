@@ -35,6 +35,8 @@ import pytest
 
 from dynsplit_sglang.core.strategies import STRATEGIES
 
+from .client import flush
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks" / "accuracy"))
 
@@ -74,13 +76,6 @@ def _stats(server) -> dict:
 
 def _strip_eos(ids, eos):
     return ids[:-1] if ids and ids[-1] in eos else ids
-
-
-def _flush(server):
-    import urllib.request
-
-    req = urllib.request.Request(server.base_url + "/flush_cache", method="POST")
-    urllib.request.urlopen(req, timeout=60).read()
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +138,7 @@ def test_sglang_and_core_select_alike_and_answer_alike(default_server, samples, 
     cfg = DynSplitConfig(strategy=method, budget_fraction=BUDGET)
     mismatches = []
     for s in batch:
-        _flush(default_server)  # no prefix from another prompt: this prompt alone,
+        flush(default_server)  # no prefix from another prompt: this prompt alone,
         _warm(default_server, s)  # put in the cache by a dense request, as the suite does
         ref = core_eval.generate(hf_model, tok, s.input_ids, cfg, s.max_new_tokens)
         got, attended, cached = _serve(default_server, s, method)
@@ -164,7 +159,7 @@ def test_prefix_cached_by_another_prompt(default_server, samples, hf_model, meth
 
     tok, batch = samples
     first, later = batch[0], batch[-1]
-    _flush(default_server)
+    flush(default_server)
     _serve(default_server, first, method)
     got, attended, cached = _serve(default_server, later, method)
     assert cached > 0  # the shared filler prefix came from the cache

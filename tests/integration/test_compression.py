@@ -98,4 +98,12 @@ def test_agent_frontend_example_reuses_the_shared_prefix(sglang_server, capsys):
     after = stats(sglang_server)
     assert all(c > 0 for c in result["cached"])  # every second turn hit the radix cache
     assert after["blocks_reused"] - before.get("blocks_reused", 0) > 50
+    # Each session's own override reached the server through the frontend, and came back.
+    used = [(c["source"], c["strategy"], c["budget"], c["budget_fraction"])
+            for c in result["compression"]]
+    assert used == [("server", "dynsplit", 64, None), ("custom_params", "dynsplit", None, 0.5),
+                    ("custom_params", "fixed", 256, None)]
+    # The dynsplit sessions adopt the shared prefix's blocks; the fixed one splits it its own
+    # way (its blocks of that prefix are private to each request, see docs/design.md).
+    assert [c["blocks_reused"] > 50 for c in result["compression"]] == [True, True, False]
     assert "DynSplit counters" in capsys.readouterr().out

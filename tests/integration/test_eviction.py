@@ -1,6 +1,7 @@
 """--dynsplit-evict through a real SGLang server (SmolLM2-135M, CPU): freed KV slots go back to
-a deliberately small pool (6144 slots) and are reused, without stale reads, and a compressed
-prefix is served from the radix cache to a later request.
+a deliberately small pool (about 6.2k slots: a budget of 7300, less the block store's share)
+and are reused, without stale reads, and a compressed prefix is served from the radix cache to
+a later request.
 
 Prompts are given as token ids, 7 x 512 tokens each (the chunked-prefill size): every prefill
 chunk then belongs to one request whether the requests run together or one at a time, so the
@@ -8,6 +9,7 @@ chunks, the eviction decisions taken after each of them, and thereby the outputs
 """
 
 import random
+import re
 import time
 import urllib.request
 
@@ -23,14 +25,15 @@ from .conftest import default_model_server
 
 pytestmark = pytest.mark.server
 
-POOL = 6144
+POOL = 6144  # at least this many slots...
+BUDGET = 7300  # ...out of the KV budget of this many once the block store has its share
 CHUNK = 512
 PROMPT_LEN = 7 * CHUNK  # 3584: two of them (plus a decode slot each) exceed the pool
 MAX_NEW = 8
 FRACTION = 0.25
 EVICT_ARGS = [
     "--kv-compression", "dynsplit", "--dynsplit-evict", "--dynsplit-budget-fraction", str(FRACTION),
-    "--chunked-prefill-size", str(CHUNK), "--max-total-tokens", str(POOL),
+    "--chunked-prefill-size", str(CHUNK), "--max-total-tokens", str(BUDGET),
     "--max-running-requests", "4",
 ]  # fmt: skip
 BAD_LOG_LINES = ("memory leak", "Retract", "use-after-free", "double free", "hit an exception")
@@ -126,6 +129,11 @@ def concurrent(server, prompts):
     return before, _stats(server), texts, meta
 
 
+def _pool(server) -> int:
+    log = server.log_path.read_text(errors="replace")
+    return int(re.search(r"max_total_num_tokens=(\d+)", log)[1])
+
+
 @pytest.fixture(scope="module")
 def replay(server, prompts, concurrent):
     """The same prompts one at a time, on an empty radix cache."""
@@ -139,7 +147,10 @@ def test_the_flag_brings_the_slot_counting_radix_cache(server):
     log = server.log_path.read_text(errors="replace")
     assert "'radix_cache_backend': 'dynsplit-evict'" in log
     assert "'disable_overlap_schedule': True" in log
-    assert f"max_total_num_tokens={POOL}" in log
+    # The block store is carved out of the pool's budget (patches/memory.py): fewer tokens.
+    tokens = _pool(server)
+    assert f"KV budget of {BUDGET} dense tokens" in log and f"holds {tokens} tokens" in log
+    assert POOL <= tokens < BUDGET
 
 
 def test_freed_slots_let_more_requests_decode_together(server, concurrent):
@@ -157,11 +168,11 @@ def test_freed_slots_let_more_requests_decode_together(server, concurrent):
     assert after.get("fallback_rows", 0) == 0
     # Without eviction a decode batch of two would hold 2 x (3584 + 1) > 6144 slots: only
     # possible because the prompts were compressed in memory.
-    assert 2 * (PROMPT_LEN + 1) > POOL
+    assert 2 * (PROMPT_LEN + 1) > _pool(server)
     assert after["max_decode_batch"] == 3
     # Resident at most: each request's budget plus its chunk in flight, and one more chunk
     # (far below the 3 x 3584 the prompts need uncompressed).
-    assert after["peak_slots_in_use"] <= POOL
+    assert after["peak_slots_in_use"] <= _pool(server)
     assert after["peak_slots_in_use"] <= 3 * (budget + CHUNK) + CHUNK
     _assert_healthy(server)
 

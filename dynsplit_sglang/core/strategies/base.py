@@ -3,6 +3,8 @@
 A strategy is a small stateless object (in the manner of kvpress's presses); its parameters are
 the fields of the DynSplitConfig it is handed. It declares:
 
+* ``description``: one line for ``--kv-compression``'s help;
+
 * ``needs_votes``: its split reads the importance scores, so the scored layers' queries vote
   during prefill (the runtime and the HF reference compute them only for such strategies);
 * ``has_blocks``: False for a strategy that splits nothing (decode attends to sink + recent);
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 class Strategy:
     name: ClassVar[str]
+    description: ClassVar[str] = ""
     needs_votes: ClassVar[bool] = False
     has_blocks: ClassVar[bool] = True
 

@@ -9,6 +9,7 @@ from .window import WindowStrategy
 
 class Delimiter(WindowStrategy):
     name = "delimiter"
+    description = "blocks ending at sentence delimiters"
 
     def candidate_mode(self, cfg):
         return "sentence"

@@ -12,6 +12,7 @@ from .window import WindowStrategy
 
 class DynSplit(WindowStrategy):
     name = "dynsplit"
+    description = "DynSplit-KV (variable-length semantic blocks, query-aware selection)"
     needs_votes = True
 
     def candidate_mode(self, cfg):

@@ -9,6 +9,7 @@ from .base import Strategy
 
 class Fixed(Strategy):
     name = "fixed"
+    description = "fixed-length blocks of C tokens"
 
     def next_block(self, cfg, start, length, scores, candidates, complete):
         end = start + cfg.block_size - 1

@@ -7,6 +7,7 @@ from .base import Strategy
 
 class Streaming(Strategy):
     name = "streaming"
+    description = "sink + recent window only (StreamingLLM)"
     has_blocks = False
 
     def recent(self, cfg, budget):
