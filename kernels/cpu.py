@@ -52,20 +52,36 @@ def score_blocks(q, center, radius, summary_index, l2=False):
     """Same as core.selection.score_blocks (float32 [B, Hkv, NB], -inf where no block)."""
     b, hq, d = q.shape
     hkv = center.shape[1]
-    g = hq // hkv
-    nb = summary_index.shape[1]
     if not (center.is_contiguous() and radius.is_contiguous()):
         return twins.score_blocks(q, center, radius, summary_index, l2)
     valid = summary_index >= 0
-    heads = torch.arange(hkv, device=q.device).view(1, hkv, 1)
-    # Rows gathered in (request, KV head, block) order: one bmm batch per (request, KV head),
-    # and the transposed operand needs no copy.
-    rows = summary_index.clamp(min=0).long()[:, None, :] * hkv + heads  # [B, Hkv, NB]
-    qf = q.float().reshape(b * hkv, g, d)
-    # One norm for the batch (a bool) takes one matmul; a per-request tensor takes both and
-    # picks per row (no host read either way).
-    pick = None if isinstance(l2, bool) else \
-        torch.as_tensor(l2, device=q.device).expand(b).repeat_interleave(hkv).view(b * hkv, 1, 1)
+    score = _score_rows(q, center, radius, summary_rows(summary_index, hkv),
+                        _norm_pick(l2, b, hkv, q.device))
+    return score.masked_fill_(~valid[:, None, :], float("-inf"))
+
+
+def summary_rows(summary_index: torch.Tensor, hkv: int) -> torch.Tensor:
+    """int64 [B, Hkv, NB]: the rows of a [M * Hkv, D] view of the summaries, gathered in
+    (request, KV head, block) order: one bmm batch per (request, KV head), and the transposed
+    operand needs no copy."""
+    heads = torch.arange(hkv, device=summary_index.device).view(1, hkv, 1)
+    return summary_index.clamp(min=0).long()[:, None, :] * hkv + heads
+
+
+def _norm_pick(l2, b: int, hkv: int, device):
+    """One norm for the batch (a bool) takes one matmul; a per-request tensor takes both and
+    picks per row (no host read either way)."""
+    if isinstance(l2, bool):
+        return l2
+    return torch.as_tensor(l2, device=device).expand(b).repeat_interleave(hkv).view(b * hkv, 1, 1)
+
+
+def _score_rows(q, center, radius, rows, pick) -> torch.Tensor:
+    """float32 [B, Hkv, NB]: the score of every gathered summary row (no validity mask)."""
+    b, hq, d = q.shape
+    _, hkv, nb = rows.shape
+    qf = q.float().reshape(b * hkv, hq // hkv, d)
+    q2 = qf * qf if pick is not False else None
     c_pool, r_pool = center.view(-1, d), radius.view(-1, d)
     score = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     step = _chunk(nb, 2 * b * hkv * d * 4)
@@ -75,47 +91,58 @@ def score_blocks(q, center, radius, summary_index, l2=False):
         c = c_pool.index_select(0, flat).view(b * hkv, n, d).float().transpose(1, 2)
         r = r_pool.index_select(0, flat).view(b * hkv, n, d).float().transpose(1, 2)
         est = torch.bmm(qf, c)  # [B*Hkv, G, n]
-        if pick is not None:
-            est += torch.where(pick, torch.bmm(qf * qf, r * r).sqrt_(), torch.bmm(qf.abs(), r))
-        elif l2:
-            est += torch.bmm(qf * qf, r * r).sqrt_()
-        else:
+        if pick is True:
+            est += torch.bmm(q2, r * r).sqrt_()
+        elif pick is False:
             est.baddbmm_(qf.abs(), r)
-        score[:, :, s:s + n] = est.amax(dim=1).view(b, hkv, n)
-    return score.masked_fill_(~valid[:, None, :], float("-inf"))
+        else:
+            est += torch.where(pick, torch.bmm(q2, r * r).sqrt_(), torch.bmm(qf.abs(), r))
+        if n == nb:  # one chunk: reduce straight into the result
+            torch.amax(est, dim=1, out=score.view(b * hkv, nb))
+        else:
+            score[:, :, s:s + n] = est.amax(dim=1).view(b, hkv, n)
+    return score
 
 
 def sparse_decode_attention(q, k_buffer, v_buffer, kv_slots, scale=None, return_lse=False):
     """Same as core.attention.sparse_decode_attention."""
-    b, hq, d = q.shape
-    s, hkv, dv = v_buffer.shape
-    n = kv_slots.shape[2]
-    g = hq // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    hkv = v_buffer.shape[1]
     if not (k_buffer.is_contiguous() and v_buffer.is_contiguous()):
         return twins.sparse_decode_attention(q, k_buffer, v_buffer, kv_slots, scale, return_lse)
-    valid = kv_slots >= 0
     heads = torch.arange(hkv, device=q.device).view(1, hkv, 1)
-    flat = (kv_slots.clamp(min=0).long() * hkv + heads).reshape(-1)  # (request, head, n) order
-    qg = q.float().reshape(b * hkv, g, d)
+    rows = kv_slots.clamp(min=0).long() * hkv + heads  # (request, head, n) order
+    return _attend_rows(q, k_buffer, v_buffer, rows, kv_slots >= 0, scale, return_lse)
+
+
+def _attend_rows(q, k_buffer, v_buffer, rows, valid, scale=None, return_lse=False,
+                 never_empty=False):
+    """Attention over pool rows (slot * Hkv + head) [B, Hkv, N], valid [B, Hkv, N].
+    never_empty: every list has a valid entry (a planned decode step: the sink), so no row's
+    softmax can be empty and its guard is skipped."""
+    b, hq, d = q.shape
+    s, hkv, dv = v_buffer.shape
+    n = rows.shape[2]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    flat = rows.reshape(-1)
     rows = flat.view(b * hkv, n)
+    qg = q.float().reshape(b * hkv, g, d) * scale
     k_pool = k_buffer.view(-1, d)
     logits = torch.empty(b * hkv, g, n, dtype=torch.float32, device=q.device)
     step = _chunk(n, b * hkv * d * 4)
     for s0 in range(0, n, step):  # K rows gathered chunk by chunk, consumed from cache
         k = k_pool.index_select(0, rows[:, s0:s0 + step].reshape(-1)).view(b * hkv, -1, d)
         torch.bmm(qg, k.float().transpose(1, 2), out=logits[:, :, s0:s0 + step])
-    logits.mul_(scale).masked_fill_(~valid.view(b * hkv, 1, n), float("-inf"))
+    logits.masked_fill_(~valid.view(b * hkv, 1, n), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [B*Hkv, G]
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    lse_safe = lse if never_empty else torch.where(torch.isfinite(lse), lse, 0.0)
     p = logits.sub_(lse_safe[..., None]).exp_()  # exp(-inf) = 0 for masked entries
     if v_buffer.dtype == torch.float32 and n > 0:
         # P @ V straight from the pool: one weighted bag of N rows per query head, so V is
         # never copied out (the G bags of a KV head re-read the same rows from cache).
         bags = flat.view(b * hkv, 1, n).expand(b * hkv, g, n).reshape(-1)
-        offsets = torch.arange(0, bags.numel(), n, device=q.device)
-        out = F.embedding_bag(bags, v_buffer.view(s * hkv, dv), offsets, mode="sum",
-                              per_sample_weights=p.reshape(-1))
+        out = F.embedding_bag(bags, v_buffer.view(s * hkv, dv), _bag_offsets(b * hq, n, q.device),
+                              mode="sum", per_sample_weights=p.reshape(-1))
     else:  # bags would weight in V's dtype: gather, upcast, bmm
         v = v_buffer.view(-1, dv).index_select(0, flat).view(b * hkv, n, dv).float()
         out = torch.bmm(p, v)
@@ -123,6 +150,19 @@ def sparse_decode_attention(q, k_buffer, v_buffer, kv_slots, scale=None, return_
     if return_lse:
         return out, lse.view(b, hq)
     return out
+
+
+_OFFSETS: dict = {}
+
+
+def _bag_offsets(bags: int, n: int, device) -> torch.Tensor:
+    """Bag starts 0, n, 2n, ...: the same for every layer of a step (kept, not rebuilt)."""
+    key = (bags, n, str(device))
+    if key not in _OFFSETS:
+        if len(_OFFSETS) > 64:
+            _OFFSETS.clear()
+        _OFFSETS[key] = torch.arange(0, bags * n, n, device=device)
+    return _OFFSETS[key]
 
 
 def max_kept_blocks(plan: _selection.SelectionPlan) -> int:
@@ -141,16 +181,83 @@ def select(scores: torch.Tensor, plan: _selection.SelectionPlan, max_kept: int |
     """Same result as core.selection.select, with a top-k instead of a full sort.
 
     Only the first max_kept blocks of the score order can be kept (see max_kept_blocks), so the
-    order is a top-k over exact integer keys — the score's order-preserving int32 image, ties to
-    the lower block index (the twin's stable sort) — and the position scatter runs over
-    [B, Hkv, max_kept, S] instead of [B, Hkv, NB, S]. Device ops only, static shapes.
+    order is a top-k (see _top_blocks) and the position scatter runs over [B, Hkv, max_kept, S]
+    instead of [B, Hkv, NB, S]. Device ops only, static shapes.
     """
     nb = scores.shape[-1]
     kk = nb if max_kept is None else max(min(max_kept, nb), 0)
     ok = (plan.clip_len > 0)[:, None, :] & torch.isfinite(scores)
     s = scores.float().masked_fill(~ok, float("-inf")) + 0.0  # + 0.0: -0.0 ties with +0.0
-    bits = s.view(torch.int32)
-    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    tie = (nb - 1 - torch.arange(nb, device=scores.device)).view(1, 1, nb)
-    order = torch.topk(monotone * (1 << 32) + tie, kk, dim=-1).indices  # [B, Hkv, kk]
+    order = _top_blocks(s, kk, _ties(nb, scores.device))
     return _selection.fill_in_order(order, ok, plan)
+
+
+def _ties(nb: int, device) -> torch.Tensor:
+    return (nb - 1 - torch.arange(nb, device=device)).view(1, 1, nb)
+
+
+def _top_blocks(scores: torch.Tensor, k: int, ties: torch.Tensor) -> torch.Tensor:
+    """The first k blocks of the score order (descending, ties to the lower block index: the
+    twin's stable sort), as a top-k over exact integer keys: the score's order-preserving int32
+    image in the high half, the tie-break in the low half. scores: float32, no -0.0."""
+    bits = scores.view(torch.int32)
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return torch.topk((monotone << 32) | ties, k, dim=-1).indices
+
+
+class DecodeStep:
+    """What every layer of one CPU decode step shares, built once by SparseDecodeWrapper.plan:
+    the summary rows to gather, the selectable lengths and starts per KV head, the fixed
+    positions (sink + recent window), the top-k bound and each position's pool row.
+
+    A layer is then score -> top-k -> lay out the kept blocks -> gather pool rows -> attend, in
+    about 45 torch calls instead of about 110: on a CPU each call costs microseconds, which at
+    short contexts is most of a compressed layer's time. Results equal the unplanned path's.
+    """
+
+    def __init__(self, plan: _selection.SelectionPlan, summary_index: torch.Tensor,
+                 token_slots: torch.Tensor, hkv: int, l2, max_kept: int | None = None) -> None:
+        b, nb = plan.clip_len.shape
+        dev = plan.clip_len.device
+        self.plan, self.hkv, self.nb = plan, hkv, nb
+        if max_kept is None:
+            max_kept = max_kept_blocks(plan)  # host read: plan time only
+        self.max_kept = min(max_kept, nb)
+        ok = (plan.clip_len > 0) & (summary_index >= 0)
+        self.bias = torch.zeros(b, 1, nb, device=dev).masked_fill_(~ok[:, None, :], float("-inf"))
+        self.rows = summary_rows(summary_index, hkv)
+        self.pick = _norm_pick(l2, b, hkv, dev)
+        self.clen = (plan.clip_len * ok)[:, None, :].expand(b, hkv, nb).contiguous()
+        self.cstart = plan.clip_start[:, None, :].expand(b, hkv, nb).contiguous()
+        self.ties = _ties(nb, dev)
+        self.fixed = _selection.fixed_positions(plan, hkv)
+        self.budget = plan.block_budget[:, None, None]
+        # Position p's pool row (slot * Hkv + head) at column p + 1; column 0 (position -1,
+        # padding) holds row 0, which the attention masks.
+        heads = torch.arange(hkv, device=dev).view(1, hkv, 1)
+        slots = F.pad(token_slots.long().clamp(min=0), (1, 0))[:, None, :] * hkv + heads
+        self.pool_rows = slots.view(b, hkv, -1)
+        # Evicted positions (slot -1) are masked like padding; only then can a list be empty.
+        self.slot_ok = None
+        if bool((token_slots < 0).any()):  # host read: plan time only
+            ok_slots = F.pad(token_slots >= 0, (1, 0), value=False)[:, None, :]
+            self.slot_ok = ok_slots.expand(b, hkv, -1).contiguous()
+
+    def select(self, q, center, radius) -> _selection.Selection:
+        scores = _score_rows(q, center, radius, self.rows, self.pick).add_(self.bias)
+        order = _top_blocks(scores, self.max_kept, self.ties)  # + bias: -0.0 became +0.0
+        plan = self.plan
+        return _selection.lay_out_blocks(order, torch.gather(self.clen, 2, order), self.cstart,
+                                         self.budget, self.fixed, plan.capacity,
+                                         plan.max_clip_len, self.nb)
+
+    def attend(self, q, k_buffer, v_buffer, sel: _selection.Selection, scale=None,
+               return_lse=False):
+        pos = sel.positions
+        rows = torch.gather(self.pool_rows, 2, pos + 1)
+        if self.slot_ok is None:
+            valid = pos >= 0
+        else:
+            valid = torch.gather(self.slot_ok, 2, pos + 1)
+        return _attend_rows(q, k_buffer, v_buffer, rows, valid, scale, return_lse,
+                            never_empty=self.slot_ok is None)

@@ -48,6 +48,7 @@ class SparseDecodeWrapper:
         self._l2 = False
         self._mid = None  # Triton split workspace (outputs, LSEs) for the planned shapes
         self._max_kept = None  # CPU top-k selection bound for the planned batch
+        self._step = None  # CPU: what the step's layers share (kernels.cpu.DecodeStep)
         self._buffer = None  # workspace storage, reused across plans when large enough
 
     def plan(self, selection: SelectionPlan, summary_index: torch.Tensor,
@@ -63,6 +64,9 @@ class SparseDecodeWrapper:
         if side == "torch":
             from . import cpu
             self._max_kept = cpu.max_kept_blocks(selection)  # host read: plan time only
+            if self.num_kv_heads is not None:
+                self._step = cpu.DecodeStep(selection, summary_index, token_slots,
+                                            self.num_kv_heads, l2, self._max_kept)
 
     def plan_static(self, selection: SelectionPlan, summary_index: torch.Tensor,
                     token_slots: torch.Tensor, l2: torch.Tensor) -> None:
@@ -79,6 +83,7 @@ class SparseDecodeWrapper:
         self.last_selection = None
         self._mid = None
         self._max_kept = None
+        self._step = None
         if self.kernels.side == "triton" and self.num_kv_heads is not None:
             batch = selection.seq_lens.shape[0]
             self._mid = self._workspace(batch, selection.capacity, token_slots.device)
@@ -116,6 +121,9 @@ class SparseDecodeWrapper:
         """Score the blocks and pick the positions each (request, KV head) attends to."""
         if self.selection_plan is None:
             raise RuntimeError("SparseDecodeWrapper: plan() first")
+        if self._step is not None:
+            self.last_selection = sel = self._step.select(q, center, radius)
+            return sel
         scores = self.kernels.score_blocks(q, center, radius, self._summary_index, self._l2)
         if self._max_kept is not None:
             from . import cpu  # top-k select: the same result for a fraction of the CPU time
@@ -130,6 +138,8 @@ class SparseDecodeWrapper:
         the layer's block summaries [M, Hkv, D]. Returns out [B, Hq, Dv] (and lse [B, Hq] if
         asked)."""
         sel = self.select(q, center, radius)
+        if self._step is not None:
+            return self._step.attend(q, k_buffer, v_buffer, sel, scale, return_lse)
         slots = positions_to_slots(sel.positions, self._token_slots)
         opts = {"counts": sel.counts}  # valid entries form a prefix of each list
         if self._mid is not None:

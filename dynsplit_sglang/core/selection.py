@@ -64,8 +64,17 @@ def score_blocks_ragged(q: torch.Tensor, centers: list, radii: list, l2: bool = 
 @dataclass(frozen=True)
 class Selection:
     positions: torch.Tensor  # int64 [B, Hkv, cap]: attended positions, -1 = padding
-    counts: torch.Tensor  # int64 [B, Hkv]: how many entries are real
-    blocks: torch.Tensor  # bool [B, Hkv, NB]: which blocks were kept
+    counts: torch.Tensor  # int64 [B, Hkv]: how many entries are real (they come first)
+    order: torch.Tensor  # int64 [B, Hkv, K]: the first K blocks of the score order
+    kept_len: torch.Tensor  # int64 [B, Hkv, K]: tokens kept of each (0 = not kept)
+    nblocks: int  # NB
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """bool [B, Hkv, NB]: which blocks were kept (built on demand: not on the decode path)."""
+        b, hkv, _ = self.order.shape
+        return torch.zeros(b, hkv, self.nblocks, dtype=torch.bool, device=self.order.device
+                           ).scatter_(2, self.order, self.kept_len > 0)
 
 
 def _as_batch(x, b: int, device) -> torch.Tensor:
@@ -129,50 +138,54 @@ def select(scores: torch.Tensor, plan: SelectionPlan) -> Selection:
     return fill_in_order(order, ok, plan)
 
 
-def fill_in_order(order: torch.Tensor, ok: torch.Tensor, plan: SelectionPlan) -> Selection:
+def fixed_positions(plan: SelectionPlan, hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query-independent part of every selection: (out, front). out: int64 [B, Hkv, cap + 1],
+    the sink then the recent window in its first front[b] entries (every position of a dense
+    request), -1 after; the last column is a dump for masked scatters. front: int64 [B]."""
+    sink, seq, r0, dense = plan.sink, plan.seq_lens, plan.recent_start, plan.dense
+    j = torch.arange(plan.capacity + 1, device=seq.device)[None, :]
+    front = torch.where(dense, seq, sink + seq - r0)
+    pos = torch.where(dense[:, None] | (j < sink), j, r0[:, None] + j - sink)
+    pos = torch.where(j < front[:, None], pos, -1)
+    return pos[:, None, :].expand(-1, hkv, -1).contiguous(), front
+
+
+def fill_in_order(order: torch.Tensor, ok: torch.Tensor, plan: SelectionPlan,
+                  fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
     """Keep whole blocks in score order while they fit the block budget (a greedy prefix of the
-    order), and lay out their positions after the sink.
+    order), and lay out their positions after the sink and the recent window.
 
     order: int64 [B, Hkv, K], the first K block indices of each score order (K <= NB: a caller
     that knows no more than K blocks can be kept may cut it); ok: bool [B, Hkv, NB], selectable
-    blocks."""
+    blocks; fixed: fixed_positions(plan, Hkv), if the caller keeps it between layers.
+    The query-independent positions come first, so that only the kept blocks are laid out per
+    query; every list is its valid entries, then -1."""
     b, hkv, nb = ok.shape
-    cap, sink = plan.capacity, plan.sink
+    cap = plan.capacity
     ok_sorted = torch.gather(ok, 2, order)
     len_sorted = torch.gather(plan.clip_len[:, None, :].expand(b, hkv, nb), 2, order) * ok_sorted
+    return lay_out_blocks(order, len_sorted, plan.clip_start[:, None, :].expand(b, hkv, nb),
+                          plan.block_budget[:, None, None], fixed or fixed_positions(plan, hkv),
+                          cap, plan.max_clip_len, nb)
+
+
+def lay_out_blocks(order, len_sorted, clip_start, budget, fixed, cap: int, max_clip_len: int,
+                   nb: int) -> Selection:
+    """Shared by the core and the CPU kernels: len_sorted [B, Hkv, K] (0 = not selectable) in
+    score order; the first blocks whose cumulative length fits `budget` are kept."""
+    out, front = fixed
     fill = torch.cumsum(len_sorted, dim=-1)
-    keep_sorted = ok_sorted & (fill <= plan.block_budget[:, None, None])
-    len_sorted = len_sorted * keep_sorted
-    offset = sink + fill - len_sorted  # where each kept block's positions go
-
-    out = torch.full((b, hkv, cap + 1), -1, dtype=torch.long, device=ok.device)
-    if plan.max_clip_len > 0 and order.shape[-1] > 0:
-        t = torch.arange(plan.max_clip_len, device=ok.device)
-        cs_sorted = torch.gather(plan.clip_start[:, None, :].expand(b, hkv, nb), 2, order)
-        put = t < len_sorted[..., None]  # [B, Hkv, K, S]
-        dst = torch.where(put, offset[..., None] + t, cap)
-        val = torch.where(put, cs_sorted[..., None] + t, -1)
-        out.scatter_(2, dst.view(b, hkv, -1), val.view(b, hkv, -1))
-    return finish_selection(out[..., :cap], plan, len_sorted, ok, order, keep_sorted)
-
-
-def finish_selection(out, plan: SelectionPlan, len_sorted, ok, order, keep_sorted) -> Selection:
-    """Complete the kept blocks' positions (out: [B, Hkv, cap]) with the sink and the recent
-    window after them, or every position of a dense request."""
-    b, hkv, cap = out.shape
-    sink, seq, r0, dense = plan.sink, plan.seq_lens, plan.recent_start, plan.dense
-    j = torch.arange(cap, device=out.device)[None, None, :]
-    rec_at = sink + len_sorted.sum(-1)  # [B, Hkv]: recent positions follow the kept blocks
-    rec_pos = r0[:, None, None] + (j - rec_at[..., None])
-    sparse = ~dense[:, None, None]
-    is_sink = (j < sink) & sparse
-    is_rec = (j >= rec_at[..., None]) & (rec_pos < seq[:, None, None]) & sparse
-    is_all = ~sparse & (j < seq[:, None, None])
-    out = torch.where(is_sink | is_all, j.expand(b, hkv, cap), out)
-    out = torch.where(is_rec, rec_pos, out)
-    counts = torch.where(dense[:, None], seq[:, None].expand(b, hkv), rec_at + (seq - r0)[:, None])
-    kept = torch.zeros_like(ok).scatter_(2, order, keep_sorted)
-    return Selection(out, counts, kept)
+    kept_len = len_sorted * (fill <= budget)  # a greedy prefix: lengths are >= 0
+    out = out.clone()
+    if max_clip_len > 0 and order.shape[-1] > 0:
+        t = torch.arange(max_clip_len, device=order.device)
+        offset = front[:, None, None] + fill - kept_len  # where each kept block's positions go
+        put = t < kept_len[..., None]  # [B, Hkv, K, S]
+        dst = torch.where(put, offset[..., None] + t, cap)  # the rest goes to the dump column
+        val = torch.gather(clip_start, 2, order)[..., None] + t
+        out.scatter_(2, dst.flatten(2), val.flatten(2))
+    counts = front[:, None] + kept_len.sum(-1)
+    return Selection(out[..., :cap], counts, order, kept_len, nb)
 
 
 def select_positions(

@@ -191,18 +191,22 @@ class Compressor:
         li = layer_id - self.first_compressed
         out = self.wrapper.run(q, k_buffer, v_buffer, self.store.center[li],
                                self.store.radius[li], scale)
-        # Counted on the device; read once per forward (no sync per layer on a GPU).
-        counts = self.wrapper.tokens_attended()
-        step.count_rows(counts)
-        if self._attended is None:
-            self._attended = torch.zeros(2, dtype=torch.int64, device=counts.device)
-        self._attended[0] += counts.sum()
-        self._attended[1] = torch.maximum(self._attended[1], counts.max())
-        self.stats["tokens_dense"] += sum(step.batch.seq_lens) * self.kv_heads
-        self.stats["sparse_layer_steps"] += len(step.batch.rows)
+        # Counted on the device, folded into the server's counters once per forward (no sync
+        # per layer on a GPU).
+        step.count_rows(self.wrapper.tokens_attended())
         if layer_id == self.num_layers - 1:
-            self._dump_stats()
+            self._end_decode(step)
         return out
+
+    def _end_decode(self, step: StepState) -> None:
+        layers = self.num_layers - self.first_compressed
+        if self._attended is None:
+            self._attended = torch.zeros(2, dtype=torch.int64, device=step.head_attended.device)
+        self._attended[0] += step.head_attended.sum()
+        self._attended[1] = torch.maximum(self._attended[1], step.head_peak.max())
+        self.stats["tokens_dense"] += sum(step.batch.seq_lens) * self.kv_heads * layers
+        self.stats["sparse_layer_steps"] += len(step.batch.rows) * layers
+        self._dump_stats()
 
     def rows_attended(self) -> list[int] | None:
         """K/V tokens each request of this decode forward attended over the compressed layers
@@ -255,8 +259,13 @@ class Compressor:
             self.stats["peak_slots_in_use"] = max(self.stats["peak_slots_in_use"], used)
 
     def _dump_stats(self) -> None:
+        """Hand the counters to the reporter (it publishes them off the decode path)."""
+        attended = None if self._attended is None else self._attended.clone()
+        self.reporter.report(self.stats, attended)
+
+    def counters(self) -> Counter:
+        """The counters now, the device ones read in (a host read: not for the decode path)."""
+        out = Counter(self.stats)
         if self._attended is not None:
-            total, peak = self._attended.tolist()
-            self.stats["tokens_attended"] = total
-            self.stats["max_tokens_attended"] = peak
-        self.reporter.report(self.stats)
+            out["tokens_attended"], out["max_tokens_attended"] = self._attended.tolist()
+        return out

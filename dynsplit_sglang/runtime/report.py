@@ -7,10 +7,12 @@ show up in the HTTP server's ``/metrics`` next to SGLang's own.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import Counter
 
@@ -48,13 +50,66 @@ def summary(stats: Counter) -> dict:
 
 
 class Reporter:
+    """Publishes the counters: the JSON file, Prometheus, a log line a minute.
+
+    ``report`` is called on the decode path (once per forward): it only hands over a snapshot.
+    A writer thread publishes the latest snapshot (older unwritten ones are dropped: each is a
+    running total), so the file write, the Prometheus updates and, on a GPU, the read of the
+    device counters never stall a decode step. background=False writes in the caller.
+    """
+
     def __init__(self, path: str | None = None, prometheus: bool = False,
-                 log_every_s: float = 60.0) -> None:
+                 log_every_s: float = 60.0, background: bool = True) -> None:
         self.path = path
         self.log_every_s = log_every_s
         self._last_log = time.monotonic()
         self._pushed: Counter = Counter()
         self._prom = self._make_prometheus() if prometheus else None
+        self.background = background
+        self._pending = None  # (stats snapshot, device counters or None)
+        self._lock = threading.Lock()  # guards _pending; _write_lock orders the writes
+        self._write_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def report(self, stats: Counter, device_counts=None) -> None:
+        """stats: the counters; device_counts: a copy of an int64 [2] device tensor (tokens
+        attended, the most one layer attended), read off the decode path."""
+        snapshot = (Counter(stats), device_counts)
+        if not self.background:
+            self._publish(snapshot)
+            return
+        with self._lock:
+            self._pending = snapshot
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dynsplit-stats",
+                                                daemon=True)
+                self._thread.start()
+                atexit.register(self.flush)
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Publish what is pending now, in the caller."""
+        with self._lock:
+            snapshot, self._pending = self._pending, None
+        if snapshot is not None:
+            self._publish(snapshot)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - counters must never take the server down
+                logger.exception("dynsplit-sglang: writing the counters failed")
+
+    def _publish(self, snapshot) -> None:
+        stats, device_counts = snapshot
+        if device_counts is not None:
+            stats["tokens_attended"], stats["max_tokens_attended"] = device_counts.tolist()
+        with self._write_lock:
+            self._write(stats)
 
     @staticmethod
     def _make_prometheus():
@@ -67,7 +122,7 @@ class Reporter:
                       multiprocess_mode="mostrecent")
         return counters, ratio
 
-    def report(self, stats: Counter) -> None:
+    def _write(self, stats: Counter) -> None:
         data = summary(stats)
         if self.path:
             d = os.path.dirname(self.path) or "."

@@ -53,9 +53,19 @@ class StepState:
     sparse: bool = False  # decode: some request is longer than its budget (the wrapper is planned)
     decode_like: bool = False  # an extend of one token per request over a cached prompt
     kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eviction: slots that still hold K/V
-    row_attended: torch.Tensor | None = None  # [B] K/V tokens attended, compressed layers
+    head_attended: torch.Tensor | None = None  # [B, Hkv] K/V tokens attended, summed over layers
+    head_peak: torch.Tensor | None = None  # [B, Hkv] the most one layer attended
 
     def count_rows(self, counts: torch.Tensor) -> None:
-        """Add one layer's tokens attended ([B, Hkv], on the device) to each request's count."""
-        per_row = counts.sum(1)
-        self.row_attended = per_row if self.row_attended is None else self.row_attended + per_row
+        """Add one layer's tokens attended ([B, Hkv], on the device): two in-place ops per
+        layer; the sums are read once per forward."""
+        if self.head_attended is None:
+            self.head_attended, self.head_peak = counts.clone(), counts.clone()
+        else:
+            self.head_attended.add_(counts)
+            torch.maximum(self.head_peak, counts, out=self.head_peak)
+
+    @property
+    def row_attended(self) -> torch.Tensor | None:
+        """[B] K/V tokens each request attended over the compressed layers."""
+        return None if self.head_attended is None else self.head_attended.sum(1)

@@ -129,3 +129,31 @@ def test_run_can_be_captured_in_a_cuda_graph():
     graph.replay()
     fresh = w.run(q, batch.k, batch.v, batch.center, batch.radius)
     assert torch.equal(out, fresh) and not torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("per_request_norm", [False, True])
+def test_cpu_planned_step_masks_evicted_slots_like_the_core(per_request_norm, monkeypatch):
+    """The CPU side plans a step once (kernels.cpu.DecodeStep); with eviction some positions
+    have no slot (-1): they must be masked as in the core pipeline, whatever list they are in.
+    Also with a radius norm per request."""
+    monkeypatch.setenv("DYNSPLIT_KERNELS", "torch")
+    lens, budget = [300, 180], 96
+    b = make_batch(lens, 2, 64, torch.float32, "dynsplit", seed=5, device="cpu", spread=1.5)
+    g = torch.Generator().manual_seed(3)
+    evicted = (torch.rand(b.token_slots.shape, generator=g) < 0.3) & (
+        torch.arange(b.token_slots.shape[1]) >= SINK)
+    b.token_slots[evicted] = -1
+    l2 = torch.tensor([True, False]) if per_request_norm else True
+    q = torch.randn(2, 6, 64, generator=g)
+    plan = plan_selection(b.table, b.seq_lens, budget, SINK, RECENT, max_block_len=20)
+    w = SparseDecodeWrapper(6, 2, 64, device="cpu")
+    w.plan(plan, b.summary_index, b.token_slots, l2)
+    assert w._step is not None  # the planned path runs
+    out, lse = w.run(q, b.k, b.v, b.center, b.radius, return_lse=True)
+    ref_sel = select(score_blocks(q, b.center, b.radius, b.summary_index, l2), plan)
+    slots = positions_to_slots(ref_sel.positions, b.token_slots)
+    ref, ref_lse = sparse_decode_attention(q, b.k, b.v, slots, return_lse=True)
+    assert torch.equal(w.last_selection.positions, ref_sel.positions)
+    assert torch.equal(w.last_selection.blocks, ref_sel.blocks)
+    assert rel_err(out, ref) < 1e-5
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)

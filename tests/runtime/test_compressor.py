@@ -42,7 +42,7 @@ def test_budget_above_context_stays_dense_and_below_attends_at_most_budget():
     pool.prefill(0, toks)
     outs = pool.decode([0], [toks + [1]])
     assert outs[0] is None and all(o is not None for o in outs[1:])  # first layer dense
-    st = pool.comp.stats
+    st = pool.comp.counters()
     layers = len(outs) - 1
     assert st["tokens_attended"] <= CFG.budget * 2 * layers  # 2 KV heads
     assert st["tokens_dense"] == 301 * 2 * layers

@@ -1,0 +1,46 @@
+"""The counters leave the decode path: Reporter.report only hands over a snapshot."""
+
+import json
+import threading
+import time
+from collections import Counter
+
+import torch
+
+from dynsplit_sglang.runtime.report import Reporter
+
+
+def _read(path):
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_background_writer_publishes_the_latest_snapshot(tmp_path):
+    path = tmp_path / "stats.json"
+    r = Reporter(str(path))
+    stats = Counter(tokens_dense=800)
+    for i in range(50):  # a burst: older snapshots may be dropped, never the last
+        stats["requests"] = i
+        r.report(stats, torch.tensor([100 + i, 7]))
+    deadline = time.monotonic() + 5
+    while _read(path).get("requests") != 49 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    data = _read(path)
+    assert data["requests"] == 49 and data["tokens_attended"] == 149
+    assert data["max_tokens_attended"] == 7 and data["compression_ratio"] == 800 / 149
+    assert r._thread is not None and r._thread is not threading.current_thread()
+
+
+def test_snapshot_is_a_copy_and_flush_writes_in_the_caller(tmp_path):
+    path = tmp_path / "stats.json"
+    r = Reporter(str(path), background=False)
+    stats = Counter(requests=1)
+    r.report(stats)
+    stats["requests"] = 2  # after the call: not in the file
+    assert _read(path)["requests"] == 1 and r._thread is None
+    r = Reporter(str(path))
+    r.report(Counter(requests=3))
+    r.flush()
+    deadline = time.monotonic() + 5
+    while _read(path).get("requests") != 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _read(path)["requests"] == 3
