@@ -244,8 +244,15 @@ class DecodeStep:
             self.slot_ok = ok_slots.expand(b, hkv, -1).contiguous()
 
     def select(self, q, center, radius) -> _selection.Selection:
-        scores = _score_rows(q, center, radius, self.rows, self.pick).add_(self.bias)
-        order = _top_blocks(scores, self.max_kept, self.ties)  # + bias: -0.0 became +0.0
+        return self.keep(self.score(q, center, radius))
+
+    def score(self, q, center, radius) -> torch.Tensor:
+        """float32 [B, Hkv, NB]; -inf for the blocks that cannot be kept."""
+        # + bias also turns -0.0 into +0.0, which the top-k keys need
+        return _score_rows(q, center, radius, self.rows, self.pick).add_(self.bias)
+
+    def keep(self, scores: torch.Tensor) -> _selection.Selection:
+        order = _top_blocks(scores, self.max_kept, self.ties)
         plan = self.plan
         return _selection.lay_out_blocks(order, torch.gather(self.clen, 2, order), self.cstart,
                                          self.budget, self.fixed, plan.capacity,

@@ -8,9 +8,9 @@ head_dim 64, fp32) at an 8k context, in-process, with the product's own code:
 * DynSplit: a real ``dynsplit_sglang.runtime.Compressor`` fed like the backend feeds it: one extend
   of the 8k prompt (the scored layers' queries vote; real token ids, so real delimiter candidates),
   then per decode step ``begin_forward`` (block freeze + ``_plan_decode``), 2 dense layers and
-  28 × ``decode_layer`` (``SparseDecodeWrapper.run``: score → select → positions_to_slots →
+  28 × ``decode_layer`` (``SparseDecodeWrapper.run``: score → keep blocks → pool rows +
   attention, plus the counters), and the stats reporter as the server has it;
-  ``run`` is also split into its four stages;
+  ``run`` is also split into its three stages;
 * the rest of the step: the model's forward without long-context attention (HF transformers, same
   weights, a 16-token KV cache), which bounds the matmul part of a step.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from dynsplit_sglang.core import DynSplitConfig, candidate_mask, positions_to_slots  # noqa: E402
+from dynsplit_sglang.core import DynSplitConfig, candidate_mask  # noqa: E402
 from dynsplit_sglang.core.delimiters import MODES  # noqa: E402
 from dynsplit_sglang.models import DEFAULT_MODEL, ensure  # noqa: E402
 from dynsplit_sglang.runtime.compressor import BatchView, Compressor  # noqa: E402
@@ -143,23 +143,23 @@ class Replay:
         return self.comp.decode_layer(layer, self.q, self.k[layer], self.v[layer], self.scale)
 
     def stages(self, layer: int) -> dict:
-        """SparseDecodeWrapper.run split into its four stages (ms)."""
+        """SparseDecodeWrapper.run split into its stages (ms): the CPU side's planned step
+        (kernels.cpu.DecodeStep) scores, keeps blocks, then maps positions to pool rows and
+        attends."""
         w = self.comp.wrapper
+        step = w._step
         li = layer - self.comp.first_compressed
         center, radius = self.comp.store.center[li], self.comp.store.radius[li]
         t = {}
         t0 = time.perf_counter()
-        scores = w.kernels.score_blocks(self.q, center, radius, w._summary_index, w._l2)
+        scores = step.score(self.q, center, radius)
         t1 = time.perf_counter()
-        from dynsplit_sglang.kernels import cpu
-        sel = cpu.select(scores, w.selection_plan, w._max_kept)
+        sel = step.keep(scores)
         t2 = time.perf_counter()
-        slots = positions_to_slots(sel.positions, w._token_slots)
+        step.attend(self.q, self.k[layer], self.v[layer], sel, self.scale)
         t3 = time.perf_counter()
-        w.kernels.sparse_decode_attention(self.q, self.k[layer], self.v[layer], slots, self.scale)
-        t4 = time.perf_counter()
         t["score_ms"], t["select_ms"] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        t["positions_to_slots_ms"], t["attention_ms"] = (t3 - t2) * 1e3, (t4 - t3) * 1e3
+        t["attention_ms"] = (t3 - t2) * 1e3  # positions -> pool rows included
         t["tokens_attended"] = int(sel.counts.float().mean())
         return t
 
@@ -433,8 +433,8 @@ def main(argv=None) -> int:
         findings.append(
             f"Budget 1/{round(1 / b)} ({a['budget_tokens']} tokens, {a['blocks']} blocks): "
             f"{a['sparse_layer_ms_p50']:.2f} ms per compressed layer (score "
-            f"{st['score_ms']:.2f}, select {st['select_ms']:.2f}, positions→slots "
-            f"{st['positions_to_slots_ms']:.2f}, attention {st['attention_ms']:.2f} over "
+            f"{st['score_ms']:.2f}, select {st['select_ms']:.2f}, pool rows + attention "
+            f"{st['attention_ms']:.2f} over "
             f"{st['tokens_attended']} tokens) + {a['plan_ms']:.1f} ms per step for "
             f"begin_forward (plan + block freeze + stats); attention+plan per step "
             f"{a['attention_ms'] + a['plan_ms']:.0f} ms vs {d['attention_ms']:.0f} ms dense; "
