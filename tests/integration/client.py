@@ -1,6 +1,7 @@
 """Small HTTP helpers for the server tests."""
 
 import json
+import time
 import random
 
 from dynsplit_sglang.launcher import post_json
@@ -24,8 +25,24 @@ def generate(server, prompts, rids=None, max_new=12):
     return [o["text"] for o in out], [o["meta_info"] for o in out]
 
 
-def stats(server):
-    return json.loads(server.stats_path.read_text()) if server.stats_path.exists() else {}
+def stats(server, settle_s: float = 0.03, timeout: float = 2.0) -> dict:
+    """The server's DynSplit counters. A writer thread publishes them just after each forward
+    (runtime/report.py), so a response can arrive a moment before its forward's counters: read
+    until two reads `settle_s` apart agree."""
+    def read():
+        try:
+            return json.loads(server.stats_path.read_text())
+        except (OSError, ValueError):  # not written yet, or replaced between open and read
+            return {}
+
+    last, deadline = read(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        now = read()
+        if now == last and now:
+            return now
+        last = now
+    return last
 
 
 def flush(server, timeout=60):

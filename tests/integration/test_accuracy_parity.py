@@ -26,16 +26,14 @@ dense prefill), and a last-bit difference can flip an argmax between two candida
 score. A previous build drifted by 0.09% there (146099 vs 146230 tokens).
 """
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dynsplit_sglang.core.strategies import STRATEGIES
 
-from .client import flush
+from .client import flush, stats
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks" / "accuracy"))
@@ -66,12 +64,7 @@ def samples(model_path):
 
 
 def _stats(server) -> dict:
-    for _ in range(50):
-        try:
-            return json.loads(server.stats_path.read_text())
-        except (OSError, ValueError):
-            time.sleep(0.1)
-    return {}
+    return stats(server, timeout=5.0)
 
 
 def _strip_eos(ids, eos):

@@ -21,6 +21,7 @@ from dynsplit_sglang.launcher import post_json
 from dynsplit_sglang.patches.server_args import eviction_args
 from dynsplit_sglang.settings import strip_and_parse
 
+from .client import stats
 from .conftest import default_model_server
 
 pytestmark = pytest.mark.server
@@ -94,9 +95,7 @@ def server(tmp_path_factory):
 
 
 def _stats(server) -> dict:
-    import json
-
-    return json.loads(server.stats_path.read_text()) if server.stats_path.exists() else {}
+    return stats(server)
 
 
 def _generate(server, input_ids: list[list[int]]):
