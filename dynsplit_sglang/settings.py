@@ -67,6 +67,10 @@ FIELD_HELP = {
     "spread": "gauss score only: how many expected-maximum deviations above a block's mean key "
               "its score reaches; higher favours blocks whose keys vary more. Number in "
               "(0, 16]. Default {default}.",
+    "min_sparse_len": "Decode attends densely while a request's context is shorter than this "
+                      "many tokens, where a compressed step would cost more time than the keys "
+                      "it skips (0 = compress whenever the context exceeds the budget). Integer "
+                      "in [0, 16777216]. Default {default}.",
     "evict": "Free the KV slots of each request's least important blocks once its prompt is "
              "split, keeping sink, recent window and top blocks within the budget (memory, not "
              "only attention). Needs --disable-overlap-schedule.",

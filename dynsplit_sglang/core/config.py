@@ -67,6 +67,9 @@ class DynSplitConfig:
     # (mean + spread·sqrt(2 ln n)·std along q); "bound" is Quest's min/max upper bound.
     score: str = "gauss"
     spread: float = 1.5  # gauss only: how many expected-maximum deviations above the mean
+    # Decode attends densely while the context is shorter than this: below it a compressed
+    # step costs more than the keys it skips (docs/design.md, "When compression pays").
+    min_sparse_len: int = 0
 
     def __post_init__(self) -> None:
         if self.budget is None and self.budget_fraction is None:
@@ -101,6 +104,8 @@ class DynSplitConfig:
         _require(self.score in SCORES, "score", self.score, f"one of {SCORES}")
         _require(_is_number(self.spread) and 0 < self.spread <= 16, "spread", self.spread,
                  "a finite number in (0, 16]")
+        _require(_is_int(self.min_sparse_len) and 0 <= self.min_sparse_len <= 1 << 24,
+                 "min_sparse_len", self.min_sparse_len, "an integer in [0, 16777216]")
         _require(not (self.evict and not self.strategy_impl.has_blocks), "evict", self.evict,
                  f"false with strategy={self.strategy} (it has no blocks to evict)")
         if self.budget is not None:
@@ -137,8 +142,14 @@ class DynSplitConfig:
         """Tokens past a block's search window needed before its boundary is final."""
         return self.strategy_impl.lookahead(self)
 
+    def decode_budget(self, context_len: int) -> int:
+        """What a decode step attends per KV head: the token budget, or the whole context
+        below min_sparse_len."""
+        return context_len if context_len < self.min_sparse_len else self.token_budget(context_len)
+
     def token_budget(self, context_len: int) -> int:
-        """Tokens attended per KV head at this context length (≥ sink + recent)."""
+        """Tokens attended (or, with eviction, kept) per KV head at this context length
+        (≥ sink + recent)."""
         if self.budget is not None:
             return self.budget
         want = int(math.floor(self.budget_fraction * context_len))

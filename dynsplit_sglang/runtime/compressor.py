@@ -219,7 +219,7 @@ class Compressor:
     def _plan_decode(self, step: StepState) -> bool:
         b, states = step.batch, step.rows
         seq = b.seq_lens
-        budgets = [st.cfg.token_budget(n) if not st.fallback else n for st, n in zip(states, seq)]
+        budgets = [st.cfg.decode_budget(n) if not st.fallback else n for st, n in zip(states, seq)]
         if all(n <= bud for n, bud in zip(seq, budgets)):
             self.stats["dense_steps"] += 1
             return False

@@ -78,7 +78,7 @@ class GraphDecode:
         for row, n in zip(rows, seq_lens):
             st = comp.rows.get(row)
             cfg = st.cfg if st is not None else comp.cfg
-            budget = n if st is not None and st.fallback else cfg.token_budget(n)
+            budget = n if st is not None and st.fallback else cfg.decode_budget(n)
             if budget > self.capacity or cfg.max_block_len > self.max_block_len:
                 return False
         return True
@@ -97,7 +97,7 @@ class GraphDecode:
             comp.begin_forward(view, plan=False)
             for row, n in zip(view.rows, view.seq_lens):
                 st = comp.rows[row]
-                budget = n if st.fallback else st.cfg.token_budget(n)
+                budget = n if st.fallback else st.cfg.decode_budget(n)
                 rows.append(row)
                 seqs.append(n)
                 budgets.append(budget)

@@ -1,3 +1,4 @@
+import dataclasses
 import random
 
 import pytest
@@ -103,3 +104,20 @@ def test_chunked_prefill_splits_like_one_shot(chunks):
     ref.decode([0], [toks + [3]])
     assert pool.blocks(0) == ref.blocks(0)
     assert pool.comp.stats["blocks_reused"] == 0  # own chunks are not a shared prefix
+
+
+def test_min_sparse_len_decodes_short_contexts_densely():
+    """Below min_sparse_len a decode step is dense (SGLang's own attention runs), above it the
+    same request compresses; the token budget (what eviction keeps) ignores it."""
+    toks = [7 + (i % 50) for i in range(300)]
+    cfg = dataclasses.replace(CFG, min_sparse_len=302)
+    assert cfg.token_budget(301) == CFG.token_budget(301) < 301 == cfg.decode_budget(301)
+    pool = SimPool(cfg)
+    pool.new_row(0)
+    pool.prefill(0, toks)
+    outs = pool.decode([0], [toks + [1]])  # context 301 < 302: dense
+    assert all(o is None for o in outs)
+    assert pool.comp.stats["dense_steps"] == 1 and pool.comp.stats["sparse_steps"] == 0
+    outs = pool.decode([0], [toks + [1, 2]])  # 302: compressed
+    assert outs[0] is None and all(o is not None for o in outs[1:])
+    assert pool.comp.stats["sparse_steps"] == 1
