@@ -95,8 +95,21 @@ class Reporter:
         if snapshot is not None:
             self._publish(snapshot)
 
+    def close(self) -> None:
+        """Publish what is pending and stop the writer thread (a later report restarts it)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop = True
+            self._wake.set()
+            thread.join()
+            self._stop = False
+        self.flush()
+
+    _stop = False
+
     def _run(self) -> None:
-        while True:
+        while not self._stop:
             self._wake.wait()
             self._wake.clear()
             try:

@@ -44,3 +44,15 @@ def test_snapshot_is_a_copy_and_flush_writes_in_the_caller(tmp_path):
     while _read(path).get("requests") != 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _read(path)["requests"] == 3
+
+
+def test_close_publishes_and_stops_the_writer(tmp_path):
+    path = tmp_path / "stats.json"
+    r = Reporter(str(path))
+    r.report(Counter(requests=5))
+    thread = r._thread
+    r.close()
+    assert not thread.is_alive() and _read(path)["requests"] == 5
+    r.report(Counter(requests=6))  # a later report starts a new writer
+    r.close()
+    assert _read(path)["requests"] == 6
