@@ -19,7 +19,8 @@ Summaries are computed in fp32 and kept in the K buffer's own dtype; one summary
 of one K slot, so summaries can live in slots of the token pool.
 
 The functions with an ``out_*`` argument are the torch twins of the Triton kernels; the naive
-``*_ragged`` variant is the baseline for the overhead comparison.
+``*_ragged`` variant is a reference (the kernel benchmark's ragged baseline is a vectorised one:
+benchmarks/kernels/run.py).
 """
 
 from __future__ import annotations
