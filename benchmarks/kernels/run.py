@@ -558,18 +558,17 @@ def bench_case(case: Case, budgets, device, repeats, warmup, copy, loop_ref: boo
 
 
 def stage_times(case: Case, w: SparseDecodeWrapper, repeats, timer) -> dict:
-    from dynsplit_sglang.core import positions_to_slots
-    from dynsplit_sglang.kernels import cpu
-    kern = w.kernels  # the side the wrapper chose
-    scores = kern.score_blocks(case.q, case.center, case.radius, case.index, L2)
-    sel = w.select(case.q, case.center, case.radius)
-    slots = positions_to_slots(sel.positions, case.token_slots)
+    """The CPU step's stages as SparseDecodeWrapper.run runs them (kernels.cpu.DecodeStep,
+    planned once per step), and the core's full sort for reference."""
+    step = w._step
+    scores = step.score(case.q, case.center, case.radius)
+    sel = step.keep(scores)
+    plain = w.kernels.score_blocks(case.q, case.center, case.radius, case.index, L2)
     return interleaved({
-        "score": lambda: kern.score_blocks(case.q, case.center, case.radius, case.index, L2),
-        "select (top-k)": lambda: cpu.select(scores, w.selection_plan, w._max_kept),
-        "select (core sort)": lambda: select(scores, w.selection_plan),
-        "positions_to_slots": lambda: positions_to_slots(sel.positions, case.token_slots),
-        "attention": lambda: kern.sparse_decode_attention(case.q, case.k, case.v, slots),
+        "score": lambda: step.score(case.q, case.center, case.radius),
+        "select (top-k + lay out)": lambda: step.keep(scores),
+        "select (core sort)": lambda: select(plain, w.selection_plan),
+        "pool rows + attention": lambda: step.attend(case.q, case.k, case.v, sel),
     }, repeats, 2, timer)
 
 
