@@ -207,7 +207,7 @@ class RaggedPlan:
     offsets_t: torch.Tensor  # int64 [B + 1] offsets on the device
     seg_first: torch.Tensor  # int64 [NBtot] column of the first block of the block's request
     block_cols: torch.Tensor  # int64 [NBtot] where block columns go among the pieces
-    piece_start: torch.Tensor  # int64 [NBtot + 2B] per request: sink, its blocks, recent
+    piece_start: torch.Tensor  # int64 [NBtot + 2B] per request: sink, recent, its blocks
     piece_len: torch.Tensor
     base_count: torch.Tensor  # int64 [B] sink + recent (or the whole request when dense)
     l2: bool
@@ -232,10 +232,10 @@ def plan_ragged(ends: list, seq_lens: list, budget: int, sink: int, recent: int,
     clen = (torch.minimum(e_all + 1, r0[blk_req]) - cs).clamp(min=0)
     clen = clen.masked_fill(dense[blk_req], 0)
     first = torch.tensor(offsets[:-1], dtype=torch.long)
-    # Pieces per request, in the uniform layout's order: sink, blocks (score order), recent.
-    block_cols = torch.arange(nbt) + 2 * blk_req + 1
+    # Pieces per request, in the uniform layout's order: sink, recent, blocks (score order).
+    block_cols = torch.arange(nbt) + 2 * blk_req + 2
     sink_cols = first + 2 * torch.arange(b)
-    rec_cols = torch.tensor(offsets[1:], dtype=torch.long) + 2 * torch.arange(b) + 1
+    rec_cols = sink_cols + 1
     pstart = torch.zeros(nbt + 2 * b, dtype=torch.long)
     plen = torch.zeros(nbt + 2 * b, dtype=torch.long)
     plen[sink_cols] = torch.where(dense, seq, torch.full_like(seq, sink))
@@ -270,9 +270,9 @@ def ragged_scores(q, center, radius, plan: RaggedPlan) -> torch.Tensor:
 
 
 def ragged_select_from_scores(scores: torch.Tensor, plan: RaggedPlan):
-    """Positions per (KV head, request) under the core's rule: sink, then whole blocks in score
-    order while they fit the block budget (stop at the first that does not), then the recent
-    window. scores: [Hkv, NBtot]. Returns (positions int64 [total], counts int64 [Hkv, B]):
+    """Positions per (KV head, request) under the core's rule: sink, the recent window, then
+    whole blocks in score order while they fit the block budget (stop at the first that does
+    not). scores: [Hkv, NBtot]. Returns (positions int64 [total], counts int64 [Hkv, B]):
     the lists laid end to end, KV head-major. The total is read on the host (dynamic size)."""
     hkv, nbt = scores.shape
     ok = (plan.clip_len > 0)[None, :] & torch.isfinite(scores)

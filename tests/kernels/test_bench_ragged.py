@@ -52,7 +52,7 @@ def test_ragged_selects_what_uniform_and_the_loop_select(bench, batch, ctx, head
     uniform, uscores = uniform_lists(bench, case, budget)
     plan = bench.plan_ragged(case.ends, [ctx] * batch, budget, bench.SINK, bench.RECENT)
 
-    # Same scores in: the same positions in the same order (sink, blocks by score, recent).
+    # Same scores in: the same positions in the same order (sink, recent, blocks by score).
     stacked = torch.empty(hkv, case.num_blocks)
     for b in range(batch):
         n = case.offsets[b + 1] - case.offsets[b]
