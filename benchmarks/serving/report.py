@@ -1,7 +1,8 @@
 """Plots and the README performance section from the serving benchmark's JSON.
 
     python benchmarks/serving/report.py benchmarks/serving/results/quick.json \
-        [--profile benchmarks/serving/results/profile-decode.json] [--out-dir DIR]
+        [--profile benchmarks/serving/results/profile-decode.json] \
+        [--bench-serving benchmarks/serving/results/bench-serving.json] [--out-dir DIR]
 
 Writes, next to the JSON (or in --out-dir):
 * ``<stem>-decode.png``: the decode probe, decode tokens/s vs context (median, min-max bars) and
@@ -11,7 +12,9 @@ Writes, next to the JSON (or in --out-dir):
   shared-prefix length, one line per configuration;
 * ``<stem>-context.png``: the same vs shared-prefix length, one column per concurrency;
 * ``README-section.md``: the README's "Performance" section: the target checks, the decode
-  table, the decode-time profile of ``profile_decode.py`` (if present) and the agent cells.
+  table, SGLang's bench_serving table (``bench_serving.py``'s JSON, default
+  ``bench-serving.json`` beside the input, if present), the decode-time profile of
+  ``profile_decode.py`` (if present) and the agent cells.
 """
 
 from __future__ import annotations
@@ -262,7 +265,46 @@ def cells_table(data: dict) -> list[str]:
     return lines
 
 
-def section(data, profile, pngs, json_path: Path) -> str:
+def bench_serving_table(b: dict, path: Path) -> list[str]:
+    m = b["meta"]
+    g = m["bench"]
+    lines = [
+        f"**SGLang's own `bench_serving`** (`python -m sglang.benchmark.serving`, generated "
+        f"shared-prefix multi-turn dataset: {g['gsp_num_groups']} groups x "
+        f"{g['gsp_prompts_per_group']} conversations, system prompt {g['gsp_system_prompt_len']} "
+        f"tokens, {g['gsp_num_turns']} turns of a {g['gsp_question_len']}-token question and "
+        f"{g['gsp_output_len']} output tokens, max concurrency {g['max_concurrency']}; prefix "
+        f"cache flushed before every run; driven by `bench_serving.py`, "
+        f"`{_rel(path)}`; {m['repeats']} interleaved runs per server"
+        + ("" if m["protocol"]["meets_protocol"] else
+           " — **below the protocol's 5 repeats: not a valid result**")
+        + f"; {m['wall_s'] / 60:.1f} min, 1-min load {_fmt(m['load_avg_1m'].get('median'))}). "
+        "Median (min–max) over the runs; output tok/s **includes TTFT and prefill**; decode "
+        "tok/s = 1000 / bench_serving's median TPOT; paired = run r / dense run r of the same "
+        "round (baseline none).",
+        "",
+        "| config | runs | output tok/s (incl. TTFT) | output vs dense: paired | median TPOT "
+        "ms | decode tok/s | decode vs dense: paired | median TTFT ms | cache hit rate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(b["rows"], key=_order):
+        lines.append(
+            f"| {r['label']} | {r['n']} | {_range(r['output_throughput'])} | "
+            f"{_ratio(r, 'output_throughput')} | {_range(r['median_tpot_ms'])} | "
+            f"{_range(r['decode_tok_per_s'])} | {_ratio(r, 'decode_tok_per_s')} | "
+            f"{_range(r['median_ttft_ms'], 0)} | {_fmt(_med(r, 'cache_hit_rate'), 3)} |")
+    cmd = m["reproduce_command"]
+    lines += ["", "Reproduce one run against a server of your own (`bench-serving.json` has the "
+                  "exact server and bench_serving command lines per configuration):", "",
+              "```bash", cmd, "```", ""]
+    if m.get("datasets_standin"):
+        lines += ["(This host's venv has no Hugging Face `datasets`, which the module imports "
+                  "for other datasets; `bench_serving.py` ran it unchanged under a stand-in "
+                  "`datasets` module.)", ""]
+    return lines
+
+
+def section(data, profile, pngs, json_path: Path, bench=None, bench_path=None) -> str:
     m = data["meta"]
     decode = data["decode"]
     la = m.get("load_avg_1m", {})
@@ -288,6 +330,8 @@ def section(data, profile, pngs, json_path: Path) -> str:
     ]
     if decode:
         lines += target_lines(decode) + decode_table(decode)
+    if bench:
+        lines += bench_serving_table(bench, bench_path)
     if profile:
         lines += profile_section(profile)
     if data["rows"]:
@@ -386,6 +430,8 @@ def main(argv=None) -> int:
     ap.add_argument("json")
     ap.add_argument("--profile", default=None,
                     help="profile_decode.py JSON (default: profile-decode.json beside the input)")
+    ap.add_argument("--bench-serving", default=None,
+                    help="bench_serving.py JSON (default: bench-serving.json beside the input)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     src = Path(args.json)
@@ -394,6 +440,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prof_path = Path(args.profile) if args.profile else src.parent / "profile-decode.json"
     profile = json.loads(prof_path.read_text()) if prof_path.exists() else None
+    bench_path = (Path(args.bench_serving) if args.bench_serving
+                  else src.parent / "bench-serving.json")
+    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
     m = data["meta"]
     sub = (f"{m['model']} on {m['machine']} ({m['device']}, {m['attention_backend']}, "
            f"{m['dtype']}); load avg {_fmt(m.get('load_avg_1m', {}).get('median'))}")
@@ -406,7 +455,7 @@ def main(argv=None) -> int:
         cell_sub = sub + f"; {m['turns']} turns x {m['output_tokens']} tokens"
         plot_vs(rows, "concurrency", "context_len", "shared prefix {} tokens", pngs[1], cell_sub)
         plot_vs(rows, "context_len", "concurrency", "{} concurrent sessions", pngs[2], cell_sub)
-    text = section(data, profile, pngs, src)
+    text = section(data, profile, pngs, src, bench, bench_path)
     (out / "README-section.md").write_text(text)
     print(f"wrote {', '.join(str(p) for p in pngs if p.exists())}, {out / 'README-section.md'}")
     return 0

@@ -36,7 +36,9 @@ repeat. Then:
         --out benchmarks/serving/results/cuda.json
 
 Then ``report.py`` (called at the end unless --no-report) writes the PNG plots and
-``README-section.md`` next to the output file.
+``README-section.md`` next to the output file. ``bench_serving.py`` runs SGLang's own
+``sglang.benchmark.serving`` (generated shared-prefix, multi-turn dataset) against the same
+configurations.
 """
 
 from __future__ import annotations
