@@ -128,14 +128,16 @@ def plot_decode(decode, path: Path, subtitle: str) -> None:
     if not decode:
         return
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for c in sorted({r["label"]: r for r in decode}.values(), key=_order):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, c in enumerate(sorted({r["label"]: r for r in decode}.values(), key=_order)):
+        color = colors[i % len(colors)]  # the same in both panels
         rows = sorted((r for r in decode if r["label"] == c["label"]), key=lambda r: r["context"])
         xs = [r["context"] for r in rows]
         s = [r["decode_tok_per_s"] for r in rows]
         med = [x["median"] for x in s]
         ax.errorbar(xs, med, yerr=[[m - x["min"] for m, x in zip(med, s)],
                                    [x["max"] - m for m, x in zip(med, s)]],
-                    marker="o", capsize=3, label=c["label"])
+                    marker="o", capsize=3, label=c["label"], color=color)
         pr = [((r.get("vs_dense") or {}).get("decode_tok_per_s") or {}).get("paired")
               for r in rows]
         pts = [(x, p) for x, p in zip(xs, pr) if p]
@@ -143,7 +145,7 @@ def plot_decode(decode, path: Path, subtitle: str) -> None:
             bx.errorbar([x for x, _ in pts], [p["median"] for _, p in pts],
                         yerr=[[p["median"] - p["min"] for _, p in pts],
                               [p["max"] - p["median"] for _, p in pts]],
-                        marker="o", capsize=3, label=c["label"])
+                        marker="o", capsize=3, label=c["label"], color=color)
     ax.set_xlabel("context (prompt + output tokens)")
     ax.set_ylabel("decode tok/s, 1 request (median, min–max)")
     bx.axhline(1.0, color="#888", lw=1)
