@@ -50,6 +50,19 @@ from dynsplit_sglang.runtime.report import Reporter  # noqa: E402
 LAYERS, HQ, HKV, D = 30, 9, 3, 64
 
 
+def serving_tpots(decode: list[dict]) -> dict:
+    """{(config, budget): {"tpot_ms_p50": ...}} of run.py's decode rows at their largest context
+    (the 8k probe; rows of older results carry tpot_ms_p50, newer ones a tpot_ms spread)."""
+    top = max(d["context_len"] for d in decode)
+    out = {}
+    for d in decode:
+        if d["context_len"] == top:
+            t = d.get("tpot_ms")
+            out[(d["config"], d["budget"])] = {
+                "tpot_ms_p50": t["median"] if isinstance(t, dict) else d.get("tpot_ms_p50")}
+    return out
+
+
 def timer(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
@@ -397,8 +410,7 @@ def main(argv=None) -> int:
 
     serving = None
     if args.serving and Path(args.serving).exists():
-        decode = json.loads(Path(args.serving).read_text())["decode"]
-        serving = {(d["config"], d["budget"]): d for d in decode}
+        serving = serving_tpots(json.loads(Path(args.serving).read_text())["decode"])
     dense_tpot = serving.get(("none", 1.0), {}).get("tpot_ms_p50") if serving else None
     rest_server = dense_tpot - attn["dense"]["attention_ms"] if dense_tpot else None
     step = {}

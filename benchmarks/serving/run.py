@@ -1,27 +1,44 @@
-"""Serving benchmark: multi-turn agent sessions over a shared system/tool prefix, dense vs DynSplit.
+"""Serving benchmark: decode speed at several contexts and multi-turn agent sessions over a shared
+system/tool prefix, dense vs DynSplit.
 
-For every configuration (``--kv-compression none``, DynSplit selection at budgets 1/4 and 1/8 of
-the context, and with ``--eviction`` the same with ``--dynsplit-evict``) the script starts its own SGLang server, then:
+Every configuration (``--kv-compression none``, DynSplit selection at budgets 1/4 and 1/8 of the
+context, and with ``--eviction`` the same with ``--dynsplit-evict``) gets its own SGLang server;
+all of them are up for the whole run, sleeping when idle (``--sleep-on-idle``), and every
+measurement is interleaved round-robin over them, so the load of a shared host hits every
+configuration alike and a repeat of one configuration can be paired with the same round's dense
+repeat. Then:
 
-1. per shared-prefix length (``--contexts``): prefills the system/tool prefix once (timed; a warm
-   production server has it cached) and, per concurrency level, runs N concurrent agent sessions x
-   K turns through an SGLang frontend program (``workload.agent_session``), each turn appending a
-   tool observation and generating a reply. Recorded per cell: output tokens/s (all sessions'
-   completion tokens / wall time), TTFT and per-token latency (p50/p90, measured on the HTTP
-   stream), the radix hit rate (cached / prompt tokens), the peak KV slots in use (SGLang's
-   ``sglang:num_used_tokens`` sampled from /metrics) and the DynSplit counters (delta);
-2. the long-context decode probe: one prompt filling the model's 8k context (the 6k prefix plus a
-   long tool observation), N output tokens, decode tokens/s from the first to the last token,
-   median of repeats (the repeats hit the radix cache, so they cost decode only).
+1. the decode probe (the headline): per context of ``--decode-contexts`` (prompt + output
+   tokens; default 2048 4096 8192) one prompt, sent once untimed to every server (the warm-up:
+   it prefills the prompt into the radix cache), then ``--decode-repeats`` timed rounds (default
+   5, at least 5 unless ``--allow-few-repeats``, which marks the result as below the protocol);
+   each round probes every context on every server (configuration order rotated per round). A
+   timed repeat is decode-only: its prompt is a radix hit (cached_tokens is recorded and
+   checked), decode tokens/s is measured from the first to the last streamed token and TTFT is
+   reported apart. Per (configuration, context): median, min/max and IQR of decode tok/s, TPOT,
+   TTFT, and against dense the ratio of medians and the per-round paired ratios;
+2. the agent workload: per shared-prefix length (``--contexts``) the system/tool prefix is
+   prefilled once per server (timed; a warm production server has it cached), then
+   ``--cell-repeats`` interleaved rounds of every cell (N concurrent agent sessions x K turns
+   through an SGLang frontend program, ``workload.agent_session``; each round uses new sessions,
+   the same text for every configuration). Recorded per cell and repeat: output tokens/s (all
+   sessions' completion tokens / wall time: includes TTFT and prefill), per-request decode tok/s
+   (1000 / TPOT, TTFT excluded), TTFT and TPOT p50/p90 (measured on the HTTP stream), the radix
+   hit rate, the peak KV slots in use and the DynSplit counters.
 
     python benchmarks/serving/run.py --quick --out benchmarks/serving/results/quick.json
     python benchmarks/serving/run.py --out benchmarks/serving/results/full.json
+    # 16k/32k contexts need a model with that window:
+    python benchmarks/serving/run.py --model qwen2.5-coder-0.5b-instruct --no-cells \\
+        --decode-contexts 8192 16384 32768 --out benchmarks/serving/results/qwen-decode.json
     # GPU, unchanged script (Triton kernels, bf16 KV):
-    python benchmarks/serving/run.py --device cuda --attention-backend triton --dtype bfloat16 \
+    python benchmarks/serving/run.py --device cuda --attention-backend triton --dtype bfloat16 \\
         --out benchmarks/serving/results/cuda.json
 
 Then ``report.py`` (called at the end unless --no-report) writes the PNG plots and
-``README-section.md`` next to the output file.
+``README-section.md`` next to the output file. ``bench_serving.py`` runs SGLang's own
+``sglang.benchmark.serving`` (generated shared-prefix, multi-turn dataset) against the same
+configurations.
 """
 
 from __future__ import annotations
@@ -47,8 +64,10 @@ from tqdm import tqdm  # noqa: E402
 
 from dynsplit_sglang import launcher  # noqa: E402
 from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
-from dynsplit_sglang.models import DEFAULT_MODEL, cache_dir, ensure  # noqa: E402
+from dynsplit_sglang.models import (  # noqa: E402
+    DEFAULT_MODEL, QWEN_MODEL, TINY_MODEL, cache_dir, ensure)
 
+import serving_stats as st  # noqa: E402
 import workload as wl  # noqa: E402
 
 # -- configurations ---------------------------------------------------------------------------
@@ -103,6 +122,19 @@ def parse_config(spec: str) -> Config:
 # -- servers -------------------------------------------------------------------------------------
 
 
+def model_dir(name: str) -> Path:
+    """A model of dynsplit_sglang.models by name (built offline on first use), else a folder."""
+    return ensure(name) if name in (DEFAULT_MODEL, TINY_MODEL, QWEN_MODEL) else Path(name)
+
+
+def model_window(path) -> int | None:
+    """The model's context window (max_position_embeddings of its config.json)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+
+
 def server_flags(args, cfg: Config) -> list[str]:
     # --decode-log-interval 4: SGLang refreshes its KV-usage gauges when it logs a decode batch
     # --sleep-on-idle: an idle SGLang scheduler otherwise spins a whole core (0.9 core measured
@@ -150,7 +182,7 @@ def server(args, cfg: Config, log_dir: Path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DYNSPLIT_STATS_PATH"] = str(stats)
     flags = server_flags(args, cfg)
-    model = ensure(args.model) if args.model in (DEFAULT_MODEL, "tiny-llama") else args.model
+    model = model_dir(args.model)
     if args.device == "cpu":
         if args.attention_backend != "torch_native":
             flags = ["--attention-backend", args.attention_backend] + flags
@@ -255,11 +287,12 @@ def kv_layout(model_dir, dtype: str) -> tuple[int | None, int | None]:
 
 
 def decode_prompt_ids(tokenizer, endpoint, system: str, n_tokens: int, seed: int) -> list[int]:
-    """The shared prefix's system turn (radix hit) + one long tool observation, n_tokens ids."""
+    """A system turn + one long tool observation + the assistant header, n_tokens ids (the
+    system turn must be shorter than n_tokens)."""
     head = tokenizer.encode(wl.system_turn_text(endpoint, system), add_special_tokens=False)
+    tail = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     obs = wl.observation(tokenizer, max(n_tokens - len(head), 16) + 64, seed)
     body = tokenizer.encode("<|im_start|>user\n" + obs, add_special_tokens=False)
-    tail = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     ids = head + body[: max(n_tokens - len(head) - len(tail), 0)] + tail
     return ids[:n_tokens]
 
@@ -271,6 +304,7 @@ def measure_cell(ep, h, cfg: Config, cell, system, tok, slot_bytes, startup_s) -
         "config": cfg.name, "budget": cfg.budget,
         "concurrency": cell.concurrency, "context_len": cell.context_len,
         "output_tok_per_s": summ["output_tok_per_s"],
+        "decode_tok_per_s_p50": summ["decode_tok_per_s_p50"],
         "ttft_ms_p50": summ["ttft_ms_p50"],
         "tpot_ms_p50": summ["tpot_ms_p50"],
         "tpot_ms_p90": summ["tpot_ms_p90"],
@@ -279,7 +313,7 @@ def measure_cell(ep, h, cfg: Config, cell, system, tok, slot_bytes, startup_s) -
         "kv_mib_in_use": (summ["kv_slots_in_use"] * slot_bytes / 2**20
                           if slot_bytes and summ["kv_slots_in_use"] else None),
         "ttft_ms_p90": summ["ttft_ms_p90"],
-        "turns": cell.turns, "output_tokens_per_turn": cell.output_tokens,
+        "turns": cell.turns, "output_tokens_per_turn": cell.output_tokens, "seed": cell.seed,
         **{k: summ[k] for k in (
             "requests", "wall_s", "output_tokens", "radix_hit_rate_server",
             "prompt_tokens", "cached_tokens", "mean_prompt_tokens",
@@ -291,40 +325,180 @@ def measure_cell(ep, h, cfg: Config, cell, system, tok, slot_bytes, startup_s) -
     }
 
 
-def run_probes(pending: list[dict], live: dict, args, bar) -> None:
-    """The decode probe, round-robin over the configurations (one server busy at a time), so
-    that the load of a shared host hits every configuration alike."""
+# A timed repeat is decode-only when the radix cache served its prompt: SGLang recomputes the
+# last prompt token (its logits start the output), so cached_tokens = prompt_tokens - 1.
+MAX_UNCACHED = 1
+
+
+def run_decode_probe(live: dict, configs: list, prompts: dict, args, bar) -> tuple[list, list]:
+    """The warm-up probe of every (configuration, context), then args.decode_repeats rounds,
+    each probing every context on every server. Returns (warm-ups, timed repeats)."""
+    warm, probes = [], []
+    for cfg in configs:
+        for ctx, ids in prompts.items():
+            bar.set_description(f"{cfg.label}: prefill the {ctx} decode prompt")
+            p = wl.decode_probe(live[cfg].base_url, ids, args.decode_tokens)
+            warm.append({"config": cfg.name, "budget": cfg.budget, "context": ctx, **p})
+            bar.update()
     for r in range(args.decode_repeats):
-        for d in pending:
-            bar.set_description(f"{d['cfg'].label}: decode probe {r + 1}/{args.decode_repeats}")
-            h = live[d["cfg"]]
-            d["probes"].append(wl.decode_probe(h.base_url, d["ids"], args.decode_tokens))
-            d["probes"][-1]["load_1m"] = os.getloadavg()[0]
-    for d in pending:
-        d["s1"] = read_stats(live[d["cfg"]].stats_path)
+        for ctx, ids in prompts.items():
+            for pos, cfg in enumerate(st.rotate(configs, r)):
+                bar.set_description(f"decode round {r + 1}/{args.decode_repeats}: "
+                                    f"{ctx} {cfg.label}")
+                h = live[cfg]
+                s0 = read_stats(h.stats_path)
+                p = wl.decode_probe(h.base_url, ids, args.decode_tokens)
+                probes.append({
+                    "config": cfg.name, "budget": cfg.budget, "context": ctx, "round": r,
+                    "position": pos, **p,
+                    "uncached_tokens": p["prompt_tokens"] - p["cached_tokens"],
+                    "load_1m": os.getloadavg()[0],
+                    "dynsplit": stats_delta(s0, read_stats(h.stats_path))})
+                bar.update()
+    return warm, probes
+
+
+DECODE_METRICS = ("decode_tok_per_s", "tpot_ms", "ttft_ms", "uncached_tokens", "load_1m")
+
+
+def decode_rows(warm: list, probes: list, args, kv_heads) -> list[dict]:
+    """One row per (configuration, context): serving_stats.summarize of the timed repeats, the
+    warm-up's cold prefill, the radix-hit check and the K/V rows read per step."""
+    rows = st.summarize(probes, ("context",), DECODE_METRICS, ("decode_tok_per_s",),
+                        baseline="none (dense), same context; paired: same round")
+    for row in rows:
+        mine = [p for p in probes if p["config"] == row["config"]
+                and p["budget"] == row["budget"] and p["context"] == row["context"]]
+        w = next(x for x in warm if x["config"] == row["config"]
+                 and x["budget"] == row["budget"] and x["context"] == row["context"])
+        steps = sum(p["dynsplit"].get("sparse_layer_steps", 0) for p in mine)
+        attended = sum(p["dynsplit"].get("tokens_attended", 0) for p in mine)
+        row.update({
+            "prompt_tokens": w["prompt_tokens"], "output_tokens": args.decode_tokens,
+            "context_len": w["prompt_tokens"] + args.decode_tokens,
+            "cached_tokens": [p["cached_tokens"] for p in mine],
+            "radix_hit_ok": all(p["uncached_tokens"] <= MAX_UNCACHED for p in mine),
+            "decode_tok_per_s_all": [p["decode_tok_per_s"] for p in mine],
+            "prefill_ttft_ms": w["ttft_ms"], "prefill_cached_tokens": w["cached_tokens"],
+            "warmup_decode_tok_per_s": w["decode_tok_per_s"],
+            "kv_tokens_read_per_head": (attended / steps / kv_heads
+                                        if steps and kv_heads else None),
+        })
+    return rows
+
+
+def run_cells(live: dict, configs: list, cells: list, systems: dict, tok, args, slot_bytes,
+              startup: dict, bar) -> tuple[list, list]:
+    """Prefill every shared prefix on every server, then args.cell_repeats rounds of every cell
+    on every server (new sessions per round, the same for every configuration).
+    Returns (prefix prefills, one record per cell and repeat)."""
+    eps = {cfg: wl.TimedEndpoint(live[cfg].base_url) for cfg in configs}
+    prefixes, records = [], []
+    for cfg in configs:
+        for ctx in args.contexts:
+            bar.set_description(f"{cfg.label}: prefill {ctx}-token prefix")
+            info = wl.warm_prefix(eps[cfg], systems[ctx])
+            prefixes.append({"config": cfg.name, "budget": cfg.budget, "context_len": ctx,
+                             **info})
+            bar.update()
+    for r in range(args.cell_repeats):
+        for cell in cells:
+            cell_r = dataclasses.replace(cell, seed=cell.seed + 1000 * r)
+            for cfg in st.rotate(configs, r):
+                bar.set_description(f"cells round {r + 1}/{args.cell_repeats}: ctx "
+                                    f"{cell.context_len} x{cell.concurrency} {cfg.label}")
+                rec = measure_cell(eps[cfg], live[cfg], cfg, cell_r, systems[cell.context_len],
+                                   tok, slot_bytes, startup[cfg])
+                records.append({**rec, "round": r})
+                bar.update()
+    return prefixes, records
+
+
+CELL_METRICS = ("output_tok_per_s", "decode_tok_per_s_p50", "ttft_ms_p50", "ttft_ms_p90",
+                "tpot_ms_p50", "tpot_ms_p90", "radix_hit_rate", "kv_slots_in_use")
+
+
+def add_server_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that choose and start the servers (shared with bench_serving.py)."""
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="none | METHOD:FRACTION (default: none dynsplit:0.25 dynsplit:0.125)")
+    ap.add_argument("--eviction", action="store_true",
+                    help="also run dynsplit-evict at the same budgets (needs the memory issue)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | ... (SGLang's --device)")
+    ap.add_argument("--attention-backend", default=None,
+                    help="torch_native (CPU default) | triton (GPU default)")
+    ap.add_argument("--dtype", default=None, help="server dtype (CPU: float32 from the launcher)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"{DEFAULT_MODEL} (8k window) | {QWEN_MODEL} (32k) | a model folder")
+    ap.add_argument("--max-total-tokens", type=int, default=None,
+                    help="KV pool slots per server (default: what the run needs, >= 16384)")
+    ap.add_argument("--chunked-prefill-size", type=int, default=None)
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra launch_server flag (repeatable; use --server-arg=--flag)")
+    ap.add_argument("--health-timeout", type=float, default=600.0)
+    ap.add_argument("--log-dir", default=None, help="server logs (default .cache/logs/serving)")
+    ap.add_argument("--allow-few-repeats", action="store_true",
+                    help=f"allow fewer than {st.MIN_REPEATS} repeats (smoke runs): the result "
+                         "is marked as not meeting the protocol")
+
+
+def resolve_configs(args) -> list[Config]:
+    args.attention_backend = args.attention_backend or (
+        "torch_native" if args.device == "cpu" else "triton")
+    specs = args.configs or ["none", "dynsplit:0.25", "dynsplit:0.125"]
+    configs = [parse_config(s) for s in specs]
+    if args.eviction:
+        configs += [eviction_config(c.name, c.budget) for c in configs if c.budget < 1.0]
+    if not any(c.name == st.DENSE for c in configs):
+        print("note: no dense configuration ('none'): no ratio against dense", file=sys.stderr)
+    return configs
+
+
+def check_repeats(ap, args, **repeats: int) -> bool:
+    """Whether every repeat count meets the protocol; an error below it without the flag."""
+    low = {k: v for k, v in repeats.items() if v < st.MIN_REPEATS}
+    if low and not args.allow_few_repeats:
+        ap.error(", ".join(f"--{k.replace('_', '-')} {v}" for k, v in low.items())
+                 + f" is below the protocol's {st.MIN_REPEATS} repeats; pass "
+                 "--allow-few-repeats to run anyway (the result is marked as below protocol)")
+    return not low
+
+
+def start_servers(stack: ExitStack, args, configs: list, log_dir: Path, bar) -> tuple[dict, dict]:
+    """Every configuration's server, up (sleeping when idle) until the stack closes.
+    Returns ({config: handle}, {config: startup seconds})."""
+    live, startup = {}, {}
+    for cfg in configs:
+        bar.set_description(f"{cfg.label}: starting server")
+        t0 = time.monotonic()
+        live[cfg] = stack.enter_context(server(args, cfg, log_dir))
+        startup[cfg] = time.monotonic() - t0
         bar.update()
+    return live, startup
 
 
-def decode_row(d: dict, args, kv_heads) -> dict:
-    cfg, probes, ids = d["cfg"], d["probes"], d["ids"]
-    speeds = [p["decode_tok_per_s"] for p in probes if p["decode_tok_per_s"]]
-    tpots = [p["tpot_ms"] for p in probes if p["tpot_ms"]]
-    ds = stats_delta(d["s0"], d.get("s1", {}))
+def install_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, lambda *a: _on_sigterm(*a))
+
+
+def run_meta(args, configs, t_start: float, load_stats: dict) -> dict:
+    """What every result file records about the run (host, load, model, servers)."""
+    import torch
+
     return {
-        "config": cfg.name, "budget": cfg.budget,
-        "context_len": len(ids) + args.decode_tokens, "concurrency": 1,
-        "prompt_tokens": len(ids), "output_tokens": args.decode_tokens,
-        "decode_tok_per_s": statistics.median(speeds) if speeds else None,
-        "decode_tok_per_s_all": speeds,
-        "tpot_ms_p50": statistics.median(tpots) if tpots else None,
-        "prefill_ttft_ms": d["warm"]["ttft_ms"],
-        "prefill_cached_tokens": d["warm"]["cached_tokens"],
-        "warmup_decode_tok_per_s": d["warm"]["decode_tok_per_s"],
-        "kv_tokens_read_per_head": (ds["tokens_attended"] / ds["sparse_layer_steps"] / kv_heads
-                                    if ds.get("sparse_layer_steps") and kv_heads else None),
-        "dynsplit": ds,
-        "load_1m": [p.get("load_1m") for p in probes],
+        "wall_s": time.monotonic() - t_start, "load_avg_1m": load_stats,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+        "device": args.device, "attention_backend": args.attention_backend,
+        "dtype": args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
+        "torch": torch.__version__, "model": str(args.model),
+        "max_total_tokens": args.max_total_tokens,
+        "configs": [dataclasses.asdict(c) | {"label": c.label} for c in configs],
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
     }
+
+
+REPO = HERE.parents[1]
 
 
 def main(argv=None) -> int:
@@ -332,166 +506,145 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="result JSON")
     ap.add_argument("--quick", action="store_true",
-                    help="2k/6k prefixes, concurrency 1/4, 3 turns, 32 output tokens "
-                         "(CPU: <30 min)")
-    ap.add_argument("--configs", nargs="+", default=None,
-                    help="none | METHOD:FRACTION (default: none dynsplit:0.25 dynsplit:0.125)")
-    ap.add_argument("--eviction", action="store_true",
-                    help="also run dynsplit-evict at the same budgets (needs the memory issue)")
+                    help="cells: 2k/6k prefixes, concurrency 1/4, 3 turns, 32 output tokens, "
+                         "3 repeats; decode probe: 64 tokens (CPU: < 30 min)")
+    ap.add_argument("--decode-contexts", type=int, nargs="+", default=None,
+                    help="decode probe contexts, prompt + output tokens (default 2048 4096 "
+                         "8192; at most the model's window)")
+    ap.add_argument("--decode-tokens", type=int, default=None,
+                    help="output tokens per decode probe (default 64 quick, 128 full)")
+    ap.add_argument("--decode-repeats", type=int, default=st.MIN_REPEATS,
+                    help=f"timed rounds of the decode probe (default {st.MIN_REPEATS})")
+    ap.add_argument("--no-decode-probe", action="store_true")
     ap.add_argument("--contexts", type=int, nargs="+", default=None,
-                    help="shared prefix lengths in tokens")
+                    help="agent cells: shared prefix lengths in tokens")
     ap.add_argument("--concurrency", type=int, nargs="+", default=None)
     ap.add_argument("--turns", type=int, default=None)
     ap.add_argument("--output-tokens", type=int, default=None)
     ap.add_argument("--obs-tokens", type=int, default=None, help="tokens per tool observation")
-    ap.add_argument("--decode-context", type=int, default=None,
-                    help="context of the decode probe (prompt + output), default: the model's 8k")
-    ap.add_argument("--decode-tokens", type=int, default=None)
-    ap.add_argument("--decode-repeats", type=int, default=None)
-    ap.add_argument("--no-decode-probe", action="store_true")
-    ap.add_argument("--sequential-probe", action="store_true",
-                    help="probe each server right after its cells and stop it (default: keep "
-                         "the servers, sleeping, and probe them round-robin at the end)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | ... (SGLang's --device)")
-    ap.add_argument("--attention-backend", default=None,
-                    help="torch_native (CPU default) | triton (GPU default)")
-    ap.add_argument("--dtype", default=None, help="server dtype (CPU: float32 from the launcher)")
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--max-total-tokens", type=int, default=None,
-                    help="KV pool slots per server (default: what the largest cell needs, "
-                         ">= 16384)")
-    ap.add_argument("--chunked-prefill-size", type=int, default=None)
-    ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra launch_server flag (repeatable; use --server-arg=--flag)")
+    ap.add_argument("--cell-repeats", type=int, default=None,
+                    help=f"interleaved rounds of the agent cells (default 3 quick, "
+                         f"{st.MIN_REPEATS} full)")
+    ap.add_argument("--no-cells", action="store_true", help="decode probe only")
+    add_server_arguments(ap)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--health-timeout", type=float, default=600.0)
-    ap.add_argument("--log-dir", default=None, help="server logs (default .cache/logs/serving)")
     ap.add_argument("--no-report", action="store_true", help="skip plots and README section")
     args = ap.parse_args(argv)
 
     q = args.quick
-    args.attention_backend = args.attention_backend or (
-        "torch_native" if args.device == "cpu" else "triton")
+    args.decode_contexts = args.decode_contexts or [2048, 4096, 8192]
     args.contexts = args.contexts or ([2048, 6144] if q else [2048, 4096, 6144])
     args.concurrency = args.concurrency or ([1, 4] if q else [1, 2, 4, 8])
     args.turns = args.turns or (3 if q else 4)
     args.output_tokens = args.output_tokens or (32 if q else 64)
     args.obs_tokens = args.obs_tokens or (128 if q else 256)
     args.decode_tokens = args.decode_tokens or (64 if q else 128)
-    args.decode_repeats = args.decode_repeats or 3
-    if args.decode_context is None:
-        args.decode_context = 8192
-    specs = args.configs or ["none", "dynsplit:0.25", "dynsplit:0.125"]
-    configs = [parse_config(s) for s in specs]
-    if args.eviction:
-        configs += [eviction_config(c.name, c.budget) for c in configs if c.budget < 1.0]
-    need = max(args.contexts) + max(args.concurrency) * (
-        args.turns * (args.obs_tokens + args.output_tokens + 16) + 96)
+    args.cell_repeats = args.cell_repeats or (3 if q else st.MIN_REPEATS)
+    if args.no_decode_probe:
+        args.decode_contexts = []
+    if args.no_cells:
+        args.contexts, args.cell_repeats = [], 0
+    decode_ok = check_repeats(ap, args, decode_repeats=args.decode_repeats)
+    cells_ok = args.no_cells or args.cell_repeats >= st.MIN_REPEATS
+    configs = resolve_configs(args)
+
+    model = model_dir(args.model)
+    window = model_window(model)
+    too_long = [c for c in args.decode_contexts + args.contexts if window and c > window]
+    if too_long:
+        ap.error(f"contexts {too_long} exceed {args.model}'s {window}-token window (16k/32k: "
+                 f"--model {QWEN_MODEL})")
+    margin = 8  # decode prompt = context - output tokens - margin
+    need_cells = (max(args.contexts) + max(args.concurrency) * (
+        args.turns * (args.obs_tokens + args.output_tokens + 16) + 96)) if args.contexts else 0
+    need_decode = sum(args.decode_contexts) + 2048  # every probe prompt stays cached
     if args.max_total_tokens is None:
-        args.max_total_tokens = max(16384, -(-int(need * 1.25) // 4096) * 4096)
+        need = max(need_cells * 1.25, need_decode)
+        args.max_total_tokens = max(16384, -(-int(need) // 4096) * 4096)
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(args.log_dir or cache_dir() / "logs" / "serving")
     log_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, lambda *a: _on_sigterm(*a))
+    install_signal_handlers()
 
     from transformers import AutoTokenizer
 
-    model_dir = ensure(args.model) if args.model in (DEFAULT_MODEL, "tiny-llama") else args.model
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model))
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    slot_bytes, kv_heads = kv_layout(model_dir, dtype)
+    slot_bytes, kv_heads = kv_layout(model, dtype)
     systems = {c: wl.system_prompt(tok, c, seed=args.seed * 7919 + c) for c in args.contexts}
     cells = [wl.Cell(c, n, args.turns, args.output_tokens, args.obs_tokens, args.seed)
              for c in args.contexts for n in args.concurrency]
 
-    # progress: one unit per server start, prefix warm-up, cell and decode probe
-    per_cfg = 1 + len(args.contexts) + len(cells) + (0 if args.no_decode_probe else 2)
-    bar = tqdm(total=per_cfg * len(configs), unit="step", dynamic_ncols=True)
+    n_cfg, n_ctx = len(configs), len(args.decode_contexts)
+    bar = tqdm(total=n_cfg * (1 + n_ctx * (1 + args.decode_repeats) + len(args.contexts)
+                              + len(cells) * args.cell_repeats), unit="step", dynamic_ncols=True)
     load = LoadSampler().start()
     t_start = time.monotonic()
-    rows, decode_rows, prefixes = [], [], []
+    warm, probes, prefixes, cell_records = [], [], [], []
     try:
         with ExitStack() as stack:
-            live = {}  # config -> server, kept (sleeping when idle) for the decode probe
-            for cfg in configs:
-                bar.set_description(f"{cfg.label}: starting server")
-                t0 = time.monotonic()
-                h = stack.enter_context(server(args, cfg, log_dir))
-                live[cfg] = h
-                startup_s = time.monotonic() - t0
-                bar.update()
-                ep = wl.TimedEndpoint(h.base_url)
-                for ctx in args.contexts:
-                    bar.set_description(f"{cfg.label}: prefill {ctx}-token prefix")
-                    info = wl.warm_prefix(ep, systems[ctx])
-                    prefixes.append({"config": cfg.name, "budget": cfg.budget,
-                                     "context_len": ctx, **info})
-                    bar.update()
-                    for cell in (c for c in cells if c.context_len == ctx):
-                        bar.set_description(f"{cfg.label}: ctx {ctx} x{cell.concurrency}")
-                        rows.append(measure_cell(ep, h, cfg, cell, systems[ctx], tok,
-                                                 slot_bytes, startup_s))
-                        bar.update()
-                if not args.no_decode_probe:
-                    # prefill the probe's prompt now (its first probe is the warm-up)
-                    bar.set_description(f"{cfg.label}: prefill decode probe")
-                    ids = decode_prompt_ids(tok, ep, systems[max(args.contexts)],
-                                            args.decode_context - args.decode_tokens - 8,
-                                            seed=args.seed + 424242)
-                    warm = wl.decode_probe(h.base_url, ids, args.decode_tokens)
-                    decode_rows.append({"cfg": cfg, "ids": ids, "warm": warm, "probes": [],
-                                        "s0": read_stats(h.stats_path)})
-                    bar.update()
-                if args.sequential_probe:
-                    run_probes(decode_rows[-1:], live, args, bar)
-                    stack.pop_all().close()  # this server is done
-                    live.clear()
-            if not args.sequential_probe:
-                run_probes(decode_rows, live, args, bar)
+            live, startup = start_servers(stack, args, configs, log_dir, bar)
+            if args.decode_contexts:
+                ep = wl.TimedEndpoint(live[configs[0]].base_url)  # its chat template
+                probe_system = wl.system_prompt(tok, 512, seed=args.seed * 7919 + 1)
+                prompts = {c: decode_prompt_ids(tok, ep, probe_system,
+                                                c - args.decode_tokens - margin,
+                                                seed=args.seed + 424242 + c)
+                           for c in args.decode_contexts}
+                warm, probes = run_decode_probe(live, configs, prompts, args, bar)
+            if cells:
+                prefixes, cell_records = run_cells(live, configs, cells, systems, tok, args,
+                                                   slot_bytes, startup, bar)
     finally:
         bar.close()
         load_stats = load.stop()
-    decode_rows = [decode_row(d, args, kv_heads) for d in decode_rows]
-
-    dense = {d["context_len"]: d["decode_tok_per_s"] for d in decode_rows if d["config"] == "none"}
-    for d in decode_rows:
-        base = dense.get(d["context_len"])
-        d["speedup_vs_dense"] = (d["decode_tok_per_s"] / base
-                                 if base and d["decode_tok_per_s"] else None)
-    import torch
+    decode = decode_rows(warm, probes, args, kv_heads) if probes else []
+    rows = st.summarize(cell_records, ("context_len", "concurrency"), CELL_METRICS,
+                        ("output_tok_per_s", "decode_tok_per_s_p50"),
+                        baseline="none (dense), same cell; paired: same round")
+    targets = st.target_checks(decode) if decode else []
 
     result = {
         "meta": {
-            "quick": q, "wall_s": time.monotonic() - t_start,
-            "load_avg_1m": load_stats,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": machine(),
-            "device": args.device, "attention_backend": args.attention_backend,
-            "dtype": dtype,
-            "torch": torch.__version__, "model": str(args.model),
-            "contexts": args.contexts, "concurrency": args.concurrency, "turns": args.turns,
-            "output_tokens": args.output_tokens, "obs_tokens": args.obs_tokens,
-            "max_total_tokens": args.max_total_tokens, "kv_bytes_per_slot": slot_bytes,
-            "configs": [dataclasses.asdict(c) for c in configs],
+            **run_meta(args, configs, t_start, load_stats),
+            "quick": q, "contexts": args.contexts, "concurrency": args.concurrency,
+            "turns": args.turns, "output_tokens": args.output_tokens,
+            "obs_tokens": args.obs_tokens, "kv_bytes_per_slot": slot_bytes,
+            "decode_contexts": args.decode_contexts, "decode_tokens": args.decode_tokens,
+            "protocol": {"min_repeats": st.MIN_REPEATS, "decode_repeats": args.decode_repeats,
+                         "cell_repeats": args.cell_repeats, "decode_meets_protocol": decode_ok,
+                         "cells_meet_protocol": cells_ok,
+                         "interleaving": "round-robin: every round probes every context on "
+                                         "every server, configuration order rotated by round"},
             "eviction": "not landed: no rows (hook: EVICTION_FLAGS in run.py)"
                         if not eviction_supported() else "supported",
-            "notes": ("context_len = nominal tokens of the shared system/tool prefix; budget = "
-                      "fraction of each request's context attended per KV head (1.0 = dense); "
-                      "kv_slots_in_use = peak sglang:num_used_tokens (slots held by running "
-                      "requests, idle radix-cached ones excluded) sampled every 0.5 s; "
-                      "radix_hit_rate = cached/prompt tokens of the cell's "
-                      "requests; the shared prefix is prefilled before each cell (warm server)."),
+            "notes": ("decode probe: context = nominal prompt + output tokens; timed repeats hit "
+                      "the radix cache (prompt prefilled by the warm-up), decode tok/s from the "
+                      "first to the last streamed token, TTFT apart. Cells: context_len = "
+                      "nominal tokens of the shared system/tool prefix; budget = fraction of "
+                      "each request's context attended per KV head (1.0 = dense); output_tok_per_s "
+                      "includes TTFT and prefill, decode_tok_per_s_p50 = median over requests "
+                      "of 1000/TPOT; kv_slots_in_use = peak sglang:num_used_tokens sampled "
+                      "every 0.5 s; radix_hit_rate = cached/prompt tokens of the cell's requests; "
+                      "the shared prefix is prefilled before the cells (warm server)."),
         },
+        "targets": targets,
+        "decode": decode,
+        "decode_probes": probes,
+        "decode_warmup": warm,
         "rows": rows,
-        "decode": decode_rows,
+        "cells": cell_records,
         "prefix_prefill": prefixes,
     }
     out_path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out_path} ({len(rows)} rows, {len(decode_rows)} decode probes, "
+    print(f"wrote {out_path} ({len(decode)} decode rows from {len(probes)} probes, "
+          f"{len(rows)} cell rows from {len(cell_records)} cells, "
           f"{result['meta']['wall_s'] / 60:.1f} min, load avg {load_stats})")
+    for t in targets:
+        print(f"target: {t['name']}: {t['verdict']} (value {t['value']}, threshold "
+              f"{t['threshold']})")
     if not args.no_report:
         import report
 

@@ -149,7 +149,8 @@ class Cell:
         for sid in range(self.concurrency):
             base = self.seed * 100_003 + self.context_len * 1009 + self.concurrency * 101 + sid
             out.append({
-                "session": f"c{self.context_len}-n{self.concurrency}-s{sid}",
+                # the seed in the name: a repeat (new seed) starts its sessions at turn 0
+                "session": f"c{self.context_len}-n{self.concurrency}-s{sid}-seed{self.seed}",
                 "task": task_text(base),
                 "observations": [observation(tokenizer, self.obs_tokens, base * 31 + t)
                                  for t in range(self.turns)],
@@ -196,6 +197,12 @@ class RequestRecord:
         if self.t_first is None or self.completion_tokens < 2:
             return None
         return (self.t_last - self.t_first) / (self.completion_tokens - 1) * 1e3
+
+    @property
+    def decode_tok_per_s(self) -> float | None:
+        """This request's decode speed, first to last token (1000 / TPOT; TTFT excluded)."""
+        tpot = self.tpot_ms
+        return 1e3 / tpot if tpot else None
 
 
 class TimedEndpoint(RuntimeEndpoint):
@@ -323,6 +330,7 @@ class CellResult:
             "ttft_ms_p90": pct([r.ttft_ms for r in recs], 0.9),
             "tpot_ms_p50": pct([r.tpot_ms for r in recs], 0.5),
             "tpot_ms_p90": pct([r.tpot_ms for r in recs], 0.9),
+            "decode_tok_per_s_p50": pct([r.decode_tok_per_s for r in recs], 0.5),
             "ttft_ms_p50_by_turn": {t: pct(v, 0.5) for t, v in sorted(turn_ttft.items())},
             "radix_hit_rate": cached / prompt if prompt else None,
             "radix_hit_rate_server": srv_cached / srv_prompt if srv_prompt else None,
