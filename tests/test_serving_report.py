@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 SERVING = Path(__file__).resolve().parents[1] / "benchmarks" / "serving"
-sys.path.insert(0, str(SERVING))
+# Appended, not put first: other benchmarks' tests import their own `run` and `report` by name.
+sys.path.append(str(SERVING))
 
 import serving_stats as st  # noqa: E402
 
