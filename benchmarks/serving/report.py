@@ -31,7 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if str(HERE) not in sys.path:  # appended: other benchmarks have a `run` and a `report` too
+    sys.path.append(str(HERE))
 
 import serving_stats as st  # noqa: E402
 
