@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "performance": ROOT / "benchmarks/serving/results/README-section.md",
+    "kernels": ROOT / "benchmarks/kernels/results/README-section.md",
     "accuracy": ROOT / "benchmarks/accuracy/results/README-section.md",
     "memory": ROOT / "benchmarks/memory/results/README-section.md",
 }

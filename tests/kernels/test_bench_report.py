@@ -1,0 +1,48 @@
+"""The kernel benchmark's README section (benchmarks/kernels/report.py): ratios to the named
+fastest dense, fraction of the ideal, targets as measured."""
+
+from importlib.util import module_from_spec, spec_from_file_location
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _report():
+    spec = spec_from_file_location("kernels_report", REPO / "benchmarks" / "kernels" / "report.py")
+    mod = module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows():
+    base = dict(device="cpu-x86_64", batch=1, context_len=32768, q_heads=32, kv_heads=8,
+                head_dim=128, copy_gbps=10.0)
+    return [
+        dict(base, method="dense", impl="dense-matmul", budget=32768, median_ms=60.0,
+             speedup=1.0, ideal_speedup=1.0),
+        dict(base, method="dense-sglang-torch-native", impl="sglang", budget=32768,
+             median_ms=450.0, speedup=0.13, ideal_speedup=1.0),
+        dict(base, method="dynsplit", budget=2048, median_ms=20.0, speedup=3.0, ideal_speedup=8.0),
+        dict(base, method="select-uniform", budget=2048, median_ms=6.0, speedup=10.0,
+             ideal_speedup=8.0),
+        dict(base, method="select-ragged", budget=2048, median_ms=4.5, speedup=13.3,
+             ideal_speedup=8.0),
+        dict(base, method="dynsplit", budget=8192, median_ms=30.0, speedup=2.0, ideal_speedup=2.7),
+    ]
+
+
+def test_section_states_ratios_to_the_named_fastest_dense():
+    data = {"meta": dict(threads=1, cpu_clock="thread", sink=4, recent=64, ideal="N / (B + N/C)",
+                         load_avg_start=[1.0], load_avg_end=[2.0]),
+            "bandwidth_gbps": {"cpu": 10.0}, "rows": _rows(),
+            "targets": {"cpu": [dict(layout="llama8b-32/8/128", target="t1", value=0.375,
+                                     passed=False, detail="d"),
+                                dict(layout="default-9/3/64", target="other", value=1.0,
+                                     passed=True, detail="d")]}}
+    text = _report().section(data, "x.json")
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | 32k"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "60.00 ms (dense-matmul)" and cells[3] == "450.0 ms"
+    assert cells[4] == "20.00 ms" and cells[5] == "3.00x" and cells[6] == "8.00x"
+    assert cells[7] == "0.38" and cells[8] == "0.10" and cells[9] == "0.75x"
+    assert "[**MISS**] t1: 0.38" in text and "other" not in text
