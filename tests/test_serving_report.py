@@ -195,3 +195,19 @@ def test_report_section_states_targets_protocol_and_ttft(tmp_path):
 def report_cell_metrics():
     return ("output_tok_per_s", "decode_tok_per_s_p50", "ttft_ms_p50", "tpot_ms_p50",
             "radix_hit_rate", "kv_slots_in_use")
+
+
+def test_before_after_profile_lines():
+    def prof(layer, score, plan, dense):
+        stages = {"score_ms": score, "select_ms": 0.1, "attention_ms": 0.2,
+                  "positions_to_slots_ms": 0.05}
+        return {"budgets": [0.125], "context_len": 8000, "threads": 1, "attention": {
+            "dense": {"attn_layer_ms_p50": dense},
+            "0.125": {"sparse_layer_ms_p50": layer, "run_stages_ms_per_layer": stages,
+                      "plan_ms_p50": plan, "attention_ms": 20.0, "plan_ms": plan}}}
+    lines = _report().before_after_lines(prof(0.6, 0.3, 1.2, 1.0), prof(0.4, 0.2, 1.5, 1.1))
+    row = next(line for line in lines if line.startswith("| compressed layer"))
+    assert row == "| compressed layer (p50) | 0.60 | 0.40 |"
+    assert "| step plan (begin_forward, p50) | 1.20 | 1.50 |" in lines
+    assert "|   positions + attention | 0.25 | 0.25 |" in lines
+    assert any("1.00 ms before, 1.10 ms after" in line for line in lines)

@@ -307,7 +307,8 @@ def bench_serving_table(b: dict, path: Path) -> list[str]:
     return lines
 
 
-def section(data, profile, pngs, json_path: Path, bench=None, bench_path=None) -> str:
+def section(data, profile, pngs, json_path: Path, bench=None, bench_path=None,
+            before=None) -> str:
     m = data["meta"]
     decode = data["decode"]
     la = m.get("load_avg_1m", {})
@@ -337,6 +338,8 @@ def section(data, profile, pngs, json_path: Path, bench=None, bench_path=None) -
         lines += bench_serving_table(bench, bench_path)
     if profile:
         lines += profile_section(profile)
+    if profile and before:
+        lines += before_after_lines(before, profile)
     if data["rows"]:
         lines += cells_table(data)
         lines += radix_lines(data["rows"])
@@ -396,6 +399,40 @@ def profile_section(p) -> list[str]:
     return lines
 
 
+def before_after_lines(before, after) -> list[str]:
+    """The decode step before and after a change, both profiled by profile_decode.py on this
+    host in the same session (profile-decode-before.json, profile-decode.json)."""
+    budgets = [b for b in after["budgets"] if f"{b}" in before.get("attention", {})]
+    if not budgets:
+        return []
+    head = ["**The decode step before and after the planned CPU step** (`profile_decode.py`, "
+            f"in-process replay at {after['context_len']} tokens, {after['threads']} thread(s), "
+            "medians per layer; before = `profile-decode-before.json`, the previous code, "
+            "profiled in the same session):", "",
+            "| ms | " + " | ".join(f"1/{round(1 / b)} before | 1/{round(1 / b)} after"
+                                   for b in budgets) + " |",
+            "|---|" + "---|---|" * len(budgets)]
+    rows = [("compressed layer (p50)", lambda a: a.get("sparse_layer_ms_p50")),
+            ("  score", lambda a: a["run_stages_ms_per_layer"].get("score_ms")),
+            ("  select", lambda a: a["run_stages_ms_per_layer"].get("select_ms")),
+            ("  positions + attention", lambda a: (
+                a["run_stages_ms_per_layer"].get("attention_ms", 0)
+                + a["run_stages_ms_per_layer"].get("positions_to_slots_ms", 0))),
+            ("step plan (begin_forward, p50)", lambda a: a.get("plan_ms_p50")),
+            ("attention + plan per step", lambda a: a["attention_ms"] + a["plan_ms"])]
+    out = []
+    for name, get in rows:
+        vals = []
+        for b in budgets:
+            vals += [_fmt(get(before["attention"][f"{b}"]), 2), _fmt(get(after["attention"][f"{b}"]), 2)]
+        out.append(f"| {name} | " + " | ".join(vals) + " |")
+    dense = [before["attention"]["dense"]["attn_layer_ms_p50"],
+             after["attention"]["dense"]["attn_layer_ms_p50"]]
+    return head + out + ["", f"Dense attention per layer in the same replays (unchanged code, "
+                             f"the host's drift): {dense[0]:.2f} ms before, {dense[1]:.2f} ms "
+                             "after.", ""]
+
+
 LAYERS, COMPRESSED_LAYERS = 30, 28  # the default model; 2 dense layers
 
 
@@ -443,6 +480,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prof_path = Path(args.profile) if args.profile else src.parent / "profile-decode.json"
     profile = json.loads(prof_path.read_text()) if prof_path.exists() else None
+    before_path = prof_path.with_name(prof_path.stem + "-before.json")
+    before = json.loads(before_path.read_text()) if before_path.exists() else None
     bench_path = (Path(args.bench_serving) if args.bench_serving
                   else src.parent / "bench-serving.json")
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
@@ -458,7 +497,7 @@ def main(argv=None) -> int:
         cell_sub = sub + f"; {m['turns']} turns x {m['output_tokens']} tokens"
         plot_vs(rows, "concurrency", "context_len", "shared prefix {} tokens", pngs[1], cell_sub)
         plot_vs(rows, "context_len", "concurrency", "{} concurrent sessions", pngs[2], cell_sub)
-    text = section(data, profile, pngs, src, bench, bench_path)
+    text = section(data, profile, pngs, src, bench, bench_path, before)
     (out / "README-section.md").write_text(text)
     print(f"wrote {', '.join(str(p) for p in pngs if p.exists())}, {out / 'README-section.md'}")
     return 0
