@@ -121,7 +121,7 @@ def _tolerance(method, ref) -> float:
     return 0.0005 * ref["tokens_attended"] if variable else 0
 
 
-@pytest.mark.parametrize("method", _methods(("dynsplit", "delimiter")))
+@pytest.mark.parametrize("method", _methods(("dynsplit",)))
 def test_sglang_and_core_select_alike_and_answer_alike(default_server, samples, hf_model, method):
     import core_eval
     from dynsplit_sglang.core import DynSplitConfig

@@ -18,6 +18,9 @@ pytestmark = pytest.mark.server
 # The CPU flags with room enough that --max-total-tokens (8192) bounds both pools: with the CPU
 # flags' 0.2, the budget is what the profiler finds free, which moves with the host's load.
 FLAGS = ["--mem-fraction-static", "0.6"]
+# What those flags give a dense server's pool here: the launcher's --max-total-tokens bound
+# (checked against a real dense server by the slow test below).
+DENSE_TOKENS = 8192
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +44,18 @@ def _info(server) -> dict:
         return json.loads(r.read())
 
 
-def test_pool_and_store_fit_what_dense_gets(compressed_server, dense_server, tiny_model):
+@pytest.mark.slow
+def test_a_dense_server_gets_the_pool_assumed(dense_server):
+    # bounded by --max-total-tokens, not by what the host had free
+    assert _info(dense_server)["max_total_num_tokens"] == DENSE_TOKENS
+
+
+def test_pool_and_store_fit_what_dense_gets(compressed_server, tiny_model):
     server = compressed_server
     generate(server, ["a first request writes the counters ."], max_new=2)
     cfg = json.loads((tiny_model / "config.json").read_text())
     cell = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4  # fp32
-    dense = _info(dense_server)["max_total_num_tokens"]
-    assert dense == 8192  # bounded by --max-total-tokens, not by what the host had free
+    dense = DENSE_TOKENS
     info = _info(server)
     tokens = info["max_total_num_tokens"]
     s = stats(server)
