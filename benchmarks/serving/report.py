@@ -497,6 +497,8 @@ def main(argv=None) -> int:
         cell_sub = sub + f"; {m['turns']} turns x {m['output_tokens']} tokens"
         plot_vs(rows, "concurrency", "context_len", "shared prefix {} tokens", pngs[1], cell_sub)
         plot_vs(rows, "context_len", "concurrency", "{} concurrent sessions", pngs[2], cell_sub)
+    else:  # no cells in this run: an older run's cell plots must not be shown with it
+        pngs = pngs[:1]
     text = section(data, profile, pngs, src, bench, bench_path, before)
     (out / "README-section.md").write_text(text)
     print(f"wrote {', '.join(str(p) for p in pngs if p.exists())}, {out / 'README-section.md'}")
