@@ -54,7 +54,8 @@ FIELD_HELP = {
             "Integer in [0, 1024]. Default {default}.",
     "recent": "Most recent tokens that are always attended. Integer in [1, 65536]. "
               "Default {default}.",
-    "candidates": "Which tokens may end a block: punct (punctuation, newlines) or all. "
+    "candidates": "Which tokens may end a block: punct (punctuation, newlines), sentence "
+                  "(. ! ? newline only) or all. "
                   "Default {default}.",
     "dense_layers": "The first N layers decode densely (uncompressed). Integer in [0, 1024]. "
                     "Default {default}.",

@@ -112,7 +112,8 @@ def segmentation(tokenizer, input_ids: list[int], cfg: DynSplitConfig, scores=No
 
 @torch.inference_mode()
 def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_new_tokens: int,
-             prefilled=None, first_token: str = "compressed", trace=None) -> dict:
+             prefilled=None, first_token: str = "compressed", trace=None,
+             forced: list[int] | None = None) -> dict:
     """Greedy answer of one request under cfg through the pure core.
 
     first_token: "compressed" (as SGLang serves a prompt it holds in its radix cache: the
@@ -125,7 +126,10 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     trace: called at every compressed decode step of every compressed layer with step (the
     decode forward's index, 0 first), layer, q [Hq, D], k [T, Hkv, D] (every key, the current
     token's included), scale, scores [Hkv, NB], kept [Hkv, NB] and the SelectionPlan; for
-    inspection only (benchmarks/accuracy/diagnose.py), results are the same with or without."""
+    inspection only (benchmarks/accuracy/diagnose.py), results are the same with or without.
+    forced: teacher forcing (benchmarks/accuracy/sweep.py): feed these tokens instead of the
+    model's own and return, per forced token, its log-probability and whether it was the argmax
+    (a paired, continuous fidelity measure: forced = full KV's own greedy answer)."""
     global _active
     if first_token not in ("compressed", "dense"):
         raise ValueError(f"first_token={first_token!r}: expected 'compressed' or 'dense'")
@@ -141,6 +145,11 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     out = [] if first_token == "compressed" else [int(logits.argmax())]
+    if forced is not None:
+        max_new_tokens = len(forced)
+        logprobs, match = ([float(logits.log_softmax(-1)[forced[0]])], [out == forced[:1]]) \
+            if out else ([], [])
+        out = list(forced[:len(out)])
     prev_impl = model.config._attn_implementation
     model.set_attn_implementation(_ATTN)
     _active = req
@@ -154,13 +163,20 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
             pos = torch.tensor([[at]])
             lg = model(input_ids=torch.tensor([[token]]), past_key_values=cache,
                        position_ids=pos, cache_position=pos[0], use_cache=True).logits[0, -1]
-            out.append(int(lg.argmax()))
+            if forced is not None:
+                nxt = forced[len(out)]
+                logprobs.append(float(lg.float().log_softmax(-1)[nxt]))
+                match.append(int(lg.argmax()) == nxt)
+                out.append(nxt)
+            else:
+                out.append(int(lg.argmax()))
     finally:
         _active = None
         model.set_attn_implementation(prev_impl)
         cache.crop(closed)
         for i, (k, v) in enumerate(dense_last):
             cache.update(k, v, i)
-    return {"output_ids": out, "tokens_attended": req.tokens_attended,
+    extra = {} if forced is None else {"forced_logprobs": logprobs, "forced_match": match}
+    return {"output_ids": out, "tokens_attended": req.tokens_attended, **extra,
             "block_starts": table.starts[0, : int(table.counts[0])].tolist(),
             "block_lens": table.lens[0, : int(table.counts[0])].tolist(), "kept": req.kept}

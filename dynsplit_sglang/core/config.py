@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from .strategies import STRATEGIES, Strategy
 
 DEFAULT_BUDGET = 1024
-CANDIDATE_MODES = ("punct", "all")  # dynsplit's candidate sets (core.delimiters)
+CANDIDATE_MODES = ("punct", "all", "sentence")  # dynsplit's candidate sets (core.delimiters)
 SCORES = ("gauss", "bound")  # block scores (core.selection.score_blocks)
 
 

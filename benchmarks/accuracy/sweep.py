@@ -1,0 +1,151 @@
+"""Paired sweep of method variants through the pure core (no server): one dense prefill per
+prompt, every variant decodes from it, scores per sample, paired differences against a reference.
+
+The tool behind the "Variants tried" table of docs/accuracy.md: a variant is kept only if it wins
+on paired samples, and a change to the shared selection is measured on `fixed` too.
+
+    python benchmarks/accuracy/sweep.py --model smollm2-135m-instruct --context 4096 -n 4 \\
+        --variant dyn=dynsplit fix=fixed dyn8=dynsplit,tolerance=8 \\
+        --pair dyn:fix dyn8:fix --budget 0.125 --out /tmp/sweep.jsonl
+
+A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field). Rows go to --out as
+JSON lines as they finish; --resume skips the (sample, variant) pairs already there. Only the
+first turn of multi-turn samples is scored. The first answer token is decoded from the
+compressed state (as the server serves a cached prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import core_eval  # noqa: E402
+import diagnose as D  # noqa: E402
+import stats  # noqa: E402
+import tasks as T  # noqa: E402
+
+from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
+
+
+def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig]:
+    label, _, rest = spec.partition("=")
+    strategy, *fields = rest.split(",")
+    if not label or not strategy:
+        raise SystemExit(f"--variant {spec!r}: expected LABEL=STRATEGY[,FIELD=JSON...]")
+    over = {k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)}
+    return label, D.method_cfg(strategy, budget, over.pop("score", "gauss"), over)
+
+
+def run(args) -> list[dict]:
+    variants = [parse_variant(v, b) for b in args.budget for v in args.variant]
+    labels = [f"{lab}@{b}" for b in args.budget for lab, _ in
+              (parse_variant(v, b) for v in args.variant)]
+    rows = []
+    if args.resume and args.out.exists():
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    done = {(r["sample"], r["variant"]) for r in rows}
+    model, tok = D.load_model(args.model)
+    todo = [(t, c, i) for c in args.context for t in args.task for i in range(args.samples)]
+    t0 = time.time()
+    with (args.out.open("a") if args.out else open("/dev/null", "w")) as fh:
+        for k, (task, ctx, i) in enumerate(todo):
+            s = T.generate(task, tok, ctx, i + 1, args.seed)[i]
+            if all((s.id, lab) in done for lab in labels + ["full"]):
+                continue
+            pre = D.Prefills(model, s.input_ids, [c for _, c in variants])
+            work = [("full", variants[0][1].replace(budget_fraction=1.0, budget=None))]
+            work += list(zip(labels, (c for _, c in variants)))
+            full_ids = next((r["output_ids"] for r in rows
+                             if r["sample"] == s.id and r["variant"] == "full"), None)
+            for lab, cfg in work:
+                if (s.id, lab) in done:
+                    continue
+                out = core_eval.generate(model, tok, s.input_ids, cfg, s.max_new_tokens,
+                                         pre.get(cfg), "compressed")
+                text = tok.decode(out["output_ids"])
+                row = dict(sample=s.id, task=task, context_len=ctx, variant=lab,
+                           score=T.score(text, s.answers), output=text[:120],
+                           output_ids=out["output_ids"], tokens_attended=out["tokens_attended"])
+                if lab == "full":
+                    full_ids = out["output_ids"]
+                elif args.forced and full_ids:
+                    f = core_eval.generate(model, tok, s.input_ids, cfg, 0, pre.get(cfg),
+                                           "compressed", forced=full_ids)
+                    lp = f["forced_logprobs"]
+                    row.update(logprob=sum(lp) / len(lp), match=sum(f["forced_match"]) / len(lp),
+                               first_logprob=lp[0], logprobs=[round(x, 4) for x in lp])
+                rows.append(row)
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+            mine = {r["variant"]: r["score"] for r in rows if r["sample"] == s.id}
+            print(f"[{k + 1}/{len(todo)} {time.time() - t0:.0f}s] {s.id}: "
+                  + " ".join(f"{lab} {mine.get(lab, float('nan')):.2f}" for lab in ["full"] + labels),
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summary(rows: list[dict], pairs: list[str]) -> str:
+    """Accuracy, teacher-forced agreement with full KV (match: fraction of full KV's tokens that
+    stay the argmax; logprob: their mean log-probability) and paired differences."""
+    by = defaultdict(list)
+    for r in rows:
+        by[r["variant"]].append(r)
+    lines = ["| variant | n | accuracy (%) | match full (%) | logprob of full |", "|---|---|---|---|---|"]
+    lines += [f"| {v} | {len(rs)} | {100 * _mean([r['score'] for r in rs]):.1f} | "
+              f"{100 * _mean([r.get('match') for r in rs]):.1f} | "
+              f"{_mean([r.get('logprob') for r in rs]):.3f} |" for v, rs in sorted(by.items())]
+    if pairs:
+        lines += ["", "| a − b | measure | n | mean (×100) | 95% CI (×100) | wins / losses |",
+                  "|---|---|---|---|---|---|"]
+    for p in pairs:
+        a, b = p.split(":")
+        for suffix in sorted({v.split("@", 1)[1] for v in by if "@" in v}):
+            for measure in ("score", "match", "logprob", "first_logprob"):
+                recs = [dict(sample=r["sample"], model="m", budget=0, method=r["variant"],
+                             score=r[measure]) for r in rows if r.get(measure) is not None]
+                s = stats.paired_summary(recs, "m", 0, f"{a}@{suffix}", f"{b}@{suffix}")
+                if s["n"]:
+                    lines.append(f"| {a} − {b} @{suffix} | {measure} | {s['n']} | {s['mean']:+.1f} | "
+                                 f"[{s['ci_low']:+.1f}, {s['ci_high']:+.1f}] | "
+                                 f"{s['wins']} / {s['losses']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--task", nargs="+", default=[t for t in T.TASKS if t != "passkey"],
+                    choices=T.TASKS)
+    ap.add_argument("--context", nargs="+", type=int, default=[4096])
+    ap.add_argument("-n", "--samples", type=int, default=4, help="samples per (task, context)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", nargs="+", default=["0.125"], help="fractions (<= 1) or tokens")
+    ap.add_argument("--variant", nargs="+", required=True, help="LABEL=STRATEGY[,FIELD=JSON...]")
+    ap.add_argument("--pair", nargs="*", default=[], help="A:B paired differences to report")
+    ap.add_argument("--out", type=Path, help="JSON lines, one per (sample, variant)")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--no-forced", dest="forced", action="store_false",
+                    help="skip the teacher-forced agreement with full KV")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        rows = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()]
+    else:
+        rows = run(args)
+    print(summary(rows, args.pair))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

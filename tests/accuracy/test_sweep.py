@@ -1,0 +1,90 @@
+"""The paired variant sweep (benchmarks/accuracy/sweep.py) and core_eval's teacher forcing, on the
+tiny random model (SmolLM2's tokenizer, so the suite's tasks tokenize as in the real runs)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy"))
+
+import core_eval  # noqa: E402
+import diagnose as D  # noqa: E402
+import sweep  # noqa: E402
+import tasks as T  # noqa: E402
+
+from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from dynsplit_sglang.models import TINY_MODEL
+
+    return D.load_model(TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def sample(tiny):
+    return T.generate("passkey", tiny[1], 1024, 1, seed=5)[0]
+
+
+def _cfg(strategy):
+    return DynSplitConfig(strategy=strategy, budget_fraction=0.25, dense_layers=0)
+
+
+@pytest.mark.parametrize("strategy", ["dynsplit", "fixed"])
+def test_forcing_the_greedy_answer_matches_it_everywhere(tiny, sample, strategy):
+    model, tok = tiny
+    cfg = _cfg(strategy)
+    pre = core_eval.prefill(model, sample.input_ids, cfg)
+    greedy = core_eval.generate(model, tok, sample.input_ids, cfg, 8, pre)["output_ids"]
+    f = core_eval.generate(model, tok, sample.input_ids, cfg, 0, pre, forced=greedy)
+    assert f["output_ids"] == greedy
+    assert f["forced_match"] == [True] * len(greedy)
+    assert len(f["forced_logprobs"]) == len(greedy)
+    assert all(lp <= 0 for lp in f["forced_logprobs"])
+    # A forced token that is not the argmax: a miss there, and a lower log-probability than the
+    # argmax had at the same step (same context up to it).
+    other = list(greedy)
+    other[2] = (greedy[2] + 1) % len(tok)
+    g = core_eval.generate(model, tok, sample.input_ids, cfg, 0, pre, forced=other)
+    assert g["forced_match"][:2] == [True, True] and g["forced_match"][2] is False
+    assert g["forced_logprobs"][:2] == pytest.approx(f["forced_logprobs"][:2])
+    assert g["forced_logprobs"][2] < f["forced_logprobs"][2]
+    # The prefill stays reusable: a greedy run after the forced ones gives the same answer.
+    assert core_eval.generate(model, tok, sample.input_ids, cfg, 8, pre)["output_ids"] == greedy
+
+
+def test_variant_spec_parses_fields_and_score():
+    label, cfg = sweep.parse_variant('d8=dynsplit,tolerance=8,candidates="sentence",score="bound"',
+                                     "512")
+    assert label == "d8"
+    assert (cfg.strategy, cfg.tolerance, cfg.candidates, cfg.score, cfg.budget) == \
+        ("dynsplit", 8, "sentence", "bound", 512)
+    with pytest.raises(SystemExit):
+        sweep.parse_variant("nolabel", "0.125")
+
+
+def test_cli_writes_paired_rows_and_resumes(tiny, tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    argv = ["--model", "tiny-llama", "--task", "passkey", "--context", "1024", "-n", "2",
+            "--budget", "0.25", "--variant", "dyn=dynsplit,dense_layers=0",
+            "fix=fixed,dense_layers=0", "--pair", "dyn:fix", "--out", str(out)]
+    assert sweep.main(argv) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["variant"] for r in rows) == ["dyn@0.25"] * 2 + ["fix@0.25"] * 2 + ["full"] * 2
+    full = {r["sample"]: r for r in rows if r["variant"] == "full"}
+    answers = {s.id: s.answers for s in T.generate("passkey", tiny[1], 1024, 2, 0)}
+    for r in rows:
+        assert r["score"] == T.score(tiny[1].decode(r["output_ids"]), answers[r["sample"]])
+        if r["variant"] != "full":  # forced on full KV's own answer
+            assert len(r["logprobs"]) == len(full[r["sample"]]["output_ids"])
+            assert 0 <= r["match"] <= 1 and r["logprob"] <= 0
+    table = capsys.readouterr().out
+    assert "| dyn − fix @0.25 | score | 2 |" in table
+    assert "| dyn − fix @0.25 | first_logprob | 2 |" in table
+    # Resume: nothing left to do, no row added.
+    assert sweep.main(argv + ["--resume"]) == 0
+    assert len(out.read_text().splitlines()) == len(rows)
