@@ -19,7 +19,7 @@ import importlib
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..settings import SUPPORTED_BACKENDS, Settings
-from .batch import account_forward, build_compressor, graph_view_of, view_of
+from .batch import account_forward, build_compressor, graph_view_of, host_field, view_of
 from .graphs import GraphDecode
 
 
@@ -67,9 +67,8 @@ class _DynSplitMixin:
         """Whether a decode batch fits the captured shapes; SGLang runs it eagerly otherwise."""
         if self._graph is None:
             return True
-        lens = forward_batch.seq_lens_cpu
-        lens = forward_batch.seq_lens if lens is None else lens
-        ok = self._graph.fits(forward_batch.req_pool_indices.tolist(), lens.tolist())
+        ok = self._graph.fits(host_field(forward_batch, "req_pool_indices").tolist(),
+                              host_field(forward_batch, "seq_lens").tolist())
         if not ok:
             self.compressor.stats["graph_eager_steps"] += 1
         return ok

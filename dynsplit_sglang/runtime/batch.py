@@ -92,11 +92,11 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
     return comp
 
 
-def _configs(fb, base):
-    reqs = requests.for_rids(fb.rids)
-    if reqs is None or len(reqs) != fb.batch_size:
-        return None
-    return [r.resolve(base) for r in reqs]
+def host_field(fb, name: str):
+    """A ForwardBatch field as a host tensor: SGLang 0.5.23's own host copy (``<name>_cpu``)
+    where the batch has one, else the device tensor (read back: a host sync on a GPU)."""
+    cpu = getattr(fb, f"{name}_cpu", None)
+    return getattr(fb, name) if cpu is None else cpu
 
 
 def account_forward(compressor, fb) -> None:
@@ -113,15 +113,17 @@ def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
     decode = mode.is_decode()
     if not decode and not mode.is_extend():
         return None
-    rows = fb.req_pool_indices.tolist()
-    seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+    reqs = requests.for_rids(fb.rids)
+    rows = host_field(fb, "req_pool_indices").tolist()
+    seq = host_field(fb, "seq_lens").tolist()
     if decode:
         prefix = [n - 1 for n in seq]
     else:
         prefix = list(fb.extend_prefix_lens_cpu)
-    gens = req_to_token_pool.req_generation[rows].tolist()
-    return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode,
-                     _configs(fb, base_config))
+    gens = req_to_token_pool.req_generation[rows].tolist()  # a host tensor (SGLang's own)
+    configs = None if reqs is None or len(reqs) != fb.batch_size else \
+        [r.resolve(base_config) for r in reqs]
+    return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode, configs)
 
 
 def graph_view_of(fb, req_to_token_pool) -> BatchView | None:
@@ -133,9 +135,8 @@ def graph_view_of(fb, req_to_token_pool) -> BatchView | None:
     mode = getattr(fb, "actual_forward_mode", None) or fb.forward_mode
     if raw <= 0 or mode.is_idle():
         return None
-    rows = fb.req_pool_indices[:raw].tolist()
-    lens = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens
-    seq = lens[:raw].tolist()
+    rows = host_field(fb, "req_pool_indices")[:raw].tolist()
+    seq = host_field(fb, "seq_lens")[:raw].tolist()
     gens = req_to_token_pool.req_generation[rows].tolist()
     return BatchView(rows, gens, seq, [n - 1 for n in seq], fb.input_ids[:raw],
                      fb.out_cache_loc[:raw], True)

@@ -26,6 +26,13 @@ from .store import BlockStore, StoreGeometry
 __all__ = ["BatchView", "Compressor"]
 
 
+def to_device(lists: list[list[int]], dev: torch.device) -> torch.Tensor:
+    """Equal-length integer lists as one int64 tensor [len(lists), n] on dev, in one copy that
+    does not stall the host on a GPU (pinned memory, non-blocking: ordered on the stream)."""
+    host = torch.tensor(lists, dtype=torch.long, pin_memory=dev.type == "cuda")
+    return host.to(dev, non_blocking=True)
+
+
 class Compressor:
     def __init__(
         self,
@@ -208,11 +215,11 @@ class Compressor:
         self.stats["sparse_layer_steps"] += len(step.batch.rows) * layers
         self._dump_stats()
 
-    def rows_attended(self) -> list[int] | None:
-        """K/V tokens each request of this decode forward attended over the compressed layers
-        (None when SGLang's dense decode ran). A host read: once per forward."""
+    def rows_attended(self) -> torch.Tensor | None:
+        """[B] K/V tokens each request of this decode forward attended over the compressed
+        layers, on the device (None when SGLang's dense decode ran)."""
         step = self.step
-        return None if step is None or step.row_attended is None else step.row_attended.tolist()
+        return None if step is None else step.row_attended
 
     # -- decode plan ----------------------------------------------------------------------------
 
@@ -225,21 +232,21 @@ class Compressor:
             return False
         self.stats["sparse_steps"] += 1
         dev = self.store.row_start.device
-        rows = torch.tensor(b.rows, dtype=torch.long, device=dev)
+        recents = [st.cfg.recent_for(bud) for st, bud in zip(states, budgets)]
+        rows, seq_t, budget_t, recent_t = to_device([b.rows, seq, budgets, recents], dev)
         nb = max(1, max(st.nblocks for st in states))
         table = BlockTable(self.store.row_start[rows, :nb], self.store.row_len[rows, :nb])
-        summary_index = self.store.row_entry[rows, :nb].clone()
-        summary_index[table.lens == 0] = -1
-        recents = [st.cfg.recent_for(bud) for st, bud in zip(states, budgets)]
+        # torch.where, not a masked assignment (a boolean index is a host sync on a GPU)
+        summary_index = torch.where(table.lens == 0, -1, self.store.row_entry[rows, :nb])
         token_slots = self.req_to_token[rows, : max(seq)]
         if self.evictor is not None:  # slot 0 = evicted: the attention's padding value
             token_slots = torch.where(token_slots == 0, -1, token_slots)
         selection = plan_selection(
             table,
-            torch.tensor(seq, device=dev),
-            torch.tensor(budgets, device=dev),
+            seq_t,
+            budget_t,
             self.cfg.sink,
-            torch.tensor(recents, device=dev),
+            recent_t,
             # What the batch can attend, not the largest budget: a budget (per request) may be
             # far above any context (strategy=none, a large token override).
             capacity=max(min(bud, n) for bud, n in zip(budgets, seq)),
@@ -247,7 +254,7 @@ class Compressor:
         )
         l2 = [st.cfg.summary_spread is not None for st in states]
         self.wrapper.plan(selection, summary_index, token_slots,
-                          l2[0] if len(set(l2)) == 1 else torch.tensor(l2, device=dev))
+                          l2[0] if len(set(l2)) == 1 else to_device([l2], dev)[0].bool())
         return True
 
     # -- counters -------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 
+import torch
+
 from .. import overrides
 from ..core import ConfigError, DynSplitConfig
 
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 # entry lives exactly as long as its request; ForwardBatch copies (SGLang's runners rebuild the
 # batch with dataclasses.replace) keep the rids, not extra attributes.
 LIVE: "weakref.WeakValueDictionary[str, RequestCompression]" = weakref.WeakValueDictionary()
+SETTLE_EVERY = 64  # decode forwards whose device counts a request keeps before summing them
 
 
 @dataclass
@@ -40,6 +43,9 @@ class RequestCompression:
     blocks_built: int = 0
     blocks_reused: int = 0
     fallback: bool = False
+    # Tokens attended, still on the device: one [B] tensor per decode forward and the batch
+    # index of this request in it; read once, when the report is built (no host sync per step).
+    pending: list = field(default_factory=list)
 
     def resolve(self, base: DynSplitConfig) -> DynSplitConfig | None:
         """This request's configuration; None means the server's."""
@@ -56,7 +62,14 @@ class RequestCompression:
                 return None
         return self.config
 
+    def settle(self) -> None:
+        """Fold the device counts into counts["tokens_attended"] (a host read)."""
+        if self.pending:
+            self.counts["tokens_attended"] += sum(int(t[i]) for t, i in self.pending)
+            self.pending.clear()
+
     def report(self, base: DynSplitConfig) -> dict:
+        self.settle()
         cfg = self.resolve(base) or base
         strategy = "none" if (self.given or {}).get("strategy") == "none" else cfg.strategy
         out = {"strategy": strategy, "budget": cfg.budget, "budget_fraction": cfg.budget_fraction,
@@ -97,8 +110,8 @@ def account(compressor, view, requests: list[RequestCompression]) -> None:
     if view.is_decode:
         layers = compressor.num_layers - compressor.first_compressed
         dense = [n * compressor.kv_heads * layers for n in view.seq_lens]
-        attended = compressor.rows_attended()
-        per_row = dense if attended is None else attended
+        attended = compressor.rows_attended()  # [B] on the device, or None (dense decode)
+        per_row = dense
     for i, (row, req) in enumerate(zip(view.rows, requests)):
         st = compressor.rows.get(row)
         if st is None:
@@ -111,4 +124,9 @@ def account(compressor, view, requests: list[RequestCompression]) -> None:
             c["decode_steps"] += 1
             c["sparse_steps"] += int(attended is not None)
             c["tokens_dense"] += dense[i]
-            c["tokens_attended"] += per_row[i]
+            if attended is None:
+                c["tokens_attended"] += per_row[i]
+            else:
+                req.pending.append((attended, i))
+                if len(req.pending) >= SETTLE_EVERY:  # bounded: a long answer holds no history
+                    req.pending[:] = [(torch.stack([t[j] for t, j in req.pending]).sum()[None], 0)]
