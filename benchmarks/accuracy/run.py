@@ -654,7 +654,9 @@ def main(argv=None) -> int:
     results = Results(args.out)
     # Rows only for what this invocation asks (a results file may hold other configurations).
     wanted = {(m.name, m.budget) for m in methods}
+    contexts_of = {m: args.contexts or cfg["contexts"].get(m, [4096]) for m in models}
     args.keep = lambda r: (r["model"] in models and r["task"] in task_names
+                           and r["context_len"] in contexts_of[r["model"]]
                            and (r["method"], r["budget"]) in wanted and r["seed"] == args.seed)
     from dynsplit_sglang.models import cache_dir
 
@@ -679,7 +681,7 @@ def main(argv=None) -> int:
         config=dict(models=models, tasks=task_names, budgets=budgets,
                     n={m: n_of(m) for m in models}, seed=args.seed, first_token="compressed",
                     methods=[m.key for m in methods], ablations=ablations,
-                    contexts={m: args.contexts or cfg["contexts"].get(m, [4096]) for m in models},
+                    contexts=contexts_of,
                     dynsplit_defaults=DynSplitConfig().to_dict(),
                     kvpress_dense_layers=args.kvpress_dense_layers,
                     kvpress_setting="presses applied to the whole prompt (context + question) "
@@ -697,7 +699,7 @@ def main(argv=None) -> int:
         samples = []
         for task in task_names:
             ts = []
-            for ctx in args.contexts or cfg["contexts"].get(model, [4096]):
+            for ctx in contexts_of[model]:
                 ts += T.generate(task, tok, ctx, n_of(model), seed=args.seed)
             samples += sorted(ts, key=lambda s: (-s.needle_pos, s.context_len, s.id))
         plan.append((model, path, tok, samples))
