@@ -66,7 +66,7 @@ def test_help_lists_every_flag_with_its_unit_meaning_and_choices():
                  "--dynsplit-score", "--dynsplit-spread"):
         assert flag in text
     methods = "{" + ",".join(("none", *STRATEGIES)) + "}"  # tests may register more
-    for words in (methods, "{punct,all}", "{gauss,bound}", "dynsplit: DynSplit-KV",
+    for words in (methods, "{punct,all,sentence}", "{gauss,bound}", "dynsplit: DynSplit-KV",
                   "streaming: sink + recent window only", "none: dense attention",
                   "mean key plus --dynsplit-spread expected-maximum deviations",
                   "Quest's upper bound", "Number in (0, 16]. Default 1.5.",
