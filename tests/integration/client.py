@@ -25,7 +25,7 @@ def generate(server, prompts, rids=None, max_new=12):
     return [o["text"] for o in out], [o["meta_info"] for o in out]
 
 
-def stats(server, settle_s: float = 0.15, timeout: float = 5.0) -> dict:
+def stats(server, settle_s: float = 0.1, timeout: float = 2.0) -> dict:
     """The server's DynSplit counters. A writer thread publishes them just after each forward
     (runtime/report.py), so a response can arrive a moment before its forward's counters: read
     until two reads `settle_s` apart agree (long enough for a writer thread on a loaded 2-core
