@@ -43,9 +43,9 @@ def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig]:
 
 
 def run(args) -> list[dict]:
-    variants = [parse_variant(v, b) for b in args.budget for v in args.variant]
-    labels = [f"{lab}@{b}" for b in args.budget for lab, _ in
-              (parse_variant(v, b) for v in args.variant)]
+    parsed = [(b, *parse_variant(v, b)) for b in args.budget for v in args.variant]
+    labels = [f"{lab}@{b}" for b, lab, _ in parsed]
+    variants = [cfg for _, _, cfg in parsed]
     rows = []
     if args.resume and args.out.exists():
         rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
@@ -58,9 +58,9 @@ def run(args) -> list[dict]:
             s = T.generate(task, tok, ctx, i + 1, args.seed)[i]
             if all((s.id, lab) in done for lab in labels + ["full"]):
                 continue
-            pre = D.Prefills(model, s.input_ids, [c for _, c in variants])
-            work = [("full", variants[0][1].replace(budget_fraction=1.0, budget=None))]
-            work += list(zip(labels, (c for _, c in variants)))
+            pre = D.Prefills(model, s.input_ids, variants)
+            work = [("full", variants[0].replace(budget_fraction=1.0, budget=None))]
+            work += list(zip(labels, variants))
             full_ids = next((r["output_ids"] for r in rows
                              if r["sample"] == s.id and r["variant"] == "full"), None)
             for lab, cfg in work:

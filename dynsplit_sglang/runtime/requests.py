@@ -43,8 +43,8 @@ class RequestCompression:
     blocks_built: int = 0
     blocks_reused: int = 0
     fallback: bool = False
-    # Tokens attended, still on the device: one [B] tensor per decode forward and the batch
-    # index of this request in it; read once, when the report is built (no host sync per step).
+    # Tokens attended, still on the device: one 0-dim view per decode forward (indexing makes
+    # no kernel); read once, when the report is built (no host sync per step).
     pending: list = field(default_factory=list)
 
     def resolve(self, base: DynSplitConfig) -> DynSplitConfig | None:
@@ -65,7 +65,7 @@ class RequestCompression:
     def settle(self) -> None:
         """Fold the device counts into counts["tokens_attended"] (a host read)."""
         if self.pending:
-            self.counts["tokens_attended"] += sum(int(t[i]) for t, i in self.pending)
+            self.counts["tokens_attended"] += int(torch.stack(self.pending).sum())
             self.pending.clear()
 
     def report(self, base: DynSplitConfig) -> dict:
@@ -104,14 +104,13 @@ def account(compressor, view, requests: list[RequestCompression]) -> None:
     """Add the forward that just ran (all layers) to its requests' counters."""
     if len(requests) != len(view.rows):
         return
-    per_row = None
+    dense = None
     # A decode-like extend (one token over a cached prompt) counts as the prompt's forward, as
     # any prefill does: decode steps are the response's tokens after its first.
     if view.is_decode:
         layers = compressor.num_layers - compressor.first_compressed
         dense = [n * compressor.kv_heads * layers for n in view.seq_lens]
         attended = compressor.rows_attended()  # [B] on the device, or None (dense decode)
-        per_row = dense
     for i, (row, req) in enumerate(zip(view.rows, requests)):
         st = compressor.rows.get(row)
         if st is None:
@@ -119,14 +118,14 @@ def account(compressor, view, requests: list[RequestCompression]) -> None:
         req.blocks_reused = st.reused
         req.blocks_built = st.nblocks - st.reused
         req.fallback = st.fallback
-        if per_row is not None:
+        if dense is not None:
             c = req.counts
             c["decode_steps"] += 1
             c["sparse_steps"] += int(attended is not None)
             c["tokens_dense"] += dense[i]
             if attended is None:
-                c["tokens_attended"] += per_row[i]
+                c["tokens_attended"] += dense[i]
             else:
-                req.pending.append((attended, i))
+                req.pending.append(attended[i])
                 if len(req.pending) >= SETTLE_EVERY:  # bounded: a long answer holds no history
-                    req.pending[:] = [(torch.stack([t[j] for t, j in req.pending]).sum()[None], 0)]
+                    req.pending[:] = [torch.stack(req.pending).sum()]

@@ -69,7 +69,7 @@ def test_tokens_attended_stay_on_the_device_until_the_report():
         expected = [expected[0] + 10 + s % 5, expected[1] + 20 + s % 3]
         assert all(len(r.pending) <= requests.SETTLE_EVERY for r in reqs)
     for r in reqs:  # the report reads them (plain tensors now: the step is over)
-        r.pending[:] = [(t.as_subclass(torch.Tensor), i) for t, i in r.pending]
+        r.pending[:] = [t.as_subclass(torch.Tensor) for t in r.pending]
     reports = [r.report(DynSplitConfig()) for r in reqs]
     assert [x["tokens_attended"] for x in reports] == expected
     assert [x["tokens_dense"] for x in reports] == [steps * n * heads * layers for n in (100, 200)]
