@@ -85,7 +85,8 @@ def run(args) -> list[dict]:
                 fh.flush()
             mine = {r["variant"]: r["score"] for r in rows if r["sample"] == s.id}
             print(f"[{k + 1}/{len(todo)} {time.time() - t0:.0f}s] {s.id}: "
-                  + " ".join(f"{lab} {mine.get(lab, float('nan')):.2f}" for lab in ["full"] + labels),
+                  + " ".join(f"{lab} {mine.get(lab, float('nan')):.2f}"
+                             for lab in ["full"] + labels),
                   file=sys.stderr, flush=True)
     return rows
 
@@ -101,7 +102,8 @@ def summary(rows: list[dict], pairs: list[str]) -> str:
     by = defaultdict(list)
     for r in rows:
         by[r["variant"]].append(r)
-    lines = ["| variant | n | accuracy (%) | match full (%) | logprob of full |", "|---|---|---|---|---|"]
+    lines = ["| variant | n | accuracy (%) | match full (%) | logprob of full |",
+             "|---|---|---|---|---|"]
     lines += [f"| {v} | {len(rs)} | {100 * _mean([r['score'] for r in rs]):.1f} | "
               f"{100 * _mean([r.get('match') for r in rs]):.1f} | "
               f"{_mean([r.get('logprob') for r in rs]):.3f} |" for v, rs in sorted(by.items())]
@@ -116,7 +118,8 @@ def summary(rows: list[dict], pairs: list[str]) -> str:
                              score=r[measure]) for r in rows if r.get(measure) is not None]
                 s = stats.paired_summary(recs, "m", 0, f"{a}@{suffix}", f"{b}@{suffix}")
                 if s["n"]:
-                    lines.append(f"| {a} − {b} @{suffix} | {measure} | {s['n']} | {s['mean']:+.1f} | "
+                    lines.append(f"| {a} − {b} @{suffix} | {measure} | {s['n']} | "
+                                 f"{s['mean']:+.1f} | "
                                  f"[{s['ci_low']:+.1f}, {s['ci_high']:+.1f}] | "
                                  f"{s['wins']} / {s['losses']} |")
     return "\n".join(lines)
