@@ -29,7 +29,8 @@ KEY = "dynsplit"  # in sampling_params.custom_params
 RID_WHERE = "rid dynsplit:"  # how errors name a rid-form override's fields
 # Server-wide by construction: the compressed layers, the vote width and the sink size the
 # block store and the decode plan of the whole batch.
-SERVER_ONLY = ("dense_layers", "future_window", "sink", "score_layers", "evict")
+SERVER_ONLY = ("dense_layers", "future_window", "sink", "score_layers", "evict", "evict_scope",
+               "evict_window", "evict_pool")
 FIELDS = tuple(sorted({f.name for f in dataclasses.fields(DynSplitConfig)} - set(SERVER_ONLY)))
 _MAX_ITEMS = 16  # more keys than fields: refused before anything is parsed
 # Client-side checks refuse nothing that depends on the server (its geometry, sink, recent).

@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from .core import ConfigError, DynSplitConfig
-from .core.config import CANDIDATE_MODES, SCORES
+from .core.config import CANDIDATE_MODES, EVICT_SCOPES, SCORES
 from .core.strategies import STRATEGIES, load_env
 from .graph_support import cuda_graph_problem
 
@@ -33,7 +33,7 @@ SUPPORTED_BACKENDS = {
     "triton": "sglang.srt.layers.attention.triton_backend.TritonAttnBackend",
 }
 _TYPES = {"budget": int, "budget_fraction": float, "alpha": float}
-_CHOICES = {"candidates": CANDIDATE_MODES, "score": SCORES}
+_CHOICES = {"candidates": CANDIDATE_MODES, "score": SCORES, "evict_scope": EVICT_SCOPES}
 FIELD_HELP = {
     "budget": "K/V tokens attended per decode step, per KV head of each compressed layer, sink "
               "and recent window included: an integer >= sink + recent and at most the model's "
@@ -72,9 +72,21 @@ FIELD_HELP = {
                       "many tokens, where a compressed step would cost more time than the keys "
                       "it skips (0 = compress whenever the context exceeds the budget). Integer "
                       "in [0, 16777216]. Default {default}.",
-    "evict": "Free the KV slots of each request's least important blocks once its prompt is "
-             "split, keeping sink, recent window and top blocks within the budget (memory, not "
-             "only attention). Needs --disable-overlap-schedule.",
+    "evict": "Free the KV slots of each request's least important blocks, keeping sink, "
+             "recent window and top blocks within the budget (memory, not only attention). "
+             "Needs --disable-overlap-schedule (added when omitted).",
+    "evict_scope": "When --dynsplit-evict decides: prompt (once the request's whole prompt, "
+                   "question included, is in: blocks of its own part, past any prefix shared "
+                   "in the radix tree, ranked by the attention of the prompt's last "
+                   "--dynsplit-evict-window queries) or chunk (after every prefill chunk, "
+                   "among its new tokens, by key distinctiveness: query-agnostic, a lower "
+                   "peak). Default {default}.",
+    "evict_window": "--dynsplit-evict-scope prompt: how many of the prompt's last queries "
+                    "rank the blocks (SnapKV's observation window). Integer in [1, 4096]. "
+                    "Default {default}.",
+    "evict_pool": "--dynsplit-evict-scope prompt: the window's attention is max-pooled over "
+                  "this many neighbouring positions before blocks are ranked. Odd integer in "
+                  "[1, 255]. Default {default}.",
 }
 
 

@@ -22,6 +22,7 @@ register_radix_cache_backend("dynsplit-evict", ...)``, SGLang's own plugin point
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -51,6 +52,34 @@ def _path(cache, node, lock_ref: int) -> list:
             out.append(node)
         node = node.parent
     return out
+
+
+def _tree_path(node) -> list:
+    """The nodes from the root's child down to `node`."""
+    out = []
+    while node is not None and node.parent is not None:
+        out.append(node)
+        node = node.parent
+    return out[::-1]
+
+
+def prompt_ownership(req, seq_len: int) -> tuple[bool, int]:
+    """For an extend of SGLang's ``Req`` that ends at seq_len: (whether it ends the prompt, the
+    first position that is the request's own).
+
+    Own: past the deepest node of its tree path (``req.last_node``, the node it locks) that
+    another holder locks too (lock_ref > 1). SGLang matches the tree when it schedules, before
+    the forward, and a scheduled request locks what it matched; so a position past that node
+    is referenced by this request alone for as long as this forward runs, and a request that
+    matches it later finds the tree's copy, revised before the next scheduling round
+    (``checkpoint``)."""
+    final = seq_len >= len(req.full_untruncated_fill_ids)
+    n = owned = 0
+    for node in _tree_path(getattr(req, "last_node", None)):
+        n += len(node.value)
+        if node.lock_ref > 1:
+            owned = n
+    return final, owned
 
 
 def _drop_padding_slot(free):
@@ -100,6 +129,25 @@ def _cache_class():
             super()._delete_leaf(node)
             self.evictable_size_ += _zeros(node)
 
+        def revise(self, req, row: torch.Tensor):
+            """Copy the zeros that eviction wrote into the request's row (`row`: its slots) into
+            its tree path: those positions were freed, so a later match must get the padding
+            slot, not a slot the allocator hands out again. The sizes follow in slots."""
+            off = 0
+            for node in _tree_path(getattr(req, "last_node", None)):
+                n = len(node.value)
+                now = row[off:off + n].to(node.value.device)
+                gone = (now == 0) & (node.value != 0)
+                z = int(gone.sum())
+                if z:
+                    node.value[gone] = 0
+                    node._dynsplit_zeros = None
+                    if node.lock_ref > 0:
+                        self.protected_size_ -= z
+                    else:
+                        self.evictable_size_ -= z
+                off += n
+
         def evict(self, params):
             # The parent counts positions evicted; zeros among them freed nothing.
             alloc = self.token_to_kv_pool_allocator
@@ -116,13 +164,29 @@ def _cache_class():
     return SlotCountingRadixCache
 
 
+_LIVE: list = []  # the tree cache this process built (a weak reference), for revise_tree
+
+
 def build(ctx):
     """The registered factory: a slot-counting RadixCache over an allocator that ignores
     slot 0 (patched on this instance only)."""
     alloc = ctx.params.token_to_kv_pool_allocator
     if not hasattr(alloc.free, "__dynsplit_wraps__"):
         alloc.free = _drop_padding_slot(alloc.free)
-    return _cache_class()(ctx.params)
+    cache = _cache_class()(ctx.params)
+    _LIVE[:] = [weakref.ref(cache)]
+    return cache
+
+
+def revise_tree(req, row: torch.Tensor) -> bool:
+    """Right after the forward that evicted positions of `req` the tree already holds (earlier
+    prefill chunks), before the scheduler acts again: revise the tree's copy. False when this
+    process has no slot-counting tree (nothing to revise)."""
+    cache = _LIVE[0]() if _LIVE else None
+    if cache is None:
+        return False
+    cache.revise(req, row)
+    return True
 
 
 def register() -> list[str]:

@@ -21,6 +21,8 @@ Hooks (sglang.srt.plugins.hook_registry.HookRegistry, SGLang 0.5.23):
 
 from __future__ import annotations
 
+import weakref
+
 from dynsplit_sglang.settings import Settings
 
 KEY = "dynsplit"
@@ -41,6 +43,7 @@ def request_of(req):
         from dynsplit_sglang.runtime import requests
 
         found = requests.of(getattr(req.sampling_params, "custom_params", None), req.rid)
+        found.req = weakref.ref(req)
         setattr(req, _ON_REQ, found)
         requests.LIVE[req.rid] = found
     return found

@@ -43,18 +43,29 @@ sys.path.insert(0, str(REPO / "benchmarks" / "accuracy"))
 
 import tasks as T  # noqa: E402
 
-QUICK_SAMPLES = REPO / "benchmarks" / "accuracy" / "results" / "quick.samples.jsonl"
 ACC_TASKS = ["passkey", "niah_single", "niah_multikey"]
 ACC_CONTEXTS = [2048, 4096]
 TARGETS = {0.25: 2.6, 0.125: 4.0}  # peak-slot reduction vs full KV (the issue's targets)
 
 
-def configs(budgets):
-    out = [("none", 1.0, ["--dynsplit-budget-fraction", "1.0"])]
-    for b in budgets:
-        out.append(("dynsplit", b, ["--dynsplit-budget-fraction", str(b)]))
-    for b in budgets:
-        out.append(("dynsplit-evict", b, ["--dynsplit-budget-fraction", str(b), "--dynsplit-evict"]))
+# Server configurations: selection only, eviction decided over the whole prompt (the default
+# scope) and eviction decided per prefill chunk (query-agnostic).
+METHOD_FLAGS = {"dynsplit": [], "dynsplit-evict": ["--dynsplit-evict"],
+                "dynsplit-evict-chunk": ["--dynsplit-evict", "--dynsplit-evict-scope", "chunk"]}
+METHODS = ("none", *METHOD_FLAGS)
+DEFAULT_METHODS = ["none", "dynsplit-evict", "dynsplit-evict-chunk"]
+# Peers that evict once and for good (kvpress, through the accuracy suite's runner on the same
+# samples): SnapKV with kvpress's defaults and with its paper's window 32 / max-pool 7, ChunkKV,
+# StreamingLLM.
+KVPRESS = ["kvpress-snapkv", "kvpress-snapkv-paper", "kvpress-chunkkv", "kvpress-streamingllm"]
+
+
+def configs(budgets, methods=DEFAULT_METHODS):
+    out = [("none", 1.0, ["--dynsplit-budget-fraction", "1.0"])] if "none" in methods else []
+    for m in methods:
+        if m != "none":
+            out += [(m, b, ["--dynsplit-budget-fraction", str(b), *METHOD_FLAGS[m]])
+                    for b in budgets]
     return out
 
 
@@ -154,16 +165,23 @@ def measure(model_path, tok, method, budget, flags, context_len, args, log_dir, 
     return row
 
 
-def reference_accuracy(ids: set[str]) -> dict:
-    """Mean score of full KV and selection-only DynSplit on these samples, from the quick run."""
-    sums: dict = {}
-    for line in QUICK_SAMPLES.read_text().splitlines():
-        r = json.loads(line)
-        if r["sample"] in ids and r["method"] in ("none", "dynsplit"):
-            key = (r["method"], r["budget"])
-            s, c = sums.get(key, (0.0, 0))
-            sums[key] = (s + r["score"], c + 1)
-    return {k: (s / c, c) for k, (s, c) in sums.items()}
+def run_kvpress(args, out_json: Path) -> list[dict]:
+    """The kvpress peers on the memory benchmark's accuracy samples (the same ids: the tasks
+    are generated from the same seed), through the accuracy suite (its own kvpress venv). Kept
+    budget = the eviction's budget fraction of the prompt; no dense layers (an evicted slot is
+    gone from every layer, so the peers keep none either). Records of samples.jsonl."""
+    import subprocess
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "accuracy" / "run.py"), "--quick",
+           "--models", args.model, "--tasks", *ACC_TASKS, "--contexts", *map(str, ACC_CONTEXTS),
+           "-n", str(args.accuracy_samples), "--seed", str(args.seed), "--methods", *KVPRESS,
+           "--budgets", *map(str, args.budgets), "--kvpress-dense-layers", "0",
+           "--threads", "2", "--out", str(out_json), "--resume"]
+    print("[memory] kvpress peers:", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    stem = out_json.with_suffix("")
+    path = stem.parent / (stem.name + ".samples.jsonl")
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def main(argv=None) -> int:
@@ -178,7 +196,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-offered", type=int, default=24)
     ap.add_argument("--extra-offered", type=int, default=2,
                     help="requests offered beyond what the single request's footprint fits")
-    ap.add_argument("--accuracy-samples", type=int, default=10, help="per cell; 0 = skip")
+    ap.add_argument("--accuracy-samples", type=int, default=10,
+                    help="per (task, context) cell, on every server of the first context; "
+                         "0 = skip")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS)
+    ap.add_argument("--no-kvpress", action="store_true",
+                    help="leave the kvpress peers out (they run in their own venv)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
     args = ap.parse_args(argv)
@@ -189,6 +212,7 @@ def main(argv=None) -> int:
 
     from dynsplit_sglang.models import DEFAULT_MODEL, cache_dir, ensure
 
+    args.model = DEFAULT_MODEL
     model_path = ensure(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(model_path)
     acc = []
@@ -199,7 +223,7 @@ def main(argv=None) -> int:
     log_dir = cache_dir() / "logs" / "memory"
     log_dir.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plan = [(c, *cfg) for c in args.contexts for cfg in configs(args.budgets)]
+    plan = [(c, *cfg) for c in args.contexts for cfg in configs(args.budgets, args.methods)]
     rows, t_start = [], time.perf_counter()
     if args.resume and args.out.exists():  # keep the configurations already measured
         rows = [r for r in json.loads(args.out.read_text())["rows"]
@@ -207,32 +231,68 @@ def main(argv=None) -> int:
     done = {(r["context_len"], r["method"], r["budget"]) for r in rows}
     plan = [p for p in plan if p[:3] not in done]
     for ctx, method, budget, flags in tqdm(plan, desc="memory", unit="server"):
-        with_acc = acc if (method == "dynsplit-evict" and ctx == args.contexts[0]) else []
+        with_acc = acc if ctx == args.contexts[0] else []
         row = measure(model_path, tok, method, budget, flags, ctx, args, log_dir, with_acc)
         row["model"] = DEFAULT_MODEL
         rows.append(row)
         save(args, rows, acc, t_start)
+    if acc and not args.no_kvpress:
+        peers = run_kvpress(args, args.out.with_name(args.out.stem + "-kvpress.json"))
+        ids = {s.id for s in acc}
+        args.peer_records = [r for r in peers if r["sample"] in ids
+                             and r["method"] in KVPRESS]
     save(args, rows, acc, t_start)
     return 0
 
 
+def records(rows, peer_records=()) -> list[dict]:
+    """Per-sample scores of every row measured here, and of the peers, as the accuracy
+    suite's records (model, sample, method, budget, score): what the paired statistics read."""
+    out = [dict(model=r["model"], sample=x["sample"], task=x["task"],
+                context_len=x["context_len"], method=r["method"], budget=r["budget"],
+                score=x["score"]) for r in rows for x in r.get("accuracy_records") or ()]
+    return out + [dict(r, method=r["method"]) for r in peer_records]
+
+
+def accuracy_table(recs, budgets) -> list[dict]:
+    """Accuracy (%) and n per (method, budget) over the same samples."""
+    cells: dict = {}
+    for r in recs:
+        cells.setdefault((r["method"], r["budget"]), []).append(r["score"])
+    return [dict(method=m, budget=b, n=len(v), accuracy=round(100 * sum(v) / len(v), 1))
+            for (m, b), v in sorted(cells.items(), key=lambda kv: (-kv[0][1], kv[0][0]))]
+
+
+def paired(recs, budgets, model) -> list[dict]:
+    """dynsplit-evict against every other method at each kept budget, paired per sample."""
+    from stats import paired_summary
+
+    methods = sorted({r["method"] for r in recs} - {"dynsplit-evict", "none"})
+    out = []
+    for b in budgets:
+        for other in methods:
+            p = paired_summary(recs, model, b, "dynsplit-evict", other)
+            if p["n"]:
+                out.append(p)
+        full = [dict(r, budget=b) for r in recs if r["method"] == "none"]
+        p = paired_summary([r for r in recs if r["budget"] == b] + full, model, b,
+                           "dynsplit-evict", "none")
+        if p["n"]:
+            out.append(p)
+    return out
+
+
 def save(args, rows, acc, t_start) -> None:
-    ids = {s.id for s in acc}
-    ref = reference_accuracy(ids) if ids and QUICK_SAMPLES.exists() else {}
-    measured = {(r["method"], r["budget"]): r["accuracy_records"] for r in rows
-                if r.get("accuracy_records")}
+    peer = getattr(args, "peer_records", None)
+    if peer is None and args.out.exists():  # a resumed run keeps the peers it measured
+        peer = json.loads(args.out.read_text()).get("peer_records", [])
+    recs = records(rows, peer or [])
+    table = accuracy_table(recs, args.budgets)
+    by = {(t["method"], t["budget"]): t for t in table}
     for r in rows:
-        key = (r["method"], r["budget"])
-        if key in measured:
-            recs = measured[key]
-            r["accuracy"] = round(100 * sum(x["score"] for x in recs) / len(recs), 1)
-            r["accuracy_n"], r["accuracy_source"] = len(recs), "measured in this run"
-        elif key in ref and ref[key][1] == len(ids):
-            r["accuracy"] = round(100 * ref[key][0], 1)
-            r["accuracy_n"] = ref[key][1]
-            r["accuracy_source"] = "benchmarks/accuracy/results/quick.samples.jsonl (same samples)"
-        else:
-            r["accuracy"] = None
+        t = by.get((r["method"], r["budget"]))
+        r["accuracy"] = t["accuracy"] if t else None
+        r["accuracy_n"] = t["n"] if t else 0
     full = {r["context_len"]: r["peak_kv_slots_per_request"] for r in rows if r["method"] == "none"}
     for r in rows:
         base = full.get(r["context_len"])
@@ -243,9 +303,13 @@ def save(args, rows, acc, t_start) -> None:
                 machine={"cpus": os.cpu_count(), "platform": platform.platform()},
                 max_total_tokens=args.max_total_tokens, chunked_prefill=args.chunked_prefill,
                 accuracy=dict(tasks=ACC_TASKS, contexts=ACC_CONTEXTS, n=args.accuracy_samples,
-                              seed=args.seed),
+                              seed=args.seed, budget_kind="kept",
+                              kvpress_dense_layers=0),
                 targets={str(k): v for k, v in TARGETS.items()})
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    args.out.write_text(json.dumps({
+        "meta": meta, "rows": rows, "accuracy": table,
+        "paired": paired(recs, args.budgets, args.model), "peer_records": peer or []},
+        indent=1) + "\n")
 
 
 if __name__ == "__main__":

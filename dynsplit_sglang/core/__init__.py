@@ -9,7 +9,7 @@ from .attention import dense_decode_attention, sparse_decode_attention
 from .config import CANDIDATE_MODES, ConfigError, DynSplitConfig
 from .delimiters import candidate_mask, candidates_for, mask_from_texts
 from .importance import (ImportanceAccumulator, causal_lse, key_distinctiveness, importance_scores,
-                         layer_votes)
+                         layer_votes, window_heat)
 from .mapping import (
     BlockTable,
     block_summaries,
@@ -37,5 +37,5 @@ __all__ = [
     "mask_from_texts", "plan_selection", "positions_to_slots", "register", "score_blocks",
     "score_blocks_ragged", "segment", "Segmentation", "select", "select_positions", "Selection",
     "SelectionPlan", "sparse_decode_attention", "STRATEGIES", "Strategy", "summarize",
-    "summarize_ragged",
+    "summarize_ragged", "window_heat",
 ]

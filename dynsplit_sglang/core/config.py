@@ -12,6 +12,7 @@ from .strategies import STRATEGIES, Strategy
 
 DEFAULT_BUDGET = 1024
 CANDIDATE_MODES = ("punct", "all", "sentence")  # dynsplit's candidate sets (core.delimiters)
+EVICT_SCOPES = ("prompt", "chunk")  # when eviction decides (runtime/eviction.py)
 SCORES = ("gauss", "bound")  # block scores (core.selection.score_blocks)
 
 
@@ -63,6 +64,12 @@ class DynSplitConfig:
     dense_layers: int = 2
     score_layers: int = 4  # layers (evenly spaced) averaged in the importance score; 0 = all
     evict: bool = False  # free the KV slots of the least important blocks (server-wide)
+    # "prompt": once the request's whole prompt is in, over its own part, by the attention of
+    # its last evict_window queries (SnapKV's observation window, max-pooled over evict_pool
+    # positions); "chunk": after every prefill chunk, by key distinctiveness (query-agnostic).
+    evict_scope: str = "prompt"
+    evict_window: int = 32
+    evict_pool: int = 7
     # Block score: "gauss" estimates a block's largest q·k from its keys' mean and spread
     # (mean + spread·sqrt(2 ln n)·std along q); "bound" is Quest's min/max upper bound.
     score: str = "gauss"
@@ -101,6 +108,13 @@ class DynSplitConfig:
         _require(_is_int(self.score_layers) and 0 <= self.score_layers <= 1024, "score_layers",
                  self.score_layers, "an integer in [0, 1024] (0 = all layers)")
         _require(isinstance(self.evict, bool), "evict", self.evict, "true or false")
+        _require(self.evict_scope in EVICT_SCOPES, "evict_scope", self.evict_scope,
+                 f"one of {EVICT_SCOPES}")
+        _require(_is_int(self.evict_window) and 1 <= self.evict_window <= 4096, "evict_window",
+                 self.evict_window, "an integer in [1, 4096]")
+        _require(_is_int(self.evict_pool) and self.evict_pool % 2 == 1
+                 and 1 <= self.evict_pool <= 255, "evict_pool", self.evict_pool,
+                 "an odd integer in [1, 255]")
         _require(self.score in SCORES, "score", self.score, f"one of {SCORES}")
         _require(_is_number(self.spread) and 0 < self.spread <= 16, "spread", self.spread,
                  "a finite number in (0, 16]")

@@ -76,6 +76,30 @@ def key_distinctiveness(k: torch.Tensor) -> torch.Tensor:
     return (1.0 - (kn * anchor).sum(dim=-1)).mean(dim=-1)
 
 
+def window_heat(q: torch.Tensor, k: torch.Tensor, q_start: int, scale: float,
+                key_ok: torch.Tensor | None = None, pool: int = 7) -> torch.Tensor:
+    """Question-aware importance of every key: the attention the prompt's last queries pay it.
+
+    SnapKV's observation window (Li et al., 2024): q [W, Hq, D] are the queries at positions
+    q_start.. (the prompt's end, where the question is), k [q_start + W, Hkv, D]. Each query's
+    causal softmax (keys where key_ok is False take no part) is averaged over the window and the
+    query heads of each KV head, max-pooled over `pool` neighbouring positions (so a value is
+    kept with its neighbours, not token by token) and maxed over KV heads: a position that one
+    head needs is kept for all, since a KV slot holds every head. float32 [q_start + W].
+    """
+    lq, hq, _ = q.shape
+    hkv = k.shape[1]
+    kend = q_start + lq
+    acc = torch.zeros(hkv, kend, dtype=torch.float32, device=q.device)
+    for _, c1, logits in _causal_logits(q, k, q_start, scale, key_ok):
+        probs = torch.softmax(logits, dim=-1)  # [Hkv, G, c, q_start + c1]
+        acc[:, : q_start + c1] += probs.sum(dim=(1, 2))
+    acc /= lq * (hq // hkv)
+    if pool > 1:
+        acc = torch.nn.functional.max_pool1d(acc[None], pool, stride=1, padding=pool // 2)[0]
+    return acc.amax(dim=0)
+
+
 def layer_votes(
     q: torch.Tensor,
     k: torch.Tensor,

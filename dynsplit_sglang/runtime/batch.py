@@ -100,10 +100,33 @@ def host_field(fb, name: str):
 
 
 def account_forward(compressor, fb) -> None:
-    """After a forward's last layer: its numbers to each request's own counters."""
+    """After a forward's last layer: its numbers to each request's own counters, and the radix
+    tree's copy of positions that eviction freed (before the scheduler acts again)."""
     reqs = requests.for_rids(fb.rids)
-    if reqs and compressor.step is not None:
-        requests.account(compressor, compressor.step.batch, reqs)
+    step = compressor.step
+    if not reqs or step is None:
+        return
+    requests.account(compressor, step.batch, reqs)
+    if step.revised:
+        from dynsplit_sglang.patches.eviction import revise_tree
+
+        for i in step.revised:
+            req = reqs[i].req() if reqs[i].req is not None else None
+            if req is None or not revise_tree(req, compressor.req_to_token[step.batch.rows[i]]):
+                raise RuntimeError("dynsplit-sglang: eviction freed positions of a prompt "
+                                   "that the radix tree holds, and the tree cannot be revised")
+
+
+def _prompt_ownership(reqs, seq: list[int]) -> tuple[list[bool], list[int]] | tuple[None, None]:
+    """Per request of an extend: whether it ends the prompt, and where its own part starts
+    (patches/eviction.py); (None, None) unless every request's SGLang Req is known."""
+    from dynsplit_sglang.patches.eviction import prompt_ownership
+
+    live = [r.req() if r.req is not None else None for r in reqs or ()]
+    if not live or any(r is None for r in live):
+        return None, None
+    final, owned = zip(*(prompt_ownership(r, n) for r, n in zip(live, seq)))
+    return list(final), list(owned)
 
 
 def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
@@ -123,7 +146,11 @@ def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
     gens = req_to_token_pool.req_generation[rows].tolist()  # a host tensor (SGLang's own)
     configs = None if reqs is None or len(reqs) != fb.batch_size else \
         [r.resolve(base_config) for r in reqs]
-    return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode, configs)
+    final = owned = None
+    if not decode and base_config.evict and base_config.evict_scope == "prompt":
+        final, owned = _prompt_ownership(reqs, seq)
+    return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode, configs,
+                     final, owned)
 
 
 def graph_view_of(fb, req_to_token_pool) -> BatchView | None:

@@ -137,13 +137,19 @@ class Compressor:
         for i, st in enumerate(step.rows):
             n, p = b.seq_lens[i] - b.prefix_lens[i], b.prefix_lens[i]
             votes = st.cfg.strategy_impl.needs_votes and not st.prompt_done and n > 0
-            heat = self.evictor is not None and not st.prompt_done and n > 0
-            if votes or heat:
+            evicting = self.evictor is not None and not st.prompt_done and n > 0
+            keyheat = evicting and st.cfg.evict_scope == "chunk"
+            window = evicting and st.cfg.evict_scope == "prompt" and b.final is not None \
+                and b.final[i]
+            if votes or keyheat or window:
                 slots = self.req_to_token[b.rows[i], : b.seq_lens[i]].long()
                 keys, lse = k_buffer[slots], None
-                if heat:  # importance of this extend's own keys, for eviction
+                if keyheat:  # importance of this extend's own keys, for eviction
                     self.evictor.note_keys(slots, keys, max(p, st.shared_len))
-                if votes and heat:  # evicted keys (slot 0) are in no softmax
+                if window:  # the prompt's last queries: what its question attends to
+                    step.window[i] = self.evictor.window(step.window.get(i), q[off:off + n],
+                                                        keys, p, slots, scale, st.cfg)
+                if votes and self.evictor is not None:  # evicted keys (slot 0): in no softmax
                     lse = causal_lse(q[off:off + n], keys, p, scale, key_ok=slots != 0)
                 if votes:
                     step.votes[i] += layer_votes(q[off:off + n], keys, p, st.cfg, scale=scale,
@@ -164,13 +170,28 @@ class Compressor:
             self.blocks.commit_votes(st, b.rows[i], b.prefix_lens[i], step.votes[i])
             self.blocks.segment(st, b.rows[i], b.seq_lens[i], complete=False)
         if self.evictor is not None:
-            if tp:
-                self.evictor.average_over_ranks(b.out_cache_loc, self.all_reduce, self.tp_size)
-            self._note_usage()  # the peak: this chunk's slots are held, nothing evicted yet
-            for i, st in enumerate(step.rows):
-                if not st.prompt_done:
-                    self.evictor.evict(st, b.rows[i], b.prefix_lens[i], b.seq_lens[i])
+            self._evict(step, tp)
         self._dump_stats()
+
+    def _evict(self, step: StepState, tp: bool) -> None:
+        b = step.batch
+        if tp:  # every rank must evict alike: heat averaged over the ranks' KV heads
+            self.evictor.average_over_ranks(b.out_cache_loc, self.all_reduce, self.tp_size)
+            for i in sorted(step.window):
+                step.window[i] = self.all_reduce(step.window[i]) / self.tp_size
+        self._note_usage()  # the peak: this chunk's slots are held, nothing evicted yet
+        for i, st in enumerate(step.rows):
+            if st.prompt_done:
+                continue
+            if st.cfg.evict_scope == "chunk":
+                self.evictor.evict(st, b.rows[i], b.prefix_lens[i], b.seq_lens[i])
+            elif i in step.window:
+                # Unknown ownership: only this extend's tokens are surely the request's own.
+                own = b.owned_from[i] if b.owned_from is not None else b.prefix_lens[i]
+                first = self.evictor.evict_prompt(st, b.rows[i], own, b.seq_lens[i],
+                                                  step.window[i])
+                if first is not None and first < b.prefix_lens[i]:
+                    step.revised.append(i)  # the radix tree holds a copy of those positions
 
     def is_sparse_layer(self, layer_id: int) -> bool:
         """This module attends in this decode layer (else SGLang's dense path runs). With

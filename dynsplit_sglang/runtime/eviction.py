@@ -1,9 +1,14 @@
 """Which settled blocks a request gives back to the KV pool, and attention that skips them.
 
-A block's importance is the most distinctive of its keys (core.key_distinctiveness: how far a
-key points from the mean key direction of its extend, averaged over KV heads, the max over the
-scored layers): query-agnostic, so a prefix compressed once is right for every request that later
-shares it. The least important blocks go first, whole, until the excess is covered.
+Two scopes (``DynSplitConfig.evict_scope``):
+
+* ``prompt`` (the default): once the request's whole prompt is in, the blocks of its own part
+  (past what other requests hold in the radix tree) compete together, ranked by the attention
+  the prompt's last queries pay them (core.window_heat: SnapKV's observation window, so the
+  question takes part), least attention per kept token first.
+* ``chunk``: after every prefill chunk, among the chunk's new tokens, by the most distinctive of
+  a block's keys (core.key_distinctiveness: query-agnostic, decided before the question exists,
+  a lower peak).
 
 An evicted position keeps its place in the sequence and points at SGLang's padding slot 0, which
 every attention path of this package skips (``Evictor.attend_kept`` for the layers and steps that
@@ -18,19 +23,24 @@ from typing import Callable
 
 import torch
 
-from ..core import key_distinctiveness
+from ..core import DynSplitConfig, key_distinctiveness, window_heat
 from ..kernels import Kernels
 from .state import RowState, StepState
 from .store import BlockStore
 
 
-def block_heat(token_heat: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Max of token_heat [T] over each block [starts, starts + lens) (lens > 0): float32 [N]."""
+def block_heat(token_heat: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor,
+               mean: bool = False) -> torch.Tensor:
+    """Max (or mean) of token_heat [T] over each block [starts, starts + lens) (lens > 0):
+    float32 [N]. The mean is a block's attention per token it would keep: the order in which
+    blocks fill a token budget (a greedy knapsack), not rewarding a long block for its length."""
     width = int(lens.max())
     offs = torch.arange(width, device=starts.device)
     pos = starts[:, None] + offs[None, :]
     inside = offs[None, :] < lens[:, None]
-    vals = token_heat[pos.clamp(max=token_heat.numel() - 1)]
+    vals = token_heat[pos.clamp(max=token_heat.numel() - 1)].float()
+    if mean:
+        return vals.masked_fill(~inside, 0.0).sum(dim=1) / lens.float()
     return vals.masked_fill(~inside, float("-inf")).amax(dim=1)
 
 
@@ -67,29 +77,69 @@ class Evictor:
         new = new_slots.long()
         self.store.heat[new] = all_reduce(self.store.heat[new]) / tp_size
 
+    def window(self, acc: torch.Tensor | None, q: torch.Tensor, keys: torch.Tensor,
+               q_start: int, slots: torch.Tensor, scale, cfg: DynSplitConfig) -> torch.Tensor:
+        """One scored layer of the prompt's last queries (q: this extend's, at q_start..; keys
+        and slots: the row's so far): their attention per position, maxed into acc."""
+        w = min(cfg.evict_window, q.shape[0])
+        h = window_heat(q[-w:], keys, q_start + q.shape[0] - w, scale, key_ok=slots != 0,
+                        pool=cfg.evict_pool)
+        return h if acc is None else torch.maximum(acc, h)
+
     def evict(self, st: RowState, row: int, cached: int, length: int) -> None:
-        """Free the least important settled blocks of this extend's new tokens until what the
-        row keeps fits its budget at this length, sink and recent window excepted.
+        """Scope "chunk": free the least important settled blocks of this extend's new tokens
+        until what the row keeps fits its budget at this length, sink and recent window
+        excepted.
 
         Only positions past `cached` (what the radix tree held before this forward): nobody
         else can reference them yet, and the tree stores them as they are after this forward
         (SGLang inserts a chunk once it has run). A shared prefix was thereby decided once, by
         its owner, from the prefix alone; earlier chunks are not revisited."""
+        picked = self._candidates(st, row, max(cached, st.shared_len), length)
+        if picked is None:
+            return
+        cand, starts, lens, slots, excess = picked
+        heat = block_heat(self.store.heat[slots.long()], starts[cand], lens[cand])
+        self._drop(row, cand[pick_victims(heat, lens[cand], excess)], starts, lens, slots)
+
+    def evict_prompt(self, st: RowState, row: int, owned_from: int, length: int,
+                     heat: torch.Tensor) -> int | None:
+        """Scope "prompt", at the end of the prompt: free the blocks of the request's own part
+        ([owned_from, length), sink and recent window excepted) with the least window attention
+        per token until the row fits its budget. Returns the first position freed (None: none).
+
+        Earlier chunks of this prompt are in the radix tree already, in nodes only this request
+        holds (owned_from is past every node another holder locks): the tree's copy of them is
+        revised before anyone can match it (patches/eviction.py)."""
+        picked = self._candidates(st, row, max(owned_from, st.shared_len), length)
+        if picked is None:
+            return None
+        cand, starts, lens, slots, excess = picked
+        score = block_heat(heat, starts[cand], lens[cand], mean=True)
+        victims = cand[pick_victims(score, lens[cand], excess)]
+        first = int(starts[victims].min())
+        self._drop(row, victims, starts, lens, slots)
+        return first
+
+    def _candidates(self, st: RowState, row: int, lo: int, length: int):
+        """The row's whole blocks in [lo, length - recent) past the sink, if it keeps more than
+        its budget: (candidate block indices, starts, lens, the row's slots, excess tokens)."""
         cfg, s = st.cfg, self.store
         if st.fallback or st.nblocks == 0:
-            return
+            return None
         slots = self.req_to_token[row, :length]
         excess = int((slots != 0).sum()) - cfg.token_budget(length)
         if excess <= 0:
-            return
+            return None
         nb = st.nblocks
         starts, lens = s.row_start[row, :nb].long(), s.row_len[row, :nb].long()
-        lo, hi = max(cached, st.shared_len, cfg.sink), length - cfg.recent
+        lo, hi = max(lo, cfg.sink), length - cfg.recent
         cand = torch.nonzero((lens > 0) & (starts >= lo) & (starts + lens <= hi)).flatten()
-        if cand.numel() == 0:
-            return
-        heat = block_heat(s.heat[slots.long()], starts[cand], lens[cand])
-        victims = cand[pick_victims(heat, lens[cand], excess)]
+        return None if cand.numel() == 0 else (cand, starts, lens, slots, excess)
+
+    def _drop(self, row: int, victims, starts, lens, slots) -> None:
+        """Free the victim blocks' slots: slot 0 in the row, entries and registrations gone."""
+        s = self.store
         width = int(lens[victims].max())
         offs = torch.arange(width, device=starts.device)
         pos = starts[victims, None] + offs[None, :]

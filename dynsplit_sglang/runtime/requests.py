@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +47,9 @@ class RequestCompression:
     # Tokens attended, still on the device: one 0-dim view per decode forward (indexing makes
     # no kernel); read once, when the report is built (no host sync per step).
     pending: list = field(default_factory=list)
+    # SGLang's Req (a weak reference, set by patches/report.py): its tree path tells eviction
+    # where the request's own part starts.
+    req: Any = None
 
     def resolve(self, base: DynSplitConfig) -> DynSplitConfig | None:
         """This request's configuration; None means the server's."""

@@ -27,6 +27,11 @@ class BatchView:
     out_cache_loc: torch.Tensor  # their slots
     is_decode: bool
     configs: list[DynSplitConfig] | None = None  # per-request overrides (None = the default)
+    # Eviction over the whole prompt (evict_scope "prompt"): whether this extend ends each
+    # request's prompt, and where its own part starts (before it: positions another request
+    # holds in the radix tree). None: not known, so no such eviction runs.
+    final: list[bool] | None = None
+    owned_from: list[int] | None = None
 
 
 @dataclass
@@ -53,6 +58,8 @@ class StepState:
     sparse: bool = False  # decode: some request is longer than its budget (the wrapper is planned)
     decode_like: bool = False  # an extend of one token per request over a cached prompt
     kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eviction: slots that still hold K/V
+    window: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index -> window heat
+    revised: list[int] = field(default_factory=list)  # batch indices that evicted tree positions
     head_attended: torch.Tensor | None = None  # [B, Hkv] K/V tokens attended, summed over layers
     head_peak: torch.Tensor | None = None  # [B, Hkv] the most one layer attended
 

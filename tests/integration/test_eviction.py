@@ -8,10 +8,12 @@ chunk then belongs to one request whether the requests run together or one at a 
 chunks, the eviction decisions taken after each of them, and thereby the outputs, are the same.
 """
 
+import json
 import random
 import re
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -169,10 +171,11 @@ def test_freed_slots_let_more_requests_decode_together(server, concurrent):
     # possible because the prompts were compressed in memory.
     assert 2 * (PROMPT_LEN + 1) > _pool(server)
     assert after["max_decode_batch"] == 3
-    # Resident at most: each request's budget plus its chunk in flight, and one more chunk
-    # (far below the 3 x 3584 the prompts need uncompressed).
+    # Resident at most: one prompt whole until its end (eviction decides over the whole prompt,
+    # question included), the others their budget, and the answers' tokens (far below the
+    # 3 x 3584 the prompts need uncompressed).
     assert after["peak_slots_in_use"] <= _pool(server)
-    assert after["peak_slots_in_use"] <= 3 * (budget + CHUNK) + CHUNK
+    assert after["peak_slots_in_use"] <= PROMPT_LEN + 2 * budget + 3 * MAX_NEW
     _assert_healthy(server)
 
 
@@ -191,6 +194,9 @@ def test_outputs_together_equal_outputs_alone_after_flush(server, concurrent, re
 
 def test_compressed_prefix_is_reused_by_a_later_request(server, prompts, replay, tokenizer):
     _, _, alone, _ = replay
+    # An unrelated prompt first takes most free slots, those the replay's eviction freed
+    # included: a prefix whose tree copy still named them would now read its K/V.
+    _generate(server, [_prompt(tokenizer, "Echo", 7, QUESTIONS[1])])
     s0 = _stats(server)
     again, meta = _generate(server, [prompts[2]])  # still in the tree after the replay
     s1 = _stats(server)
@@ -209,6 +215,48 @@ def test_compressed_prefix_is_reused_by_a_later_request(server, prompts, replay,
     assert meta[0]["cached_tokens"] >= 0.9 * PROMPT_LEN
     assert texts[0].strip()
     assert s2["blocks_reused"] - s1["blocks_reused"] >= 20
+    _assert_healthy(server)
+
+
+def _post(server, path, body, timeout=600):
+    req = urllib.request.Request(server.base_url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def test_aborts_during_prefill_and_after_eviction_leave_the_pool_whole(server, tokenizer):
+    """One request aborted while its prompt is still in chunks (nothing evicted yet: the slots
+    are the tree's and its own), one after its whole-prompt eviction revised the tree (in
+    decode). The server stays up, the idle check passes, and the pool serves again."""
+    _flush(server)
+    mid = _prompt(tokenizer, "Foxtrot", 8, QUESTIONS[0])
+    late = _prompt(tokenizer, "Golf", 9, QUESTIONS[2])
+    with ThreadPoolExecutor(2) as pool:
+        s0 = _stats(server)
+        first = pool.submit(_post, server, "/generate", {
+            "rid": "abort-mid-prefill", "input_ids": mid,
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        time.sleep(1.0)  # a few of its 7 chunks in: the prompt's end not reached
+        _post(server, "/abort_request", {"rid": "abort-mid-prefill"})
+        first.result()
+        second = pool.submit(_post, server, "/generate", {
+            "rid": "abort-in-decode", "input_ids": late,
+            "sampling_params": {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True}})
+        deadline = time.monotonic() + 300
+        while _stats(server).get("slots_evicted", 0) == s0.get("slots_evicted", 0):
+            assert time.monotonic() < deadline, "the second prompt was never evicted"
+            time.sleep(0.2)
+        time.sleep(0.5)  # decoding now
+        _post(server, "/abort_request", {"rid": "abort-in-decode"})
+        second.result()
+    time.sleep(2.0)  # idle: SGLang checks free + evictable == total (and dies on a leak)
+    _assert_healthy(server)
+    _flush(server)
+    time.sleep(1.0)
+    _assert_healthy(server)
+    texts, _ = _generate(server, [late])  # the same prompt again, on an empty tree
+    assert texts[0].strip()
     _assert_healthy(server)
 
 

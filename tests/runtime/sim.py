@@ -48,7 +48,9 @@ class SimPool:
         del self.free[len(self.free) - n:]
         return torch.tensor(out, dtype=torch.int32)
 
-    def _forward(self, rows, tokens_per_row, prefix_lens, decode):
+    def _forward(self, rows, tokens_per_row, prefix_lens, decode, final=None, owned=None):
+        """final/owned: BatchView.final/owned_from (an extend's default: each ends its prompt,
+        every new token is the request's own)."""
         ids, locs, seqs = [], [], []
         for row, toks, p in zip(rows, tokens_per_row, prefix_lens):
             new = toks[p:]
@@ -57,8 +59,11 @@ class SimPool:
             ids.append(torch.tensor(new))
             locs.append(slots)
             seqs.append(len(toks))
+        if not decode and final is None:
+            final = [True] * len(rows)
         view = BatchView(rows, [self.gen[r] for r in rows], seqs, list(prefix_lens),
-                         torch.cat(ids), torch.cat(locs).long(), decode)
+                         torch.cat(ids), torch.cat(locs).long(), decode, final=final,
+                         owned_from=owned)
         self.comp.begin_forward(view)
         outs = []
         for layer in range(LAYERS):

@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-from dynsplit_sglang.core import ConfigError, DynSplitConfig, causal_lse, key_distinctiveness
+from dynsplit_sglang.core import (ConfigError, DynSplitConfig, causal_lse, key_distinctiveness,
+                                  window_heat)
 from dynsplit_sglang.overrides import parse_request_id, request_id
 from dynsplit_sglang.patches.server_args import eviction_args
 from dynsplit_sglang.runtime.compressor import Compressor
@@ -138,6 +139,47 @@ def test_causal_lse_leaves_evicted_keys_out(q_start, lq):
     torch.testing.assert_close(causal_lse(q, k2, q_start, scale, key_ok), lse)
 
 
+def _naive_window_heat(q, k, q_start, scale, key_ok, pool):
+    lq, hq, _ = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    n = q_start + lq
+    att = torch.zeros(hkv, n, dtype=torch.float64)
+    for t in range(lq):
+        visible = [j for j in range(q_start + t + 1) if bool(key_ok[j])]
+        for h in range(hq):
+            logits = torch.stack([q[t, h].double() @ k[j, h // g].double() for j in visible])
+            att[h // g, visible] += torch.softmax(logits * scale, 0) / (lq * g)
+    pooled = torch.stack([att[:, max(0, j - pool // 2):j + pool // 2 + 1].amax(dim=1)
+                          for j in range(n)], dim=1)
+    return pooled.amax(dim=0)
+
+
+@pytest.mark.parametrize("q_start,lq,pool", [(0, 8, 1), (60, 8, 7), (90, 32, 3)])
+def test_window_heat_matches_a_naive_reference(q_start, lq, pool):
+    g = torch.Generator().manual_seed(q_start + lq + pool)
+    hq, hkv, d = 4, 2, 8
+    q = torch.randn(lq, hq, d, generator=g)
+    k = torch.randn(q_start + lq, hkv, d, generator=g)
+    key_ok = torch.rand(q_start + lq, generator=g) > 0.3
+    key_ok[0] = True
+    scale = 1 / math.sqrt(d)
+    got = window_heat(q, k, q_start, scale, key_ok, pool)
+    assert got.dtype == torch.float32 and got.shape == (q_start + lq,)
+    ref = _naive_window_heat(q, k, q_start, scale, key_ok, pool)
+    torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-5)
+    if pool == 1:  # without pooling an evicted key gets nothing, and the mass is each query's
+        assert float(got[~key_ok].abs().max()) == 0.0
+
+
+def test_block_heat_mean_is_attention_per_token():
+    heat = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.2])
+    starts, lens = torch.tensor([0, 4, 6]), torch.tensor([4, 2, 1])
+    torch.testing.assert_close(block_heat(heat, starts, lens, mean=True),
+                               torch.tensor([0.25, 0.5, 0.2]))
+    torch.testing.assert_close(block_heat(heat, starts, lens), torch.tensor([1.0, 0.5, 0.2]))
+
+
 # -- the switch ----------------------------------------------------------------------------------
 
 
@@ -246,6 +288,8 @@ def _tokens(n, seed):
 
 CFG = DynSplitConfig(budget=96, sink=4, recent=16, block_size=12, tolerance=4, future_window=8,
                      dense_layers=1, score_layers=0, evict=True)
+CHUNK_CFG = CFG.replace(evict_scope="chunk")
+SCOPES = pytest.mark.parametrize("cfg", [CFG, CHUNK_CFG], ids=["prompt", "chunk"])
 
 
 def _dense_over(pool, row, positions, token, pos):
@@ -265,8 +309,9 @@ def _dense_over(pool, row, positions, token, pos):
     return outs
 
 
-def test_extend_evicts_to_the_budget_and_decode_reads_only_kept_positions():
-    pool = EvictPool(CFG)
+@SCOPES
+def test_extend_evicts_to_the_budget_and_decode_reads_only_kept_positions(cfg):
+    pool = EvictPool(cfg)
     toks = _tokens(400, 1)
     pool.new_row(0)
     pool.prefill(0, toks)
@@ -311,7 +356,7 @@ def test_extend_evicts_to_the_budget_and_decode_reads_only_kept_positions():
 
 @pytest.mark.parametrize("chunks", [[128, 256, 400], [100, 400]])
 def test_chunked_prefill_evicts_each_chunk_only_among_its_new_tokens(chunks):
-    pool = EvictPool(CFG)
+    pool = EvictPool(CHUNK_CFG)
     toks = _tokens(400, 2)
     pool.new_row(0)
     start = 0
@@ -333,8 +378,9 @@ def test_chunked_prefill_evicts_each_chunk_only_among_its_new_tokens(chunks):
         pool.req_to_token[0, :400] != 0].tolist()))
 
 
-def test_freed_slots_are_reused_without_stale_reads():
-    pool = EvictPool(CFG, slots=1024)
+@SCOPES
+def test_freed_slots_are_reused_without_stale_reads(cfg):
+    pool = EvictPool(cfg, slots=1024)
     a, b = _tokens(400, 3), _tokens(300, 4)
     pool.new_row(0)
     pool.prefill(0, a)
@@ -361,8 +407,9 @@ def test_freed_slots_are_reused_without_stale_reads():
     assert pool.comp.stats["max_decode_batch"] == 2
 
 
-def test_compressed_shared_prefix_is_reused_as_is():
-    pool = EvictPool(CFG)
+@SCOPES
+def test_compressed_shared_prefix_is_reused_as_is(cfg):
+    pool = EvictPool(cfg)
     a = _tokens(400, 5)
     pool.new_row(0)
     pool.prefill(0, a)
@@ -383,3 +430,86 @@ def test_compressed_shared_prefix_is_reused_as_is():
         if n:
             assert bool(live[s:s + n].all())  # no adopted block covers an evicted position
     assert bool(live[460 - CFG.recent:].all())
+
+
+# -- scope "prompt": the whole prompt, its own part, ranked by the prompt's last queries --------
+
+
+def _window_reference(pool, toks, cfg):
+    """core.window_heat of the simulated model's last queries, maxed over the scored layers,
+    over the row's keys as they are at the end of the prompt (nothing evicted yet)."""
+    n = len(toks)
+    w = min(cfg.evict_window, n)
+    t, pos = torch.tensor(toks), torch.arange(n)
+    heat = None
+    for layer in cfg.scored_layers(LAYERS):
+        q = _feat(t[-w:], pos[-w:], layer, "q", HQ * D).view(-1, HQ, D)
+        k = _feat(t, pos, layer, "k", HKV * D).view(-1, HKV, D)
+        h = window_heat(q, k, n - w, pool.scale, pool=cfg.evict_pool)
+        heat = h if heat is None else torch.maximum(heat, h)
+    return heat
+
+
+@pytest.mark.parametrize("chunks,owned", [([400], 0), ([150, 300, 400], 0), ([150, 300, 400], 40)])
+def test_prompt_scope_decides_once_over_the_own_part_by_the_window(chunks, owned):
+    cfg = CFG.replace(score_layers=2, evict_window=16)
+    pool = EvictPool(cfg)
+    toks = _tokens(400, 7)
+    pool.new_row(0)
+    start = 0
+    for end in chunks:
+        final = end == 400
+        pool._forward([0], [toks[:end]], [start], decode=False, final=[final],
+                      owned=[owned])
+        if not final:  # nothing is decided before the prompt's end
+            assert pool.freed == [] and bool((pool.req_to_token[0, :end] != 0).all())
+            assert pool.comp.step.revised == []
+        start = end
+    row = pool.req_to_token[0, :400]
+    live = row != 0
+    kept = int(live.sum())
+    assert kept <= cfg.token_budget(400) and pool.comp.stats["slots_evicted"] == 400 - kept > 0
+    assert pool.comp.stats["peak_slots_in_use"] == 400  # the whole prompt, before deciding
+    assert bool(live[:max(owned, cfg.sink)].all()) and bool(live[-cfg.recent:].all())
+    # Positions of earlier chunks were freed: the forward says the tree must be revised.
+    first_freed = int(torch.nonzero(~live).flatten().min())
+    cached = chunks[-2] if len(chunks) > 1 else 0  # what the tree held before the last chunk
+    assert pool.comp.step.revised == ([0] if first_freed < cached else [])
+    # The kept blocks are the greedy choice by window attention per token.
+    heat = _window_reference(pool, toks, cfg)
+    blocks = [(s, n) for s, n in _segmented(pool, 0)]
+    lo, hi = max(owned, cfg.sink), 400 - cfg.recent
+    cand = [(s, n) for s, n in blocks if s >= lo and s + n <= hi]
+    score = [float(heat[s:s + n].mean()) for s, n in cand]
+    order = sorted(range(len(cand)), key=lambda j: (score[j], j))
+    excess, dropped = 400 - cfg.token_budget(400), set()
+    for j in order:
+        if excess <= 0:
+            break
+        dropped.add(cand[j])
+        excess -= cand[j][1]
+    want = torch.ones(400, dtype=torch.bool)
+    for s, n in dropped:
+        want[s:s + n] = False
+    assert torch.equal(live, want)
+
+
+def _segmented(pool, row):
+    """The row's blocks as segmented (evicted ones included: their length is zeroed, so the
+    start of the next block tells it)."""
+    st = pool.comp.store
+    n = pool.comp.rows[row].nblocks
+    starts = st.row_start[row, :n].tolist()
+    ends = starts[1:] + [None]
+    out = []
+    for s, e, ln in zip(starts, ends, st.row_len[row, :n].tolist()):
+        out.append((s, ln if ln else e - s))
+    return out
+
+
+def test_prompt_scope_without_knowing_the_prompt_end_evicts_nothing():
+    pool = EvictPool(CFG)
+    toks = _tokens(400, 8)
+    pool.new_row(0)
+    pool._forward([0], [toks], [0], decode=False, final=[False])
+    assert pool.freed == [] and pool.comp.stats["slots_evicted"] == 0
