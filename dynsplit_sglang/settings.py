@@ -84,6 +84,11 @@ FIELD_HELP = {
     "evict_window": "--dynsplit-evict-scope prompt: how many of the prompt's last queries "
                     "rank the blocks (SnapKV's observation window). Integer in [1, 4096]. "
                     "Default {default}.",
+    "evict_keep": "--dynsplit-evict-scope prompt: the first N positions of every prompt are "
+                  "never evicted, as a prefix shared in the radix tree is not (per request: "
+                  "a client marks what other requests will share, e.g. an agent's system and "
+                  "tool prompt, before anyone has matched it). Integer in [0, 16777216]. "
+                  "Default {default}.",
     "evict_pool": "--dynsplit-evict-scope prompt: the window's attention is max-pooled over "
                   "this many neighbouring positions before blocks are ranked. Odd integer in "
                   "[1, 255]. Default {default}.",

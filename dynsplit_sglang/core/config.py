@@ -70,6 +70,9 @@ class DynSplitConfig:
     evict_scope: str = "prompt"
     evict_window: int = 32
     evict_pool: int = 7
+    # Scope "prompt": the first evict_keep positions of a prompt stay whole, as a shared prefix
+    # does (a client marks what other requests will share, e.g. an agent's system and tools).
+    evict_keep: int = 0
     # Block score: "gauss" estimates a block's largest q·k from its keys' mean and spread
     # (mean + spread·sqrt(2 ln n)·std along q); "bound" is Quest's min/max upper bound.
     score: str = "gauss"
@@ -115,6 +118,8 @@ class DynSplitConfig:
         _require(_is_int(self.evict_pool) and self.evict_pool % 2 == 1
                  and 1 <= self.evict_pool <= 255, "evict_pool", self.evict_pool,
                  "an odd integer in [1, 255]")
+        _require(_is_int(self.evict_keep) and 0 <= self.evict_keep <= 1 << 24, "evict_keep",
+                 self.evict_keep, "an integer in [0, 16777216]")
         _require(self.score in SCORES, "score", self.score, f"one of {SCORES}")
         _require(_is_number(self.spread) and 0 < self.spread <= 16, "spread", self.spread,
                  "a finite number in (0, 16]")

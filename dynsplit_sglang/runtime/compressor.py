@@ -188,6 +188,7 @@ class Compressor:
             elif i in step.window:
                 # Unknown ownership: only this extend's tokens are surely the request's own.
                 own = b.owned_from[i] if b.owned_from is not None else b.prefix_lens[i]
+                own = max(own, st.cfg.evict_keep)  # what the client marked as shared
                 first = self.evictor.evict_prompt(st, b.rows[i], own, b.seq_lens[i],
                                                   step.window[i])
                 if first is not None and first < b.prefix_lens[i]:

@@ -513,3 +513,16 @@ def test_prompt_scope_without_knowing_the_prompt_end_evicts_nothing():
     pool.new_row(0)
     pool._forward([0], [toks], [0], decode=False, final=[False])
     assert pool.freed == [] and pool.comp.stats["slots_evicted"] == 0
+
+
+def test_prompt_scope_keeps_the_prefix_the_request_marks_as_shared():
+    cfg = CFG.replace(budget=None, budget_fraction=0.5)
+    toks = _tokens(400, 9)
+    plain, marked = EvictPool(cfg), EvictPool(cfg.replace(evict_keep=150))
+    for pool in (plain, marked):
+        pool.new_row(0)
+        pool.prefill(0, toks)
+    live = marked.req_to_token[0, :400] != 0
+    assert bool(live[:150].all())  # the marked prefix: whole
+    assert not bool((plain.req_to_token[0, :150] != 0).all())  # unmarked, it lost blocks there
+    assert int(live.sum()) <= cfg.token_budget(400)  # the rest paid for it
