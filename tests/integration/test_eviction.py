@@ -260,6 +260,49 @@ def test_aborts_during_prefill_and_after_eviction_leave_the_pool_whole(server, t
     _assert_healthy(server)
 
 
+def test_a_frontend_conversation_extends_its_compressed_turn(server, tokenizer):
+    """SGLang's frontend language, two turns: the first turn's prompt is evicted once it is in;
+    the second matches the compressed turn (prompt + answer) in the tree and evicts nothing of
+    it again. Two conversations share a marked system prefix (the per-request evict_keep): the
+    second matches it whole."""
+    import sglang as sgl
+
+    from dynsplit_sglang.frontend import RuntimeEndpoint
+
+    @sgl.function
+    def chat(s, system, doc, dynsplit=None):
+        s += system + doc + QUESTIONS[0]
+        s += sgl.gen("a1", max_tokens=MAX_NEW, temperature=0)
+        s += QUESTIONS[1]
+        s += sgl.gen("a2", max_tokens=MAX_NEW, temperature=0)
+
+    _flush(server)
+    system = tokenizer.decode(tokenizer.encode(_story("System", 11, 60),
+                                               add_special_tokens=False)[:600])
+    docs = [tokenizer.decode(tokenizer.encode(_story(t, 12 + i), add_special_tokens=False)[:2400])
+            for i, t in enumerate(["India", "Juliet"])]
+    backend = RuntimeEndpoint(server.base_url)
+    keep = len(tokenizer.encode(system, add_special_tokens=False)) - 8
+    s0 = _stats(server)
+    first = chat.run(system=system, doc=docs[0], dynsplit={"evict_keep": keep}, backend=backend)
+    m1, m2 = first.get_meta_info("a1"), first.get_meta_info("a2")
+    assert first["a1"].strip() and first["a2"].strip()
+    # (the counters are published by a writer thread: on a loaded host they may lag a little)
+    deadline = time.monotonic() + 30
+    while (s1 := _stats(server)).get("requests", 0) - s0.get("requests", 0) < 2:
+        assert time.monotonic() < deadline, s1
+    assert s1["slots_evicted"] - s0.get("slots_evicted", 0) > m1["prompt_tokens"] // 2
+    # Turn 2 is a radix hit on turn 1 (its prompt and answer, compressed)...
+    assert m2["cached_tokens"] >= m1["prompt_tokens"]
+    assert m2["dynsplit"]["blocks_reused"] >= 20
+    # ...and the second conversation on the marked system prefix, kept whole by the first.
+    second = chat.run(system=system, doc=docs[1], dynsplit={"evict_keep": keep}, backend=backend)
+    m3 = second.get_meta_info("a1")
+    assert second["a1"].strip()
+    assert keep <= m3["cached_tokens"] < m1["prompt_tokens"]
+    _assert_healthy(server)
+
+
 def test_no_leak_at_idle(server, replay):
     """SGLang checks free + evictable == total whenever the scheduler goes idle (and kills the
     server on a mismatch); a flush then frees every slot the tree held."""
