@@ -397,7 +397,7 @@ def run_cells(live: dict, configs: list, cells: list, systems: dict, tok, args, 
     for cfg in configs:
         for ctx in args.contexts:
             bar.set_description(f"{cfg.label}: prefill {ctx}-token prefix")
-            info = wl.warm_prefix(eps[cfg], systems[ctx])
+            info = wl.warm_prefix(eps[cfg], systems[ctx], keep_whole=cfg.name.endswith("-evict"))
             prefixes.append({"config": cfg.name, "budget": cfg.budget, "context_len": ctx,
                              **info})
             bar.update()

@@ -344,13 +344,17 @@ class CellResult:
         }
 
 
-def warm_prefix(endpoint: RuntimeEndpoint, system: str) -> dict:
+def warm_prefix(endpoint: RuntimeEndpoint, system: str, keep_whole: bool = False) -> dict:
     """Prefill the shared system turn once (max_new_tokens 0), as a warm production server has it;
-    returns its prefill time and token counts."""
+    returns its prefill time and token counts. keep_whole: mark it as the prefix every session
+    shares (``evict_keep``), so whole-prompt eviction keeps it whole."""
     text = system_turn_text(endpoint, system)
+    params: dict = {"max_new_tokens": 0}
+    if keep_whole:
+        params["custom_params"] = {"dynsplit": {"evict_keep": 1 << 24}}
     t0 = time.perf_counter()
     r = requests.post(endpoint.base_url + "/generate",
-                      json={"text": text, "sampling_params": {"max_new_tokens": 0}}, timeout=3600)
+                      json={"text": text, "sampling_params": params}, timeout=3600)
     r.raise_for_status()
     meta = r.json()["meta_info"]
     dt = time.perf_counter() - t0
