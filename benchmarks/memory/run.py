@@ -204,6 +204,9 @@ def main(argv=None) -> int:
                     help="leave the kvpress peers out (they run in their own venv)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    ap.add_argument("--report-only", action="store_true",
+                    help="start no server: the rows already in --out, the kvpress peers "
+                         "(measured unless --no-kvpress) and the statistics")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -228,8 +231,10 @@ def main(argv=None) -> int:
     if args.resume and args.out.exists():  # keep the configurations already measured
         rows = [r for r in json.loads(args.out.read_text())["rows"]
                 if (r["context_len"], r["method"], r["budget"]) in {p[:3] for p in plan}]
+    if args.report_only:
+        rows = json.loads(args.out.read_text())["rows"]
     done = {(r["context_len"], r["method"], r["budget"]) for r in rows}
-    plan = [p for p in plan if p[:3] not in done]
+    plan = [] if args.report_only else [p for p in plan if p[:3] not in done]
     for ctx, method, budget, flags in tqdm(plan, desc="memory", unit="server"):
         with_acc = acc if ctx == args.contexts[0] else []
         row = measure(model_path, tok, method, budget, flags, ctx, args, log_dir, with_acc)
@@ -298,8 +303,12 @@ def save(args, rows, acc, t_start) -> None:
         base = full.get(r["context_len"])
         peak = r["peak_kv_slots_per_request"]
         r["peak_reduction_vs_full"] = round(base / peak, 2) if base and peak else None
+    command, wall = " ".join(["python"] + sys.argv), round(time.perf_counter() - t_start)
+    if args.report_only:  # the servers' run is what was measured
+        before = json.loads(args.out.read_text())["meta"]
+        command, wall = f"{before['command']} && {command}", before["wall_s"] + wall
     meta = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                command=" ".join(["python"] + sys.argv), wall_s=round(time.perf_counter() - t_start),
+                command=command, wall_s=wall,
                 machine={"cpus": os.cpu_count(), "platform": platform.platform()},
                 max_total_tokens=args.max_total_tokens, chunked_prefill=args.chunked_prefill,
                 accuracy=dict(tasks=ACC_TASKS, contexts=ACC_CONTEXTS, n=args.accuracy_samples,

@@ -111,7 +111,12 @@ class Evictor:
         Earlier chunks of this prompt are in the radix tree already, in nodes only this request
         holds (owned_from is past every node another holder locks): the tree's copy of them is
         revised before anyone can match it (patches/eviction.py)."""
-        picked = self._candidates(st, row, max(owned_from, st.shared_len), length)
+        lo = max(owned_from, st.shared_len)
+        # The shared part is stored once for all its holders: the own part is allowed at least
+        # its own budget, as if it stood alone (else a long system prompt would leave nothing).
+        own_len = length - lo
+        picked = self._candidates(st, row, lo, length,
+                                  floor=st.cfg.token_budget(own_len) if own_len > 0 else 0)
         if picked is None:
             return None
         cand, starts, lens, slots, excess = picked
@@ -121,14 +126,18 @@ class Evictor:
         self._drop(row, victims, starts, lens, slots)
         return first
 
-    def _candidates(self, st: RowState, row: int, lo: int, length: int):
+    def _candidates(self, st: RowState, row: int, lo: int, length: int, floor: int = 0):
         """The row's whole blocks in [lo, length - recent) past the sink, if it keeps more than
-        its budget: (candidate block indices, starts, lens, the row's slots, excess tokens)."""
+        its budget (and its part from lo more than `floor`): (candidate block indices, starts,
+        lens, the row's slots, excess tokens)."""
         cfg, s = st.cfg, self.store
         if st.fallback or st.nblocks == 0:
             return None
         slots = self.req_to_token[row, :length]
-        excess = int((slots != 0).sum()) - cfg.token_budget(length)
+        live = slots != 0
+        excess = int(live.sum()) - cfg.token_budget(length)
+        if floor:
+            excess = min(excess, int(live[lo:].sum()) - floor)
         if excess <= 0:
             return None
         nb = st.nblocks
