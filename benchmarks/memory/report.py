@@ -23,10 +23,29 @@ def label(r) -> str:
     return r["method"] if r["budget"] >= 1.0 else f"{r['method']} 1/{round(1 / r['budget'])}"
 
 
-def plot(rows, path: Path) -> None:
+def plot_accuracy(ax, table) -> None:
+    """Accuracy per kept budget: this package's rows and the peers, full KV as a line."""
+    budgets = sorted({t["budget"] for t in table if t["budget"] < 1.0}, reverse=True)
+    methods = list(dict.fromkeys(t["method"] for t in table if t["budget"] < 1.0))
+    acc = {(t["method"], t["budget"]): t["accuracy"] for t in table}
+    width = 0.8 / max(1, len(methods))
+    for k, m in enumerate(methods):
+        xs = [i + k * width for i, b in enumerate(budgets) if (m, b) in acc]
+        ax.bar(xs, [acc[(m, b)] for b in budgets if (m, b) in acc], width, label=m)
+    if ("none", 1.0) in acc:
+        ax.axhline(acc[("none", 1.0)], color="k", ls="--", lw=1, label="full KV")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(budgets))])
+    ax.set_xticklabels([f"1/{round(1 / b)} kept" for b in budgets])
+    ax.set_title("accuracy, same samples (higher is better)", fontsize=10)
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot(rows, path: Path, table=()) -> None:
     ctxs = sorted({r["context_len"] for r in rows})
     names = list(dict.fromkeys(label(r) for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if table else 2, figsize=(16 if table else 11, 4))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         by = {r["context_len"]: r for r in rows if label(r) == name}
@@ -35,13 +54,15 @@ def plot(rows, path: Path) -> None:
                     label=name)
         axes[1].bar(xs, [by[c]["max_concurrent_requests"] for c in ctxs if c in by], width,
                     label=name)
-    for ax, title in zip(axes, ("peak KV slots per request (lower is better)",
+    for ax, title in zip(axes[:2], ("peak KV slots per request (lower is better)",
                                 "concurrent requests at the fixed pool (higher is better)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ctxs))])
         ax.set_xticklabels([f"{c} tokens" for c in ctxs])
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
+    if table:
+        plot_accuracy(axes[2], table)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -71,7 +92,7 @@ def section(data, png: str) -> str:
         "in. Concurrent: the largest decode batch when more prompts than fit (sharing no "
         "prefix) arrive at once. `dynsplit-evict` decides once the whole prompt (question "
         "included) is in; `dynsplit-evict-chunk` after every prefill chunk, before the "
-        "question (query-agnostic).",
+        "question (query-agnostic)." + (f" Note: {meta['note']}." if meta.get("note") else ""),
         "",
         "| context | method | kept budget | peak KV slots / request | vs full KV | kept after "
         "prefill | concurrent requests | retractions |",
@@ -125,7 +146,23 @@ def section(data, png: str) -> str:
             out.append(f"- accuracy ≥ the best of SnapKV / ChunkKV at 1/{round(1 / b)} kept: "
                        f"**{'met' if mine >= peers[best] else 'missed'}** ({mine:.1f} vs "
                        f"{best} {peers[best]:.1f}).")
-    out += ["", f"![memory]({png})", ""]
+    full_kept = {r["context_len"]: r["kv_slots_after_prefill"] for r in rows
+                 if r["method"] == "none"}
+    kept = [f"{r['kv_slots_after_prefill']} at 1/{round(1 / r['budget'])} "
+            f"({full_kept[r['context_len']] / r['kv_slots_after_prefill']:.1f}x fewer)"
+            for r in rows if r["method"] == "dynsplit-evict" and r["context_len"] in full_kept
+            and r["kv_slots_after_prefill"]]
+    out += [
+        "",
+        "Why the peak is what it is: with the default scope a request keeps its whole prompt "
+        "until the prompt (and its question) is in, so a request alone peaks at its prompt, "
+        "as with full KV. SGLang admits a request only if its whole prompt fits in free + "
+        "evictable slots either way, so what sets concurrency is what each request keeps once "
+        f"its prompt is in: {', '.join(kept) or '—'} slots per request against full KV. "
+        "`dynsplit-evict-chunk` keeps the peak at the kept tokens plus one chunk by deciding "
+        "before the question, and pays for it in accuracy.",
+        "",
+        f"![memory]({png})", ""]
     return "\n".join(out)
 
 
@@ -135,7 +172,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     data = json.loads(args.json.read_text())
     png = args.json.with_suffix(".png")
-    plot(data["rows"], png)
+    plot(data["rows"], png, data.get("accuracy", []))
     rel = f"benchmarks/memory/results/{png.name}"
     (args.json.parent / "README-section.md").write_text(section(data, rel) + "\n")
     print(f"wrote {png} and {args.json.parent / 'README-section.md'}")

@@ -93,8 +93,11 @@ def prompts(tok, context_len: int, n: int, offset: int) -> list[list[int]]:
 def generate(url: str, ids: list[int], max_new: int) -> dict:
     from dynsplit_sglang.launcher import post_json
 
+    # Queued requests wait for every prompt before them to be prefilled (on 2 cores, tens of
+    # thousands of tokens): the answer may take long.
     return post_json(url + "/generate", {
-        "input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "temperature": 0}})
+        "input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "temperature": 0}},
+        timeout=7200)
 
 
 def flush(url: str) -> None:
