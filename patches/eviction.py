@@ -17,6 +17,11 @@ register_radix_cache_backend("dynsplit-evict", ...)``, SGLang's own plugin point
 ``UnifiedRadixCache`` keeps its sizes in per-component ledgers this plugin does not reach.
 ``MASK_EVICTED`` makes the torch_native extend patch (``native_extend``) attend to live keys only
 (set by the attention backend factory when the server's settings ask for eviction).
+
+Whole-prompt eviction (``evict_scope`` "prompt") also reads, in SGLang 0.5.23, ``Req.last_node``
+(the node a request locks), ``Req.full_untruncated_fill_ids`` (where its prompt ends) and
+``TreeNode.parent`` / ``.value`` / ``.lock_ref`` (``prompt_ownership``), and writes node values
+and the tree's ``protected_size_`` / ``evictable_size_`` (``SlotCountingRadixCache.revise``).
 """
 
 from __future__ import annotations
