@@ -176,7 +176,8 @@ class Compressor:
     def _evict(self, step: StepState, tp: bool) -> None:
         b = step.batch
         if tp:  # every rank must evict alike: heat averaged over the ranks' KV heads
-            self.evictor.average_over_ranks(b.out_cache_loc, self.all_reduce, self.tp_size)
+            if self.cfg.evict_scope == "chunk":  # key heat is only scored for that scope
+                self.evictor.average_over_ranks(b.out_cache_loc, self.all_reduce, self.tp_size)
             for i in sorted(step.window):
                 step.window[i] = self.all_reduce(step.window[i]) / self.tp_size
         self._note_usage()  # the peak: this chunk's slots are held, nothing evicted yet
