@@ -37,6 +37,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,8 @@ from dynsplit_sglang.models import DEFAULT_MODEL as SMOL, QWEN_MODEL as QWEN  # 
 # A batch of compressed requests on a busy 2-core host can take longer than a single request's
 # default 10 min (Qwen at 4k, 12 requests, the CPU shared with a test run: one timed out).
 BATCH_TIMEOUT_S = 3600
+# Of host memory, for the server's weights and KV pool (SGLang's --mem-fraction-static).
+MEM_FRACTION = 0.6
 HEADLINE_METHODS = ["none", "dynsplit", "fixed", "delimiter", "streaming", "quest"]
 
 MODES = {
@@ -341,6 +344,17 @@ def slots_for_group(methods: list[Method], base, max_ctx: int, rows: int, group:
     return slots
 
 
+def check_pool(log_path: Path, slots: int) -> None:
+    """Refuse to measure when SGLang gave the server fewer KV slots than the batch needs: the
+    block store is sized from the pool, and a full store means dense fallback rows."""
+    found = re.search(r"KV budget of (\d+) dense tokens", Path(log_path).read_text(errors="replace"))
+    if found is None or int(found[1]) < slots:
+        got = "unknown" if found is None else found[1]
+        raise SystemExit(f"the server's KV budget is {got} tokens, below the {slots} this batch "
+                         "needs (a full block store means dense fallback): raise "
+                         "--server-arg=--mem-fraction-static=F, or lower --group")
+
+
 def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Method],
                results: Results, tok, args, bar, log_dir: Path) -> dict:
     from dynsplit_sglang.launcher import post_json, start_server
@@ -363,6 +377,9 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
         slots_for_group(methods, server_config(args.server_arg), max_ctx, rows, group))
     server_args = [
         "--kv-compression", "dynsplit",
+        # The launcher's 0.2 of host memory caps Qwen at 8k far below `slots` (fp32 K/V: 24 KiB
+        # per token); the pool is checked against `slots` once the server is up.
+        "--mem-fraction-static", str(MEM_FRACTION),
         "--max-total-tokens", str(slots),
         "--chunked-prefill-size", str(args.chunked_prefill),
         "--max-running-requests", str(rows),
@@ -375,6 +392,7 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
     with start_server(path, server_args, log_path=log_dir / f"sglang-{model}.log", env=env,
                       health_timeout=600) as h:
         info["startup_s"] = round(time.perf_counter() - t0, 1)
+        check_pool(h.log_path, slots)
         url = h.base_url + "/generate"
         fallback_seen = _counter(stats_path, "fallback_rows")
         for g0 in range(0, len(todo), group):
@@ -610,9 +628,10 @@ def main(argv=None) -> int:
                          "dense_layers, so both sides compress the same layers)")
     ap.add_argument("--max-total-tokens", type=int, default=0)
     ap.add_argument("--chunked-prefill", type=int, default=4096)
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the SGLang server and of the kvpress runner, which "
-                         "run side by side (default 1 each: no oversubscription of 2 cores); "
+                         "run side by side (default: 1 each when kvpress methods run, so that "
+                         "they do not oversubscribe 2 cores; torch's default otherwise); "
                          "0 = torch's default")
     ap.add_argument("--group", type=int, default=3,
                     help="prompts whose compressed requests decode in one batch (SGLang)")
@@ -649,6 +668,8 @@ def main(argv=None) -> int:
     methods = build_methods(args.methods or cfg["methods"], budgets, ablations)
     check_overrides(methods, server_config(args.server_arg))
     sg_methods = [m for m in methods if m.engine == "sglang"]
+    if args.threads is None:
+        args.threads = 1 if len(sg_methods) < len(methods) else 0
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = Results(args.out)

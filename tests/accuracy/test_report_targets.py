@@ -99,3 +99,21 @@ def test_run_report_only_rebuilds_rows_and_pairs_from_the_records(tmp_path):
     pairs = {(p["model"], p["b"]): p for p in data["paired"]}
     assert set(pairs) == {(QWEN, "fixed"), (SMOL, "fixed")}
     assert pairs[(QWEN, "fixed")]["mean"] == 50.0 and pairs[(QWEN, "fixed")]["wins"] == 2
+
+
+def test_a_server_pool_below_what_the_batch_needs_is_refused(tmp_path):
+    """The block store is sized from the pool SGLang grants: a pool smaller than the batch's
+    need would turn compressed rows dense, so the run stops instead of recording them."""
+    import pytest
+
+    import run
+
+    log = tmp_path / "server.log"
+    log.write_text("[t] dynsplit-sglang: KV budget of 71994 dense tokens (24576 B each) holds "
+                   "61764 tokens and the block store (239.7 MiB for 67 rows)\n")
+    run.check_pool(log, 71994)  # enough: nothing raised
+    with pytest.raises(SystemExit, match="71994 tokens, below the 217088"):
+        run.check_pool(log, 217088)
+    log.write_text("no plan line\n")
+    with pytest.raises(SystemExit, match="unknown"):
+        run.check_pool(log, 1)
