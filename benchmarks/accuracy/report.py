@@ -245,8 +245,12 @@ def headline_targets(data: dict) -> str:
                 lines.append(f"- {model} at 1/8: dynsplit {d:.1f} vs full KV {f:.1f} "
                              f"({d - f:+.1f} points; target within 10): "
                              f"**{'met' if d >= f - 10 else 'missed'}**")
+        fb = data.get("fallback_records", {})
         sg = data.get("meta", {}).get("phases", {}).get(model, {}).get("sglang") or {}
-        if "fallback_rows" in sg:
+        if model in fb:
+            lines.append(f"- {model}: records from batches with a dense fallback {fb[model]} "
+                         f"(target 0): **{'met' if not fb[model] else 'missed'}**")
+        elif "fallback_rows" in sg:
             lines.append(f"- {model}: dense fallbacks {sg['fallback_rows']} (target 0): "
                          f"**{'met' if not sg['fallback_rows'] else 'missed'}**")
     return "\n".join(lines) + "\n"

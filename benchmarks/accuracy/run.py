@@ -233,9 +233,20 @@ class Results:
                     out.append(dict(ps, budget_kind=budget_kind(budget)))
         return out
 
+    def fallback_records(self, keep=None) -> dict[str, int]:
+        """Per model, the SGLang records answered in a batch where some compressed request fell
+        back to dense attention (the counter is per batch, not per request): 0 means every
+        compressed row attended its budget."""
+        out: dict[str, int] = {}
+        for r in self.records.values():
+            if r.get("engine") == "sglang" and (keep is None or keep(r)):
+                out[r["model"]] = out.get(r["model"], 0) + bool(r.get("fallback_rows_in_batch"))
+        return out
+
     def save(self, keep=None) -> None:
         with self.lock:
-            data = {"meta": self.meta, "rows": self.rows(keep), "paired": self.paired(keep)}
+            data = {"meta": self.meta, "rows": self.rows(keep), "paired": self.paired(keep),
+                    "fallback_records": self.fallback_records(keep)}
             tmp = self.out.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             tmp.replace(self.out)

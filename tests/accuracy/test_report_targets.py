@@ -117,3 +117,21 @@ def test_a_server_pool_below_what_the_batch_needs_is_refused(tmp_path):
     log.write_text("no plan line\n")
     with pytest.raises(SystemExit, match="unknown"):
         run.check_pool(log, 1)
+
+
+def test_records_from_a_batch_with_dense_fallback_are_counted_and_fail_the_target(tmp_path):
+    import json
+
+    import run
+
+    recs = [dict(model=m, sample=f"vt-4096-0-{i}", task="vt", context_len=4096, seed=0,
+                 method="dynsplit", budget=0.125, score=1.0, engine="sglang",
+                 fallback_rows_in_batch=fb)
+            for m, fbs in ((QWEN, (0, 0)), (SMOL, (0, 3))) for i, fb in enumerate(fbs)]
+    (tmp_path / "h.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    results = run.Results(tmp_path / "h.json")
+    assert results.fallback_records() == {QWEN: 0, SMOL: 1}
+    results.save()
+    text = report.headline_targets(json.loads((tmp_path / "h.json").read_text()))
+    assert f"{QWEN}: records from batches with a dense fallback 0 (target 0): **met**" in text
+    assert f"{SMOL}: records from batches with a dense fallback 1 (target 0): **missed**" in text
