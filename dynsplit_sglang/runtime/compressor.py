@@ -18,7 +18,7 @@ import torch
 from ..core import BlockTable, DynSplitConfig, causal_lse, layer_votes, plan_selection
 from ..kernels.wrapper import SparseDecodeWrapper
 from .eviction import Evictor
-from .report import Reporter
+from .report import Reporter, report_evict_skipped
 from .rows import RowBlocks
 from .state import BatchView, RowState, StepState
 from .store import BlockStore, StoreGeometry
@@ -194,6 +194,10 @@ class Compressor:
                                                   step.window[i])
                 if first is not None and first < b.prefix_lens[i]:
                     step.revised.append(i)  # the radix tree holds a copy of those positions
+            elif b.final is None and not st.evict_unknown:
+                st.evict_unknown = True
+                self.stats["evict_skipped_rows"] += 1
+                report_evict_skipped(self.stats)
 
     def is_sparse_layer(self, layer_id: int) -> bool:
         """This module attends in this decode layer (else SGLang's dense path runs). With

@@ -27,6 +27,8 @@ COUNTERS = {
     "fallback_rows": "Requests whose blocks did not fit the store (attended densely)",
     "fallback_rows_store": "Of these: block entries ran out (after reclaiming unreachable ones)",
     "fallback_rows_table": "Of these: more blocks than a request row's table holds",
+    "evict_skipped_rows": "Requests whose prompt could not be evicted: their SGLang request was "
+                          "not known (whole-prompt eviction needs its ownership)",
     "entries_reclaimed": "Block entries of freed slots and finished rows returned to the store",
 }
 
@@ -40,6 +42,15 @@ def report_fallback(reason: str, stats: Counter) -> None:
                "table": "the request has more blocks than its row table holds"}[reason]
         logger.warning("dynsplit-sglang: a request attends densely because %s (%d so far; "
                        "counter fallback_rows_%s)", why, n, reason)
+
+
+def report_evict_skipped(stats: Counter) -> None:
+    """Eviction asked for and not done is never silent either (as report_fallback)."""
+    n = stats["evict_skipped_rows"]
+    if n == 1 or n % 100 == 0:
+        logger.warning("dynsplit-sglang: a request keeps its whole prompt because its SGLang "
+                       "request was not known to whole-prompt eviction (%d so far; counter "
+                       "evict_skipped_rows)", n)
 
 
 def summary(stats: Counter) -> dict:

@@ -44,6 +44,7 @@ class RowState:
     nblocks: int = 0
     prompt_done: bool = False
     fallback: bool = False  # metadata did not fit: attend densely
+    evict_unknown: bool = False  # whole-prompt eviction could not run: its Req was not known
     reused: int = 0  # blocks adopted from the radix-shared prefix
     local: list[int] = field(default_factory=list)  # entries only this row references
 

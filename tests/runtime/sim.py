@@ -48,9 +48,11 @@ class SimPool:
         del self.free[len(self.free) - n:]
         return torch.tensor(out, dtype=torch.int32)
 
-    def _forward(self, rows, tokens_per_row, prefix_lens, decode, final=None, owned=None):
+    def _forward(self, rows, tokens_per_row, prefix_lens, decode, final=None, owned=None,
+                 known=True):
         """final/owned: BatchView.final/owned_from (an extend's default: each ends its prompt,
-        every new token is the request's own)."""
+        every new token is the request's own); known=False: the SGLang Reqs were not found
+        (BatchView.final is None)."""
         ids, locs, seqs = [], [], []
         for row, toks, p in zip(rows, tokens_per_row, prefix_lens):
             new = toks[p:]
@@ -59,7 +61,7 @@ class SimPool:
             ids.append(torch.tensor(new))
             locs.append(slots)
             seqs.append(len(toks))
-        if not decode and final is None:
+        if not decode and final is None and known:
             final = [True] * len(rows)
         view = BatchView(rows, [self.gen[r] for r in rows], seqs, list(prefix_lens),
                          torch.cat(ids), torch.cat(locs).long(), decode, final=final,

@@ -516,6 +516,21 @@ def test_prompt_scope_without_knowing_the_prompt_end_evicts_nothing():
     pool.new_row(0)
     pool._forward([0], [toks], [0], decode=False, final=[False])
     assert pool.freed == [] and pool.comp.stats["slots_evicted"] == 0
+    assert pool.comp.stats["evict_skipped_rows"] == 0  # a chunk before the end: not skipped
+
+
+def test_prompt_scope_with_unknown_requests_says_so(caplog):
+    """Without the SGLang Req (final is None) nothing can be evicted; the request is counted
+    once and a warning names the counter, so the user does not silently get dense memory."""
+    pool = EvictPool(CFG)
+    pool.new_row(0)
+    with caplog.at_level("WARNING"):
+        toks = _tokens(400, 10)
+        for k in range(2):  # two chunks of one request: counted once
+            pool._forward([0], [toks[:200 * (k + 1)]], [200 * k], decode=False, known=False)
+    assert pool.freed == [] and pool.comp.stats["slots_evicted"] == 0
+    assert pool.comp.stats["evict_skipped_rows"] == 1
+    assert "counter evict_skipped_rows" in caplog.text
 
 
 def test_prompt_scope_keeps_the_prefix_the_request_marks_as_shared():
