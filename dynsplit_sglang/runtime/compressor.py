@@ -18,7 +18,7 @@ import torch
 from ..core import BlockTable, DynSplitConfig, causal_lse, layer_votes, plan_selection
 from ..kernels.wrapper import SparseDecodeWrapper
 from .eviction import Evictor
-from .report import Reporter, report_evict_skipped
+from .report import Reporter, warn_counted
 from .rows import RowBlocks
 from .state import BatchView, RowState, StepState
 from .store import BlockStore, StoreGeometry
@@ -197,7 +197,8 @@ class Compressor:
             elif b.final is None and not st.evict_unknown:
                 st.evict_unknown = True
                 self.stats["evict_skipped_rows"] += 1
-                report_evict_skipped(self.stats)
+                warn_counted(self.stats, "evict_skipped_rows", "a request keeps its whole prompt "
+                             "because its SGLang request was not known to whole-prompt eviction")
 
     def is_sparse_layer(self, layer_id: int) -> bool:
         """This module attends in this decode layer (else SGLang's dense path runs). With

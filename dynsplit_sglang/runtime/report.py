@@ -33,24 +33,18 @@ COUNTERS = {
 }
 
 
+def warn_counted(stats: Counter, counter: str, what: str) -> None:
+    """What the user asked for and did not get is never silent: a warning for the first of each
+    counter and every hundredth after it (the counter has them all)."""
+    n = stats[counter]
+    if n == 1 or n % 100 == 0:
+        logger.warning("dynsplit-sglang: %s (%d so far; counter %s)", what, n, counter)
+
+
 def report_fallback(reason: str, stats: Counter) -> None:
-    """A dense fallback is never silent: a warning for the first of each kind and every
-    hundredth after it (the counters have them all)."""
-    n = stats[f"fallback_rows_{reason}"]
-    if n == 1 or n % 100 == 0:
-        why = {"store": "the block store's entries ran out",
-               "table": "the request has more blocks than its row table holds"}[reason]
-        logger.warning("dynsplit-sglang: a request attends densely because %s (%d so far; "
-                       "counter fallback_rows_%s)", why, n, reason)
-
-
-def report_evict_skipped(stats: Counter) -> None:
-    """Eviction asked for and not done is never silent either (as report_fallback)."""
-    n = stats["evict_skipped_rows"]
-    if n == 1 or n % 100 == 0:
-        logger.warning("dynsplit-sglang: a request keeps its whole prompt because its SGLang "
-                       "request was not known to whole-prompt eviction (%d so far; counter "
-                       "evict_skipped_rows)", n)
+    why = {"store": "the block store's entries ran out",
+           "table": "the request has more blocks than its row table holds"}[reason]
+    warn_counted(stats, f"fallback_rows_{reason}", f"a request attends densely because {why}")
 
 
 def summary(stats: Counter) -> dict:
