@@ -1,5 +1,6 @@
 """The block store is part of SGLang's KV budget: a compressed server's pool plus its store take
-no more memory than the same flags give a dense server's pool (tiny model, real servers)."""
+no more memory than the same flags give a dense server's pool (tiny model, real servers: the
+session's compressed server, and a dense one in the slow run)."""
 
 import json
 import urllib.request
@@ -10,14 +11,14 @@ from dynsplit_sglang.runtime.store import StoreGeometry
 from dynsplit_sglang.settings import strip_and_parse
 
 from .client import generate, stats
-from .conftest import COMPRESSION_ARGS, start_server
+from .conftest import COMPRESSION_ARGS, SESSION_ARGS, start_server
 
 pytestmark = pytest.mark.server
 
 
-# The CPU flags with room enough that --max-total-tokens (8192) bounds both pools: with the CPU
-# flags' 0.2, the budget is what the profiler finds free, which moves with the host's load.
-FLAGS = ["--mem-fraction-static", "0.6"]
+# The session server's memory flags, with room enough that --max-total-tokens (8192) bounds
+# both pools.
+FLAGS = SESSION_ARGS[:2]
 # What those flags give a dense server's pool here: the launcher's --max-total-tokens bound
 # (checked against a real dense server by the slow test below).
 DENSE_TOKENS = 8192
@@ -30,13 +31,10 @@ def dense_server(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compressed_server(tiny_model, tmp_path_factory):
-    """The session server's compression flags, on FLAGS."""
-    log_dir = tmp_path_factory.mktemp("compressed")
-    with start_server(tiny_model, FLAGS + COMPRESSION_ARGS, log_dir,
-                      env={"DYNSPLIT_STATS_PATH": str(log_dir / "stats.json")}) as handle:
-        handle.stats_path = log_dir / "stats.json"
-        yield handle
+def compressed_server(sglang_server, sglang_server_args):
+    """The session server (its static pool and store are what this module checks)."""
+    assert sglang_server_args == FLAGS + COMPRESSION_ARGS
+    return sglang_server
 
 
 def _info(server) -> dict:
