@@ -69,6 +69,16 @@ def test_targets_missed_on_too_few_samples_or_a_tie():
     assert "20 paired samples (target ≥ 50): **missed**" in few
     tie = report.headline_targets(_data(60, dyn_wins=0))
     assert "dynsplit − fixed = +0.0 points" in tie and "CI above 0): **missed**" in tie
+    assert "below full KV" not in tie  # fixed is 50 points below full KV: room for +3
+
+
+def test_a_missed_gain_says_when_fixed_leaves_no_room_below_full_kv():
+    data = _data(60, dyn_wins=0)  # fixed 50.0
+    full = next(r for r in data["rows"] if r["method"] == "none")
+    full["accuracy"] = 0.51
+    text = report.headline_targets(data)
+    assert ("**missed**; fixed is 1.0 points below full KV on these cells, so +3 would need "
+            "dynsplit 2.0 points above full KV") in text
 
 
 def test_run_report_only_rebuilds_rows_and_pairs_from_the_records(tmp_path):
