@@ -1,9 +1,9 @@
 """--dynsplit-evict through a real SGLang server (SmolLM2-135M, CPU): freed KV slots go back to
-a deliberately small pool (about 6.2k slots: a budget of 7300, less the block store's share)
+a deliberately small pool (about 4.4k slots: a budget of 5200, less the block store's share)
 and are reused, without stale reads, and a compressed prefix is served from the radix cache to
 a later request.
 
-Prompts are given as token ids, 7 x 512 tokens each (the chunked-prefill size): every prefill
+Prompts are given as token ids, 5 x 512 tokens each (the chunked-prefill size): every prefill
 chunk then belongs to one request whether the requests run together or one at a time, so the
 chunks, the eviction decisions taken after each of them, and thereby the outputs, are the same.
 """
@@ -28,10 +28,10 @@ from .conftest import default_model_server
 
 pytestmark = pytest.mark.server
 
-POOL = 6144  # at least this many slots...
-BUDGET = 7300  # ...out of the KV budget of this many once the block store has its share
+POOL = 4096  # at least this many slots...
+BUDGET = 5200  # ...out of the KV budget of this many once the block store has its share
 CHUNK = 512
-PROMPT_LEN = 7 * CHUNK  # 3584: two of them (plus a decode slot each) exceed the pool
+PROMPT_LEN = 5 * CHUNK  # 2560: two of them (plus a decode slot each) exceed the pool
 MAX_NEW = 8
 FRACTION = 0.25
 EVICT_ARGS = [
@@ -161,19 +161,19 @@ def test_freed_slots_let_more_requests_decode_together(server, concurrent):
     assert all(t.strip() for t in texts)
     assert after["requests"] - before.get("requests", 0) == 3
     evicted = after["slots_evicted"] - before.get("slots_evicted", 0)
-    budget = DynSplitConfig(budget_fraction=FRACTION).token_budget(PROMPT_LEN)  # 896
-    # Each request keeps about its budget of its 3584 positions (whole blocks, the recent
+    budget = DynSplitConfig(budget_fraction=FRACTION).token_budget(PROMPT_LEN)  # 640
+    # Each request keeps about its budget of its 2560 positions (whole blocks, the recent
     # window and the undecided tail of the last chunk excepted) and gives the rest back.
     assert evicted >= 3 * (PROMPT_LEN - budget - CHUNK // 2)
     assert after["blocks_evicted"] > 0
     assert after.get("fallback_rows", 0) == 0
-    # Without eviction a decode batch of two would hold 2 x (3584 + 1) > 6144 slots: only
+    # Without eviction a decode batch of two would hold 2 x (2560 + 1) > pool slots: only
     # possible because the prompts were compressed in memory.
     assert 2 * (PROMPT_LEN + 1) > _pool(server)
     assert after["max_decode_batch"] == 3
     # Resident at most: one prompt whole until its end (eviction decides over the whole prompt,
     # question included), the others their budget, and the answers' tokens (far below the
-    # 3 x 3584 the prompts need uncompressed).
+    # 3 x 2560 the prompts need uncompressed).
     assert after["peak_slots_in_use"] <= _pool(server)
     assert after["peak_slots_in_use"] <= PROMPT_LEN + 2 * budget + 3 * MAX_NEW
     _assert_healthy(server)
@@ -237,7 +237,7 @@ def test_aborts_during_prefill_and_after_eviction_leave_the_pool_whole(server, t
         first = pool.submit(_post, server, "/generate", {
             "rid": "abort-mid-prefill", "input_ids": mid,
             "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
-        time.sleep(1.0)  # a few of its 7 chunks in: the prompt's end not reached
+        time.sleep(1.0)  # a few of its 5 chunks in: the prompt's end not reached
         _post(server, "/abort_request", {"rid": "abort-mid-prefill"})
         first.result()
         second = pool.submit(_post, server, "/generate", {
