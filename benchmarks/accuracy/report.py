@@ -223,7 +223,7 @@ def headline_targets(data: dict) -> str:
 
     def below_full(model, b):
         """Points by which fixed trails full KV over the (task, context) cells both ran."""
-        cell = {(r.get("task"), r.get("context_len"), r["method"]): r for r in rows
+        cell = {(r["task"], r["context_len"], r["method"]): r for r in rows
                 if r["model"] == model and (r["method"], r["budget"]) in (("none", 1.0),
                                                                           ("fixed", b))}
         both = [(cell[t, c, "none"], f) for (t, c, m), f in cell.items()

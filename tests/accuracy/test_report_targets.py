@@ -45,10 +45,11 @@ def _data(n, dyn_wins):
     dyn = [1.0] * (n // 2 + dyn_wins) + [0.0] * (n - n // 2 - dyn_wins)
     fixed = [1.0] * (n // 2) + [0.0] * (n - n // 2)
     recs = _records(QWEN, 0.125, dyn, fixed)
-    rows = [dict(model=QWEN, method=m, budget=0.125, n=n,
+    cell = dict(model=QWEN, task="niah_single", context_len=4096)
+    rows = [dict(cell, method=m, budget=0.125, n=n,
                  accuracy=sum(r["score"] for r in recs if r["method"] == m) / n)
             for m in ("dynsplit", "fixed")]
-    rows.append(dict(model=QWEN, method="none", budget=1.0, n=n, accuracy=1.0))
+    rows.append(dict(cell, method="none", budget=1.0, n=n, accuracy=1.0))
     paired = [stats.paired_summary(recs, QWEN, 0.125, "dynsplit", "fixed")]
     return {"rows": rows, "paired": paired,
             "meta": {"phases": {QWEN: {"sglang": {"fallback_rows": 0}}}}}

@@ -71,7 +71,8 @@ def default_server(tmp_path_factory):
 # Room enough that the launcher's --max-total-tokens (8192) bounds the pool, dense or compressed:
 # with the CPU flags' 0.2 the pool is what SGLang's profiler finds free, which moves with the
 # host's load (tests/integration/test_memory_budget.py checks the pool against this bound).
-SESSION_ARGS = ["--mem-fraction-static", "0.6", *COMPRESSION_ARGS]
+MEMORY_ARGS = ["--mem-fraction-static", "0.6"]
+SESSION_ARGS = [*MEMORY_ARGS, *COMPRESSION_ARGS]
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,14 @@ from dynsplit_sglang.runtime.store import StoreGeometry
 from dynsplit_sglang.settings import strip_and_parse
 
 from .client import generate, stats
-from .conftest import COMPRESSION_ARGS, SESSION_ARGS, start_server
+from .conftest import COMPRESSION_ARGS, MEMORY_ARGS, start_server
 
 pytestmark = pytest.mark.server
 
 
 # The session server's memory flags, with room enough that --max-total-tokens (8192) bounds
 # both pools.
-FLAGS = SESSION_ARGS[:2]
+FLAGS = MEMORY_ARGS
 # What those flags give a dense server's pool here: the launcher's --max-total-tokens bound
 # (checked against a real dense server by the slow test below).
 DENSE_TOKENS = 8192
