@@ -32,7 +32,6 @@ import bisect
 import itertools
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import core_eval  # noqa: E402
+from repetition import repetition  # noqa: E402
 import tasks as T  # noqa: E402
 
 from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
@@ -76,29 +76,6 @@ def locate(pieces: list[str], answer: str, limit: int) -> list[list[int]]:
 def block_ids(starts: list[int], lens: list[int]) -> torch.Tensor:
     """The block of every position of the split prompt (blocks tile it)."""
     return torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens, dtype=torch.long))
-
-
-# -- degenerate repetition -------------------------------------------------------------------
-
-_LETTER_RUN = re.compile(r"([^\W\d_]{1,3}?)\1{3,}", re.IGNORECASE)
-
-
-def repetition(pieces: list[str], reps: int = 4, digit_reps: int = 8) -> dict | None:
-    """The first pattern of 1-3 tokens repeated `reps` times in a row (case-insensitive; a
-    digits-only pattern needs `digit_reps`, as numbers repeat digits), or of 1-3 letters repeated
-    4 times in the text (tokenizers merge such runs unevenly); None for normal text."""
-    low = [p.lower() for p in pieces]
-    for i in range(len(low)):
-        for n in (1, 2, 3):
-            unit = low[i:i + n]
-            if len(unit) < n or not "".join(unit).strip():
-                continue
-            need = digit_reps if "".join(unit).strip().isdigit() else reps
-            if low[i:i + n * need] == unit * need:
-                return {"unit": "".join(pieces[i:i + n]), "token": i, "reps": need}
-    m = _LETTER_RUN.search("".join(pieces))
-    return {"unit": m.group(1), "char": m.start(), "reps": len(m.group(0)) // len(m.group(1))} \
-        if m else None
 
 
 # -- tracing ------------------------------------------------------------------------------------

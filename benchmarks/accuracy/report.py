@@ -262,6 +262,7 @@ def headline_targets(data: dict) -> str:
                 lines.append(f"- {model} at 1/8: dynsplit {d:.1f} vs full KV {f:.1f} "
                              f"({d - f:+.1f} points; target within 10): "
                              f"**{'met' if d >= f - 10 else 'missed'}**")
+        lines += _repetition_lines(data, model)
         fb = data.get("fallback_records", {})
         sg = data.get("meta", {}).get("phases", {}).get(model, {}).get("sglang") or {}
         if model in fb:
@@ -271,6 +272,30 @@ def headline_targets(data: dict) -> str:
             lines.append(f"- {model}: dense fallbacks {sg['fallback_rows']} (target 0): "
                          f"**{'met' if not sg['fallback_rows'] else 'missed'}**")
     return "\n".join(lines) + "\n"
+
+
+def _repetition_lines(data: dict, model: str) -> list[str]:
+    """dynsplit's outputs that repeat degenerately where full KV's output on the same sample does
+    not (repetition.py on the text; fixed beside it): a stricter check than the issue's "none
+    that the diagnosis traces to selection" — each one listed is a case to trace."""
+    deg = {(d["method"], d["budget"]): d for d in data.get("degenerate", [])
+           if d["model"] == model}
+    cells = sorted((b for m, b in deg if m == "dynsplit"), key=_budget_order)
+    if not cells:
+        return []
+    full = deg.get(("none", 1.0))
+    parts = []
+    for b in cells:
+        d, f = deg[("dynsplit", b)], deg.get(("fixed", b))
+        parts.append(f"{_frac(b)} {d['added']}/{d['n']}"
+                     + (f" (fixed {f['added']})" if f else ""))
+    added = sorted({s for b in cells for s in deg[("dynsplit", b)]["added_samples"]})
+    total = sum(deg[("dynsplit", b)]["added"] for b in cells)
+    return [f"- {model}: dynsplit outputs with a degenerate repetition that full KV's output "
+            f"does not have (full KV itself repeats in {full['degenerate'] if full else '?'}"
+            f"/{full['n'] if full else '?'}): " + ", ".join(parts)
+            + (f"; samples: {', '.join(added)}" if added else "")
+            + f" (target 0): **{'met' if total == 0 else 'missed'}**"]
 
 
 def plots(data: dict, json_path: Path) -> list[Path]:

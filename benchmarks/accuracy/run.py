@@ -64,8 +64,9 @@ KVPRESS_METHODS = ("kvpress-snapkv", "kvpress-snapkv-paper", "kvpress-chunkkv",
                    "kvpress-streamingllm")
 ALL_METHODS = SGLANG_METHODS + KVPRESS_METHODS
 from dynsplit_sglang.models import DEFAULT_MODEL as SMOL, QWEN_MODEL as QWEN  # noqa: E402
-# A batch of compressed requests on a busy 2-core host can take longer than a single request's
-# default 10 min (Qwen at 4k, 12 requests, the CPU shared with a test run: one timed out).
+# Every request of the runner waits this long, not post_json's default 10 min: a batch of
+# compressed requests on a busy 2-core host can take longer (Qwen at 4k, 12 requests, the CPU
+# shared with a test run: one timed out), and so can one dense prefill of a Qwen 16k prompt.
 BATCH_TIMEOUT_S = 3600
 # Of host memory, for the server's weights and KV pool (SGLang's --mem-fraction-static).
 MEM_FRACTION = 0.6
@@ -243,10 +244,30 @@ class Results:
                 out[r["model"]] = out.get(r["model"], 0) + bool(r.get("fallback_rows_in_batch"))
         return out
 
+    def degenerate(self, keep=None) -> list[dict]:
+        """Per (model, method, budget): outputs with degenerate repetition (repetition.py), and
+        those whose sample's full-KV output has none (what compression added), by sample id."""
+        from repetition import degenerate
+
+        recs = [r for r in self.records.values() if keep is None or keep(r)]
+        full = {(r["model"], r["sample"]): degenerate(r.get("output", "")) for r in recs
+                if r["method"] == "none"}
+        groups = defaultdict(list)
+        for r in recs:
+            groups[(r["model"], r["method"], r["budget"])].append(r)
+        out = []
+        for (model, method, budget), rs in sorted(groups.items()):
+            flagged = [r for r in rs if degenerate(r.get("output", ""))]
+            added = sorted(r["sample"] for r in flagged if full.get((model, r["sample"])) is False)
+            out.append(dict(model=model, method=method, budget=budget, n=len(rs),
+                            degenerate=len(flagged), added=len(added), added_samples=added))
+        return out
+
     def save(self, keep=None) -> None:
         with self.lock:
             data = {"meta": self.meta, "rows": self.rows(keep), "paired": self.paired(keep),
-                    "fallback_records": self.fallback_records(keep)}
+                    "fallback_records": self.fallback_records(keep),
+                    "degenerate": self.degenerate(keep)}
             tmp = self.out.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             tmp.replace(self.out)
@@ -418,7 +439,7 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
                 ms = [m for m in methods if not results.done(model, s.id, m)]
                 first = next((m for m in ms if m.name == "none"), None)
                 gen = {"max_new_tokens": s.max_new_tokens if first else 1, "temperature": 0}
-                firsts[s.id] = (first, post_json(url, {
+                firsts[s.id] = (first, post_json(url, timeout=BATCH_TIMEOUT_S, payload={
                     "input_ids": s.input_ids, "rid": request_id(budget_fraction=1.0),
                     "sampling_params": gen}))
                 jobs += [(s, m) for m in ms if m is not first]
@@ -499,11 +520,11 @@ def later_turns(url: str, pairs, tok) -> dict[int, list[dict]]:
         order = sorted(step)
         warm = [j for j in order if step[j][1].name != "none"]
         if warm:
-            post_json(url, {"input_ids": [step[j][2] for j in warm],
-                            "rid": [request_id(budget_fraction=1.0) for _ in warm],
-                            "sampling_params": [{"max_new_tokens": 1, "temperature": 0}
-                                                for _ in warm]})
-        resp = post_json(url, {
+            post_json(url, timeout=BATCH_TIMEOUT_S, payload={
+                "input_ids": [step[j][2] for j in warm],
+                "rid": [request_id(budget_fraction=1.0) for _ in warm],
+                "sampling_params": [{"max_new_tokens": 1, "temperature": 0} for _ in warm]})
+        resp = post_json(url, timeout=BATCH_TIMEOUT_S, payload={
             "input_ids": [step[j][2] for j in order],
             "rid": [request_id(**dict(step[j][1].overrides)) for j in order],
             "sampling_params": [{"max_new_tokens": step[j][0].followups[k]["max_new_tokens"],

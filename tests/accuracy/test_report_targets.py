@@ -146,3 +146,39 @@ def test_records_from_a_batch_with_dense_fallback_are_counted_and_fail_the_targe
     text = report.headline_targets(json.loads((tmp_path / "h.json").read_text()))
     assert f"{QWEN}: records from batches with a dense fallback 0 (target 0): **met**" in text
     assert f"{SMOL}: records from batches with a dense fallback 1 (target 0): **missed**" in text
+
+
+def test_degenerate_repetition_on_text_and_what_compression_added(tmp_path):
+    """repetition.degenerate flags loops in plain output text; the results count, per method
+    and budget, the loops whose sample's full-KV output has none, and the report lists them."""
+    import json
+
+    import repetition
+    import run
+
+    for loop in ("HHHHHHHH", " VAR VAR VAR VAR VAR", ": 5111925. 5111925. 5111925. 5111925.",
+                 ":\n1. 1.1.1.1.1.1.1", [" 12.", " PKXRP PKXRP PKXRP PKXRP"]):
+        assert repetition.degenerate(loop), loop
+    for normal in (" 1234567.", ": 9183256, 5111925, 7242618.", " The sky is blue.", " 1000000",
+                   [" 12.", " 13."], ""):
+        assert not repetition.degenerate(normal), normal
+    outputs = {  # sample -> (full KV, dynsplit, fixed)
+        "s0": (" 4411187.", " 4411187. 4411187. 4411187. 4411187.", " 4411187."),
+        "s1": (" VAR VAR VAR VAR", " VAR VAR VAR VAR", " VAR VAR VAR VAR"),  # full KV loops too
+        "s2": (" 12.", " 12.", "HHHHHHHHH"),
+    }
+    recs = [dict(model=SMOL, sample=s, task="vt", context_len=4096, seed=0, method=m,
+                 budget=1.0 if m == "none" else 0.125, score=0.0, output=o)
+            for s, outs in outputs.items() for m, o in zip(("none", "dynsplit", "fixed"), outs)]
+    (tmp_path / "h.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    results = run.Results(tmp_path / "h.json")
+    deg = {(d["method"], d["budget"]): d for d in results.degenerate()}
+    assert deg[("none", 1.0)]["degenerate"] == 1 and deg[("none", 1.0)]["added"] == 0
+    assert deg[("dynsplit", 0.125)] == dict(model=SMOL, method="dynsplit", budget=0.125, n=3,
+                                            degenerate=2, added=1, added_samples=["s0"])
+    assert deg[("fixed", 0.125)]["added_samples"] == ["s2"]
+    results.save()
+    text = report.headline_targets(json.loads((tmp_path / "h.json").read_text()))
+    assert (f"- {SMOL}: dynsplit outputs with a degenerate repetition that full KV's output does "
+            "not have (full KV itself repeats in 1/3): 1/8 1/3 (fixed 1); samples: s0 "
+            "(target 0): **missed**") in text
