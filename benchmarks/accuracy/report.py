@@ -287,13 +287,14 @@ def _repetition_lines(data: dict, model: str) -> list[str]:
     parts = []
     for b in cells:
         d, f = deg[("dynsplit", b)], deg.get(("fixed", b))
-        parts.append(f"{_frac(b)} {d['added']}/{d['n']}"
+        parts.append(f"{_frac(b)} {d['added']}/{d['judged']}"
                      + (f" (fixed {f['added']})" if f else ""))
     added = sorted({s for b in cells for s in deg[("dynsplit", b)]["added_samples"]})
     total = sum(deg[("dynsplit", b)]["added"] for b in cells)
-    return [f"- {model}: dynsplit outputs with a degenerate repetition that full KV's output "
-            f"does not have (full KV itself repeats in {full['degenerate'] if full else '?'}"
-            f"/{full['n'] if full else '?'}): " + ", ".join(parts)
+    return [f"- {model}: dynsplit outputs with a degenerate repetition that full KV's output on "
+            f"the same prompt does not have, of those full KV answered (full KV itself repeats in "
+            f"{full['degenerate'] if full else '?'}/{full['n'] if full else '?'}): "
+            + ", ".join(parts)
             + (f"; samples: {', '.join(added)}" if added else "")
             + f" (target 0): **{'met' if total == 0 else 'missed'}**"]
 

@@ -245,8 +245,9 @@ class Results:
         return out
 
     def degenerate(self, keep=None) -> list[dict]:
-        """Per (model, method, budget): outputs with degenerate repetition (repetition.py), and
-        those whose sample's full-KV output has none (what compression added), by sample id."""
+        """Per (model, method, budget): outputs with degenerate repetition (repetition.py); of
+        the outputs whose prompt full KV also answered (`judged`), those where full KV's output
+        has none (what compression added), by sample id."""
         from repetition import degenerate
 
         recs = [r for r in self.records.values() if keep is None or keep(r)]
@@ -260,6 +261,7 @@ class Results:
             flagged = [r for r in rs if degenerate(r.get("output", ""))]
             added = sorted(r["sample"] for r in flagged if full.get((model, r["sample"])) is False)
             out.append(dict(model=model, method=method, budget=budget, n=len(rs),
+                            judged=sum((model, r["sample"]) in full for r in rs),
                             degenerate=len(flagged), added=len(added), added_samples=added))
         return out
 

@@ -336,7 +336,10 @@ def sample_seed(seed: int, task: str, context_len: int, index: int) -> int:
 
 def generate(task: str, tokenizer, context_len: int, n: int, seed: int = 0) -> list[Sample]:
     """n samples of a task, each exactly context_len tokens; deterministic in (task, seed,
-    context_len, index) and the tokenizer."""
+    context_len, index, n) and the tokenizer. The needle depths are stratified over the n
+    samples, so sample i of n is another prompt than sample i of m: the id says `<i>of<n>`
+    (records of different prompts must never pair or stand in for each other on --resume).
+    The cwe task has no needle, so its samples do not depend on n and its id is `<i>`."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     out = []
@@ -384,7 +387,8 @@ def generate(task: str, tokenizer, context_len: int, n: int, seed: int = 0) -> l
         ids.extend(question)
         assert len(ids) == context_len, (len(ids), context_len)
         out.append(Sample(
-            id=f"{task}-{context_len}-{seed}-{i}", task=task, context_len=context_len, seed=seed,
+            id=f"{task}-{context_len}-{seed}-{i}of{n}", task=task, context_len=context_len,
+            seed=seed,
             input_ids=ids, answers=spec["answers"],
             max_new_tokens=_max_new_tokens(tokenizer, task, spec["answers"]),
             needle_pos=needle_pos, depths=[round(d, 4) for d in depths],

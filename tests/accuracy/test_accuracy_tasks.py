@@ -140,3 +140,16 @@ def test_score_is_the_fraction_of_expected_strings_found():
     assert T.score("AAAAA, bbbbb and CCCCC", ["AAAAA", "BBBBB", "DDDDD", "CCCCC"]) == 0.75
     with pytest.raises(ValueError):
         T.score("x", [])
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+def test_a_sample_id_names_one_prompt(task):
+    """Depths are stratified over n, so the same index under another n is (in general) another
+    prompt: one id never names two prompts (a record must not pair with, or stand in on
+    --resume for, a record of another prompt)."""
+    of3, of5 = T.generate(task, TOK, 2000, 3, seed=0), T.generate(task, TOK, 2000, 5, seed=0)
+    prompts: dict = {}
+    for s in of3 + of5:
+        assert prompts.setdefault(s.id, s.input_ids) == s.input_ids, s.id
+    if task != "cwe":  # its samples do not depend on n
+        assert any(a.input_ids != b.input_ids for a, b in zip(of3, of5))

@@ -175,10 +175,18 @@ def test_degenerate_repetition_on_text_and_what_compression_added(tmp_path):
     deg = {(d["method"], d["budget"]): d for d in results.degenerate()}
     assert deg[("none", 1.0)]["degenerate"] == 1 and deg[("none", 1.0)]["added"] == 0
     assert deg[("dynsplit", 0.125)] == dict(model=SMOL, method="dynsplit", budget=0.125, n=3,
-                                            degenerate=2, added=1, added_samples=["s0"])
+                                            judged=3, degenerate=2, added=1,
+                                            added_samples=["s0"])
     assert deg[("fixed", 0.125)]["added_samples"] == ["s2"]
     results.save()
     text = report.headline_targets(json.loads((tmp_path / "h.json").read_text()))
-    assert (f"- {SMOL}: dynsplit outputs with a degenerate repetition that full KV's output does "
-            "not have (full KV itself repeats in 1/3): 1/8 1/3 (fixed 1); samples: s0 "
-            "(target 0): **missed**") in text
+    assert (f"- {SMOL}: dynsplit outputs with a degenerate repetition that full KV's output on "
+            "the same prompt does not have, of those full KV answered (full KV itself repeats in "
+            "1/3): 1/8 1/3 (fixed 1); samples: s0 (target 0): **missed**") in text
+    # A prompt full KV did not answer is not judged.
+    recs.append(dict(recs[-1], sample="s3", method="dynsplit", output="HHHHHHHHH"))
+    with open(tmp_path / "h.samples.jsonl", "a") as f:
+        f.write(json.dumps(recs[-1]) + "\n")
+    again = {(d["method"], d["budget"]): d for d in run.Results(tmp_path / "h.json").degenerate()}
+    assert again[("dynsplit", 0.125)]["n"] == 4 and again[("dynsplit", 0.125)]["judged"] == 3
+    assert again[("dynsplit", 0.125)]["added"] == 1
