@@ -76,7 +76,9 @@ def test_cli_writes_paired_rows_and_resumes(tiny, tmp_path, capsys):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["variant"] for r in rows) == ["dyn@0.25"] * 2 + ["fix@0.25"] * 2 + ["full"] * 2
     full = {r["sample"]: r for r in rows if r["variant"] == "full"}
-    answers = {s.id: s.answers for s in T.generate("passkey", tiny[1], 1024, 2, 0)}
+    # sweep.py takes sample i of a cell of i + 1 (its ids say so)
+    answers = {s.id: s.answers for s in (T.generate("passkey", tiny[1], 1024, i + 1, 0)[i]
+                                         for i in range(2))}
     for r in rows:
         assert r["score"] == T.score(tiny[1].decode(r["output_ids"]), answers[r["sample"]])
         if r["variant"] != "full":  # forced on full KV's own answer
