@@ -275,7 +275,7 @@ def headline_targets(data: dict) -> str:
 
 
 def _repetition_lines(data: dict, model: str) -> list[str]:
-    """dynsplit's outputs that repeat degenerately where full KV's output on the same sample does
+    """dynsplit's outputs that repeat degenerately where full KV's output on the same prompt does
     not (repetition.py on the text; fixed beside it): a stricter check than the issue's "none
     that the diagnosis traces to selection" — each one listed is a case to trace."""
     deg = {(d["method"], d["budget"]): d for d in data.get("degenerate", [])
