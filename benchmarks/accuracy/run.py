@@ -250,15 +250,17 @@ class Results:
         has none (what compression added), by sample id."""
         from repetition import degenerate
 
-        recs = [r for r in self.records.values() if keep is None or keep(r)]
-        full = {(r["model"], r["sample"]): degenerate(r.get("output", "")) for r in recs
-                if r["method"] == "none"}
-        groups = defaultdict(list)
-        for r in recs:
-            groups[(r["model"], r["method"], r["budget"])].append(r)
+        groups = defaultdict(list)  # (model, method, budget) -> [(record, loops)]
+        for r in self.records.values():
+            if keep is None or keep(r):
+                key = (r["model"], r["method"], r["budget"])
+                groups[key].append((r, degenerate(r["output"])))
+        full = {(r["model"], r["sample"]): loops for (_, m, _), rs in groups.items()
+                if m == "none" for r, loops in rs}
         out = []
-        for (model, method, budget), rs in sorted(groups.items()):
-            flagged = [r for r in rs if degenerate(r.get("output", ""))]
+        for (model, method, budget), pairs in sorted(groups.items()):
+            rs = [r for r, _ in pairs]
+            flagged = [r for r, loops in pairs if loops]
             added = sorted(r["sample"] for r in flagged if full.get((model, r["sample"])) is False)
             out.append(dict(model=model, method=method, budget=budget, n=len(rs),
                             judged=sum((model, r["sample"]) in full for r in rs),

@@ -97,7 +97,7 @@ def test_run_report_only_rebuilds_rows_and_pairs_from_the_records(tmp_path):
                 recs.append(dict(model=model, sample=f"vt-4096-0-{i}", task="vt",
                                  context_len=4096, method=method,
                                  budget=1.0 if method == "none" else 0.125, seed=0,
-                                 score=score))
+                                 score=score, output=" 1."))
     recs.append(dict(recs[0], method="streaming", budget=0.125))  # not asked for: left out
     (tmp_path / "headline.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert run.main(["--headline", "--out", str(out), "--models", QWEN, SMOL, "--contexts",
@@ -137,7 +137,7 @@ def test_records_from_a_batch_with_dense_fallback_are_counted_and_fail_the_targe
 
     recs = [dict(model=m, sample=f"vt-4096-0-{i}", task="vt", context_len=4096, seed=0,
                  method="dynsplit", budget=0.125, score=1.0, engine="sglang",
-                 fallback_rows_in_batch=fb)
+                 output=" 1.", fallback_rows_in_batch=fb)
             for m, fbs in ((QWEN, (0, 0)), (SMOL, (0, 3))) for i, fb in enumerate(fbs)]
     (tmp_path / "h.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     results = run.Results(tmp_path / "h.json")
