@@ -50,6 +50,7 @@ class SparseDecodeWrapper:
         self._max_kept = None  # CPU top-k selection bound for the planned batch
         self._step = None  # CPU: what the step's layers share (kernels.cpu.DecodeStep)
         self._buffer = None  # workspace storage, reused across plans when large enough
+        self._scratch = None  # CPU work buffers, reused across plans (kernels.cpu.Scratch)
 
     def plan(self, selection: SelectionPlan, summary_index: torch.Tensor,
              token_slots: torch.Tensor, l2=False) -> None:
@@ -65,8 +66,10 @@ class SparseDecodeWrapper:
             from . import cpu
             self._max_kept = cpu.max_kept_blocks(selection)  # host read: plan time only
             if self.num_kv_heads is not None:
+                self._scratch = self._scratch or cpu.Scratch()
                 self._step = cpu.DecodeStep(selection, summary_index, token_slots,
-                                            self.num_kv_heads, l2, self._max_kept)
+                                            self.num_kv_heads, l2, self._max_kept,
+                                            self._scratch)
 
     def plan_static(self, selection: SelectionPlan, summary_index: torch.Tensor,
                     token_slots: torch.Tensor, l2: torch.Tensor) -> None:

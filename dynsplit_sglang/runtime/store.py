@@ -148,7 +148,9 @@ class BlockStore:
     def alloc_entries(self, n: int) -> list[int] | None:
         if n > len(self.free_entries):
             return None
-        out = self.free_entries[-n:] if n else []
+        # Ascending ids: a request's blocks become consecutive summary rows, which the CPU
+        # scorer reads in place instead of gathering (kernels.cpu.summary_runs).
+        out = self.free_entries[len(self.free_entries) - n:][::-1]
         del self.free_entries[len(self.free_entries) - n:]
         return out
 

@@ -37,7 +37,10 @@ class Batch:
 
 
 def make_batch(lens, hkv, d, dtype, strategy="fixed", block_size=16, tolerance=4, seed=0,
-               device="cpu", dv=None, spread=None) -> Batch:
+               device="cpu", dv=None, spread=None, runs=False) -> Batch:
+    """runs: each request's blocks are two runs of consecutive summary rows (its second half
+    stored before its first, requests in reverse order), as a block store lays them out;
+    otherwise every block has a random summary row."""
     g = torch.Generator().manual_seed(seed)
     b, t = len(lens), max(lens)
     size = 2 * sum(lens) + 11  # a larger pool: other requests' slots are in between
@@ -59,6 +62,13 @@ def make_batch(lens, hkv, d, dtype, strategy="fixed", block_size=16, tolerance=4
     nb = table.capacity
     m = b * nb + 5
     index = torch.randperm(m, generator=g)[: b * nb].view(b, nb)
+    if runs:
+        at = 3
+        for i in reversed(range(b)):
+            n = int((table.lens[i] > 0).sum())
+            for lo, hi in ((n // 2, n), (0, n // 2)):
+                index[i, lo:hi] = torch.arange(at, at + hi - lo)
+                at += hi - lo + 1
     index = index.masked_fill(table.lens == 0, -1)
     center = torch.zeros(m, hkv, d)
     radius = torch.zeros(m, hkv, d)

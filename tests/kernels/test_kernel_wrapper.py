@@ -157,3 +157,40 @@ def test_cpu_planned_step_masks_evicted_slots_like_the_core(per_request_norm, mo
     assert torch.equal(w.last_selection.blocks, ref_sel.blocks)
     assert rel_err(out, ref) < 1e-5
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("l2", [True, False, "per-request"])
+def test_cpu_planned_step_reads_runs_of_summary_rows_in_place(l2, monkeypatch):
+    """Blocks stored as runs of consecutive summary rows are scored from the summaries in place
+    (kernels.cpu.summary_runs), in several chunks per run: the same selection and output as the
+    core pipeline."""
+    from dynsplit_sglang.kernels import cpu
+    monkeypatch.setenv("DYNSPLIT_KERNELS", "torch")
+    monkeypatch.setattr(cpu, "MIN_RUN_BLOCKS", 4)
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 1 << 14)  # 64-block chunks (the least)
+    lens, budget = [3000, 900, 40], 300
+    b = make_batch(lens, 2, 64, torch.float32, "dynsplit", seed=11, spread=1.5, runs=True)
+    norm = torch.tensor([True, False, True]) if l2 == "per-request" else l2
+    q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(2))
+    plan = plan_selection(b.table, b.seq_lens, budget, SINK, RECENT, max_block_len=20)
+    w = SparseDecodeWrapper(6, 2, 64, device="cpu")
+    w.plan(plan, b.summary_index, b.token_slots, norm)
+    assert [r[:2] for r in w._step.runs][:2] == [(0, 0), (0, int((b.table.lens[0] > 0).sum()) // 2)]
+    assert len(w._step.runs) == 6 and max(r[3] for r in w._step.runs) > 64
+    out, lse = w.run(q, b.k, b.v, b.center, b.radius, return_lse=True)
+    ref_sel = select(score_blocks(q, b.center, b.radius, b.summary_index, norm), plan)
+    ref, ref_lse = sparse_decode_attention(q, b.k, b.v, positions_to_slots(ref_sel.positions,
+                                                                            b.token_slots),
+                                           return_lse=True)
+    assert torch.equal(w.last_selection.positions, ref_sel.positions)
+    assert rel_err(out, ref) < 1e-5
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_summary_runs_finds_runs_or_declines():
+    from dynsplit_sglang.kernels import cpu
+    idx = torch.tensor([[5, 6, 7, -1, 9, 10, 3], [-1] * 7, [0, 1, 2, 3, 4, 5, 6]])
+    assert cpu.summary_runs(idx) is None  # 4 runs of 13 blocks: gathering is cheaper
+    long = torch.cat([torch.arange(100, 164), torch.arange(0, 64)])[None]
+    assert cpu.summary_runs(long) == [(0, 0, 100, 64), (0, 64, 0, 64)]
+    assert cpu.summary_runs(torch.full((2, 5), -1)) is None
