@@ -28,6 +28,8 @@ from dynsplit_sglang.core import attention as _attention
 from dynsplit_sglang.core import mapping as _mapping
 from dynsplit_sglang.core import selection as _selection
 
+from . import native as _native
+
 twins = SimpleNamespace(
     block_summaries=_mapping.block_summaries,
     score_blocks=_selection.score_blocks,
@@ -306,6 +308,7 @@ class DecodeStep:
         self.plan, self.hkv, self.nb = plan, hkv, nb
         self.scratch = scratch or Scratch()
         self.runs = summary_runs(summary_index)  # host read: plan time only
+        self.native = _native.load()  # fused kernels (native.c), or None: torch ops below
         if max_kept is None:
             max_kept = max_kept_blocks(plan)  # host read: plan time only
         self.max_kept = min(max_kept, nb)
@@ -323,6 +326,11 @@ class DecodeStep:
         heads = torch.arange(hkv, device=dev).view(1, hkv, 1)
         slots = F.pad(token_slots.long().clamp(min=0), (1, 0))[:, None, :] * hkv + heads
         self.pool_rows = slots.view(b, hkv, -1)
+        if self.native is not None:  # what the fused kernels take, with their index bounds
+            self.index = torch.where(summary_index >= 0, summary_index.long(), -1).contiguous()
+            self.index_top = _native.index_max(self.index)
+            self.rows_top = _native.index_max(self.pool_rows)
+            self.l2 = torch.as_tensor(l2, device=dev).expand(b).to(torch.uint8).contiguous()
         # Evicted positions (slot -1) are masked like padding; only then can a list be empty.
         self.slot_ok = None
         if bool((token_slots < 0).any()):  # host read: plan time only
@@ -335,7 +343,10 @@ class DecodeStep:
     def score(self, q, center, radius) -> torch.Tensor:
         """float32 [B, Hkv, NB]; -inf for the blocks that cannot be kept."""
         # + bias also turns -0.0 into +0.0, which the top-k keys need
-        if self.runs is not None:
+        if self.native is not None and _native.supports(center, radius):
+            score = _native.score(self.native, q.float().contiguous(), center, radius,
+                                  self.index, self.l2, self.index_top)
+        elif self.runs is not None:
             score = _score_runs(q, center, radius, self.runs, self.nb, self.pick, self.scratch)
         else:
             score = _score_rows(q, center, radius, self.rows, self.pick, self.scratch)
@@ -356,5 +367,18 @@ class DecodeStep:
             valid = pos >= 0
         else:
             valid = torch.gather(self.slot_ok, 2, pos + 1)
+        if self.native is not None and _native.supports(k_buffer, v_buffer):
+            return self._attend_native(q, k_buffer, v_buffer, rows, valid, scale, return_lse)
         return _attend_rows(q, k_buffer, v_buffer, rows, valid, scale, return_lse,
                             never_empty=self.slot_ok is None, scratch=self.scratch)
+
+    def _attend_native(self, q, k_buffer, v_buffer, rows, valid, scale, return_lse):
+        d, dv = k_buffer.shape[2], v_buffer.shape[2]
+        n, g = rows.shape[2], q.shape[1] // self.hkv
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        work = self.scratch.take("work", (g * n,), torch.float32, q.device)
+        out, lse = _native.attend(self.native, q.float().contiguous(), k_buffer.view(-1, d),
+                                  v_buffer.view(-1, dv), rows.contiguous(), valid.contiguous(),
+                                  scale, work, self.rows_top)
+        out = out.to(q.dtype)
+        return (out, lse) if return_lse else out

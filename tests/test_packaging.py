@@ -117,13 +117,16 @@ def test_boot_applies_workarounds_without_heavy_imports():
         load_boot_by_path()
         + "import os, sys; print(boot.apply()); "
         "assert os.environ['SGLANG_USE_CPU_ENGINE'] == '1'; "
+        "assert os.environ['THP_MEM_ALLOC_ENABLE'] == '1'; "
         "assert sys.modules['torchvision._meta_registrations'].__dynsplit_stub__; "
         f"assert {str(SHIM)!r} in sys.path; "
         "assert not [m for m in ('torch', 'sglang') if m in sys.modules]",
         "-S",
-        env={"DYNSPLIT_CPU_HOST": "1", "SGLANG_USE_CPU_ENGINE": None},
+        env={"DYNSPLIT_CPU_HOST": "1", "SGLANG_USE_CPU_ENGINE": None,
+             "THP_MEM_ALLOC_ENABLE": None},
     ).stdout
     assert "torchvision-meta-registrations" in out and "sgl_kernel-shim" in out
+    assert "THP_MEM_ALLOC_ENABLE" in out
 
 
 def test_boot_respects_forced_off_and_user_env():
@@ -131,9 +134,11 @@ def test_boot_respects_forced_off_and_user_env():
         load_boot_by_path()
         + "import os, sys; assert boot.apply() == [], boot.apply(); "
         "assert 'SGLANG_USE_CPU_ENGINE' not in os.environ; "
+        "assert 'THP_MEM_ALLOC_ENABLE' not in os.environ; "
         "assert 'torchvision._meta_registrations' not in sys.modules",
         "-S",
-        env={"DYNSPLIT_CPU_HOST": "0", "SGLANG_USE_CPU_ENGINE": None},
+        env={"DYNSPLIT_CPU_HOST": "0", "SGLANG_USE_CPU_ENGINE": None,
+             "THP_MEM_ALLOC_ENABLE": None},
     )
     run_py(  # setdefault: an explicit user choice wins
         load_boot_by_path() + "import os; assert os.environ['SGLANG_USE_CPU_ENGINE'] == '0'",

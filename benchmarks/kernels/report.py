@@ -63,7 +63,9 @@ def section(data: dict, json_path: str) -> str:
         f"decode of the same run** (SDPA or a plain matmul, named); SGLang's own `torch_native` "
         f"decode (what CPU users run today) is shown beside it. Ideal = {meta['ideal']}. "
         f"Copy bandwidth at start {bw:.1f} GB/s; load average {meta['load_avg_start'][0]:.1f} → "
-        f"{meta['load_avg_end'][0]:.1f}." if bw else "",
+        f"{meta['load_avg_end'][0]:.1f}." + (
+            f" Compressed step: {meta['cpu_path']}; memory: {meta['huge_pages']} (every "
+            f"method alike)." if "cpu_path" in meta else "") if bw else "",
         "",
         *speed_table(rows),
         "",

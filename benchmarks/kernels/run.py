@@ -54,7 +54,7 @@ from tqdm import tqdm
 from dynsplit_sglang.core import (
     BlockTable, DynSplitConfig, plan_selection, score_blocks_ragged, segment, select,
 )
-from dynsplit_sglang.kernels import SparseDecodeWrapper, implementation
+from dynsplit_sglang.kernels import SparseDecodeWrapper, implementation, native
 
 LAYOUTS = {"default-9/3/64": (9, 3, 64), "llama8b-32/8/128": (32, 8, 128)}
 TARGET_LAYOUT = "llama8b-32/8/128"
@@ -700,7 +700,8 @@ def main() -> None:
                            sink=SINK, recent=RECENT, block_size=CFG.block_size,
                            tolerance=CFG.tolerance, summaries=CFG.score, batches=args.batch,
                            contexts={str(b): c for b, c in contexts.items()},
-                           ideal="N / (budget + N / mean_block_len)"),
+                           ideal="N / (budget + N / mean_block_len)",
+                           **native.describe()),
               "bandwidth_gbps": {}, "rows": [], "skipped": [], "targets": {}}
     work = [(dev, name, b, ctx) for dev in devices for name in LAYOUTS for b in args.batch
             for ctx in contexts[b]]

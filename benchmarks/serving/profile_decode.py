@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from dynsplit_sglang.core import DynSplitConfig, candidate_mask  # noqa: E402
 from dynsplit_sglang.core.delimiters import MODES  # noqa: E402
+from dynsplit_sglang.kernels import native  # noqa: E402
 from dynsplit_sglang.models import DEFAULT_MODEL, ensure  # noqa: E402
 from dynsplit_sglang.runtime.compressor import BatchView, Compressor  # noqa: E402
 from dynsplit_sglang.runtime.report import Reporter  # noqa: E402
@@ -473,7 +474,7 @@ def main(argv=None) -> int:
         "steps": args.steps, "load_avg_1m": [load0, load1], "wall_s": time.monotonic() - t0,
         "attention": attn, "rest": rest, "reporter_ms": rep_ms, "step": step,
         "server_profile": live,
-        "findings": findings,
+        "findings": findings, **native.describe(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

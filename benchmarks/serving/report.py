@@ -405,10 +405,15 @@ def before_after_lines(before, after) -> list[str]:
     budgets = [b for b in after["budgets"] if f"{b}" in before.get("attention", {})]
     if not budgets:
         return []
-    head = ["**The decode step before and after the planned CPU step** (`profile_decode.py`, "
+    if "cpu_path" in before:  # both replays say what they ran
+        what = (f"before = `profile-decode-before.json`: {before['cpu_path']}, "
+                f"{before['huge_pages']}; after: {after['cpu_path']}, {after['huge_pages']}; "
+                "profiled in the same session")
+    else:
+        what = "before = `profile-decode-before.json`, the previous code, profiled in the same session"
+    head = ["**The decode step before and after** (`profile_decode.py`, "
             f"in-process replay at {after['context_len']} tokens, {after['threads']} thread(s), "
-            "medians per layer; before = `profile-decode-before.json`, the previous code, "
-            "profiled in the same session):", "",
+            f"medians per layer; {what}):", "",
             "| ms | " + " | ".join(f"1/{round(1 / b)} before | 1/{round(1 / b)} after"
                                    for b in budgets) + " |",
             "|---|" + "---|---|" * len(budgets)]
@@ -428,9 +433,10 @@ def before_after_lines(before, after) -> list[str]:
         out.append(f"| {name} | " + " | ".join(vals) + " |")
     dense = [before["attention"]["dense"]["attn_layer_ms_p50"],
              after["attention"]["dense"]["attn_layer_ms_p50"]]
-    return head + out + ["", f"Dense attention per layer in the same replays (unchanged code, "
-                             f"the host's drift): {dense[0]:.2f} ms before, {dense[1]:.2f} ms "
-                             "after.", ""]
+    why = ("the same code, each under its replay's memory setting" if "cpu_path" in before
+           else "unchanged code, the host's drift")
+    return head + out + ["", f"Dense attention per layer in the same replays ({why}): "
+                             f"{dense[0]:.2f} ms before, {dense[1]:.2f} ms after.", ""]
 
 
 LAYERS, COMPRESSED_LAYERS = 30, 28  # the default model; 2 dense layers

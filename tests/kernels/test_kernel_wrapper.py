@@ -6,6 +6,7 @@ from dynsplit_sglang.core import (
     sparse_decode_attention,
 )
 from dynsplit_sglang.kernels import SparseDecodeWrapper
+from dynsplit_sglang.kernels.native import load as native_lib
 from kernel_cases import TOL, make_batch, rel_err
 
 SINK, RECENT = 4, 32
@@ -131,12 +132,16 @@ def test_run_can_be_captured_in_a_cuda_graph():
     assert torch.equal(out, fresh) and not torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("per_request_norm", [False, True])
-def test_cpu_planned_step_masks_evicted_slots_like_the_core(per_request_norm, monkeypatch):
+def test_cpu_planned_step_masks_evicted_slots_like_the_core(per_request_norm, fused,
+                                                            monkeypatch):
     """The CPU side plans a step once (kernels.cpu.DecodeStep); with eviction some positions
     have no slot (-1): they must be masked as in the core pipeline, whatever list they are in.
-    Also with a radius norm per request."""
+    Also with a radius norm per request; with the fused kernels (kernels/native.c) and with
+    torch ops."""
     monkeypatch.setenv("DYNSPLIT_KERNELS", "torch")
+    monkeypatch.setenv("DYNSPLIT_NATIVE", "1" if fused else "0")
     lens, budget = [300, 180], 96
     b = make_batch(lens, 2, 64, torch.float32, "dynsplit", seed=5, device="cpu", spread=1.5)
     g = torch.Generator().manual_seed(3)
@@ -149,6 +154,7 @@ def test_cpu_planned_step_masks_evicted_slots_like_the_core(per_request_norm, mo
     w = SparseDecodeWrapper(6, 2, 64, device="cpu")
     w.plan(plan, b.summary_index, b.token_slots, l2)
     assert w._step is not None  # the planned path runs
+    assert (w._step.native is not None) == (fused and native_lib() is not None)
     out, lse = w.run(q, b.k, b.v, b.center, b.radius, return_lse=True)
     ref_sel = select(score_blocks(q, b.center, b.radius, b.summary_index, l2), plan)
     slots = positions_to_slots(ref_sel.positions, b.token_slots)
@@ -166,7 +172,8 @@ def test_cpu_planned_step_reads_runs_of_summary_rows_in_place(l2, monkeypatch):
     core pipeline."""
     from dynsplit_sglang.kernels import cpu
     monkeypatch.setenv("DYNSPLIT_KERNELS", "torch")
-    monkeypatch.setattr(cpu, "MIN_RUN_BLOCKS", 4)
+    monkeypatch.setenv("DYNSPLIT_NATIVE", "0")  # the torch formulation (native.c reads rows
+    monkeypatch.setattr(cpu, "MIN_RUN_BLOCKS", 4)  # through the index, runs or not)
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 1 << 14)  # 64-block chunks (the least)
     lens, budget = [3000, 900, 40], 300
     b = make_batch(lens, 2, 64, torch.float32, "dynsplit", seed=11, spread=1.5, runs=True)

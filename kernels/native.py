@@ -1,0 +1,177 @@
+"""Fused CPU kernels (native.c): built with the host's C compiler on first use, loaded by ctypes.
+
+No torch headers and no Python extension module: the C file is two plain functions over raw
+fp32 / int64 pointers, so it compiles in about a second with `cc` and needs nothing from PyPI.
+The shared object is cached under ``$DYNSPLIT_CACHE_DIR/native`` (default
+``~/.cache/dynsplit_sglang/native``), named by a hash of the source, the flags and this CPU
+(``-march=native``: a cached build never runs on another kind of CPU).
+
+``load()`` returns the library, or None where it cannot be built (no compiler, a read-only
+cache, ``DYNSPLIT_NATIVE=0``); the planned CPU step then keeps its torch formulation
+(kernels/cpu.py). The wrappers below check every shape, dtype, layout and index range before
+calling into C, so a bad argument raises here instead of reading outside a tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+# Reassociation lets the dot products keep several partial sums (finite-math is not assumed:
+# masked logits are -inf).
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math",
+         "-fno-signed-zeros", "-fno-trapping-math", "-funroll-loops", "-shared", "-fPIC"]
+MAX_GROUP = 64  # query heads per KV head: ds_attend keeps per-head state on the stack
+
+_LOCK = threading.Lock()
+_STATE: dict = {}
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep) or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DYNSPLIT_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "dynsplit_sglang"
+    return base / "native"
+
+
+def _build() -> Path:
+    src = SOURCE.read_bytes()
+    cc = os.environ.get("CC", "cc")
+    flags = FLAGS + os.environ.get("DYNSPLIT_NATIVE_CFLAGS", "").split()
+    key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_id().encode())
+    out = _cache_dir() / f"dsnative-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, out)  # atomic: a concurrent builder loads a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load():
+    """The compiled library (ctypes.CDLL), or None where it cannot be built or is disabled."""
+    if os.environ.get("DYNSPLIT_NATIVE", "1") == "0":
+        return None
+    with _LOCK:
+        if "lib" not in _STATE:
+            _STATE["lib"] = _load_once()
+        return _STATE["lib"]
+
+
+def _load_once():
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        warnings.warn(f"dynsplit: the fused CPU kernels could not be built ({detail}); the "
+                      "torch formulation runs instead", RuntimeWarning, stacklevel=3)
+        return None
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.ds_score.argtypes = [p] * 8 + [i64] * 5
+    lib.ds_score.restype = None
+    lib.ds_attend.argtypes = [p] * 8 + [f32] + [i64] * 6
+    lib.ds_attend.restype = None
+    return lib
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels take these tensors: fp32 on the CPU, each contiguous."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in tensors)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check_rows(index_max: int, limit: int, what: str) -> None:
+    """index_max: the largest index the call can read (taken by the caller at plan time, so the
+    per-layer call reads nothing back from a tensor)."""
+    if index_max >= limit:
+        raise IndexError(f"dynsplit native kernel: {what} index {index_max} out of range "
+                         f"[0, {limit})")
+
+
+def index_max(index: torch.Tensor) -> int:
+    """The largest entry of an index tensor, -1 if none (plan time: reads the tensor)."""
+    return int(index.max()) if index.numel() else -1
+
+
+def score(lib, q, center, radius, index, l2, top: int) -> torch.Tensor:
+    """float32 [B, Hkv, NB]: core.selection.score_blocks without the -inf mask (0 where
+    index < 0). q [B, Hq, D]; center, radius [M, Hkv, D]; index int64 [B, NB] (entries >= -1,
+    at most `top`: index_max); l2 uint8 [B]."""
+    b, hq, d = q.shape
+    m, hkv, _ = center.shape
+    nb = index.shape[1]
+    if not (supports(q, center, radius) and radius.shape == center.shape
+            and center.shape[2] == d and hq % hkv == 0 and index.dtype == torch.int64
+            and index.is_contiguous() and index.shape[0] == b and l2.dtype == torch.uint8
+            and l2.shape == (b,) and l2.is_contiguous()):
+        raise ValueError("dynsplit native score: unsupported shapes, dtypes or layout")
+    _check_rows(top, m, "summary")
+    q2, qa = q * q, q.abs()
+    out = torch.empty(b, hkv, nb, dtype=torch.float32)
+    lib.ds_score(_ptr(q), _ptr(q2), _ptr(qa), _ptr(center), _ptr(radius), _ptr(index),
+                 _ptr(l2), _ptr(out), b, hkv, hq // hkv, d, nb)
+    return out
+
+
+def attend(lib, q, k_rows, v_rows, rows, valid, scale: float, work: torch.Tensor, top: int):
+    """(out [B, Hq, Dv] float32, lse [B, Hq]): attention of each (request, KV head) over the
+    pool rows rows[b, h, :] (int64, entries in [0, top]; k_rows [R, D], v_rows [R, Dv]) where
+    valid (bool or uint8). work: float32 scratch of at least G * N elements."""
+    b, hq, d = q.shape
+    hkv, n = rows.shape[1], rows.shape[2]
+    g = hq // hkv
+    dv = v_rows.shape[1]
+    if not (supports(q, k_rows, v_rows, work) and k_rows.shape[1] == d
+            and k_rows.shape[0] == v_rows.shape[0] and hq % hkv == 0 and g <= MAX_GROUP
+            and rows.dtype == torch.int64 and rows.is_contiguous() and rows.shape[0] == b
+            and valid.dtype in (torch.uint8, torch.bool) and valid.shape == rows.shape
+            and valid.is_contiguous() and work.numel() >= g * n):
+        raise ValueError("dynsplit native attend: unsupported shapes, dtypes or layout")
+    _check_rows(top, k_rows.shape[0], "pool row")
+    out = torch.empty(b, hq, dv, dtype=torch.float32)
+    lse = torch.empty(b, hq, dtype=torch.float32)
+    lib.ds_attend(_ptr(q), _ptr(k_rows), _ptr(v_rows), _ptr(rows), _ptr(valid), _ptr(out),
+                  _ptr(lse), _ptr(work), scale, b, hkv, g, d, dv, n)
+    return out, lse
+
+
+def describe() -> dict:
+    """What a benchmark's CPU rows ran on, for its JSON: the decode step's formulation and the
+    huge-page setting (the CPU-host boot sets THP_MEM_ALLOC_ENABLE; dense runs under it too)."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        mode = "unknown"
+    return {"cpu_path": ("fused C kernels (kernels/native.c)" if load() is not None
+                         else "torch ops (kernels/cpu.py)"),
+            "huge_pages": f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
+                          f", THP {mode}"}

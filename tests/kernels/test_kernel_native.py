@@ -1,0 +1,110 @@
+"""The fused CPU kernels (kernels/native.c) against the core twins, their argument checks, and
+the planned step's fallback to torch ops where they cannot be built."""
+
+import math
+
+import pytest
+import torch
+
+from dynsplit_sglang.core import plan_selection, positions_to_slots, score_blocks, select
+from dynsplit_sglang.core import sparse_decode_attention as twin_attention
+from dynsplit_sglang.kernels import SparseDecodeWrapper, cpu, native
+from kernel_cases import make_batch, rel_err
+
+LIB = native.load()
+needs_lib = pytest.mark.skipif(LIB is None, reason="no C compiler on this host")
+
+
+def _u8(flags, b):
+    return torch.as_tensor(flags).expand(b).to(torch.uint8).contiguous()
+
+
+@needs_lib
+@pytest.mark.parametrize("hkv,g,d", [(3, 3, 64), (8, 4, 128), (1, 7, 96), (2, 1, 64)])
+@pytest.mark.parametrize("l2", [True, False, "per-request"])
+def test_native_score_equals_the_twin(hkv, g, d, l2):
+    batch = make_batch([300, 17, 120], hkv, d, torch.float32, "dynsplit", seed=d + g,
+                       spread=1.5)
+    norm = torch.tensor([True, False, True]) if l2 == "per-request" else l2
+    q = torch.randn(3, hkv * g, d, generator=torch.Generator().manual_seed(g))
+    index = torch.where(batch.summary_index >= 0, batch.summary_index, -1).contiguous()
+    got = native.score(LIB, q, batch.center, batch.radius, index, _u8(norm, 3),
+                       native.index_max(index))
+    ref = score_blocks(q, batch.center, batch.radius, batch.summary_index, norm)
+    real = (index >= 0)[:, None, :].expand_as(ref)
+    assert rel_err(got[real], ref[real]) < 1e-6
+    assert torch.equal(got[~real], torch.zeros_like(got[~real]))  # the caller masks these
+
+
+@needs_lib
+@pytest.mark.parametrize("hkv,g,d,dv", [(3, 3, 64, 64), (8, 4, 128, 128), (2, 8, 64, 32)])
+def test_native_attention_equals_the_twin(hkv, g, d, dv):
+    gen = torch.Generator().manual_seed(d + dv)
+    b, n, slots = 3, 300, 2000
+    q = torch.randn(b, hkv * g, d, generator=gen)
+    k = torch.randn(slots, hkv, d, generator=gen)
+    v = torch.randn(slots, hkv, dv, generator=gen)
+    kv_slots = torch.randint(0, slots, (b, hkv, n), generator=gen)
+    kv_slots[0, :, 250:] = -1  # padding
+    kv_slots[1, 0, :] = -1  # a head with no valid entry: zeros, lse -inf
+    kv_slots[2, :, ::7] = -1  # holes
+    heads = torch.arange(hkv).view(1, hkv, 1)
+    rows = (kv_slots.clamp(min=0) * hkv + heads).contiguous()
+    work = torch.full((g * n,), float("nan"))
+    out, lse = native.attend(LIB, q, k.view(-1, d), v.view(-1, dv), rows, kv_slots >= 0,
+                             1 / math.sqrt(d), work, native.index_max(rows))
+    ref, ref_lse = twin_attention(q, k, v, kv_slots, return_lse=True)
+    assert rel_err(out, ref) < 1e-5
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    assert torch.equal(out[1, :g], torch.zeros(g, dv)) and torch.isinf(lse[1, :g]).all()
+
+
+@needs_lib
+def test_native_kernels_refuse_bad_arguments():
+    q, c = torch.randn(1, 4, 64), torch.randn(10, 2, 64)
+    index = torch.tensor([[0, 9, -1]])
+    l2 = _u8(True, 1)
+    with pytest.raises(IndexError, match="out of range"):
+        native.score(LIB, q, c, c, index, l2, top=10)  # a row past the summaries
+    with pytest.raises(ValueError, match="unsupported"):
+        native.score(LIB, q.double(), c, c, index, l2, top=9)
+    with pytest.raises(ValueError, match="unsupported"):
+        native.score(LIB, q, c.transpose(0, 1), c.transpose(0, 1), index, l2, top=1)
+    rows = torch.zeros(1, 2, 5, dtype=torch.int64)
+    ok = torch.ones(1, 2, 5, dtype=torch.bool)
+    kv = torch.randn(20, 64)
+    with pytest.raises(IndexError, match="out of range"):
+        native.attend(LIB, q, kv, kv, rows, ok, 0.1, torch.empty(10), top=20)
+    with pytest.raises(ValueError, match="unsupported"):
+        native.attend(LIB, q, kv, kv, rows, ok, 0.1, torch.empty(9), top=0)  # work too small
+
+
+def test_a_host_without_a_compiler_keeps_the_torch_path(monkeypatch, tmp_path):
+    """A failed build warns once and the planned step runs torch ops, with the same result."""
+    monkeypatch.setenv("DYNSPLIT_KERNELS", "torch")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DYNSPLIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_STATE", {})
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert native.load() is None
+    b = make_batch([300, 120], 2, 64, torch.float32, "dynsplit", seed=4, spread=1.5)
+    q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(4))
+    plan = plan_selection(b.table, b.seq_lens, 96, 4, 32, max_block_len=20)
+    w = SparseDecodeWrapper(6, 2, 64, device="cpu")
+    w.plan(plan, b.summary_index, b.token_slots, True)
+    assert w._step.native is None
+    out = w.run(q, b.k, b.v, b.center, b.radius)
+    ref_sel = select(score_blocks(q, b.center, b.radius, b.summary_index, True), plan)
+    ref = twin_attention(q, b.k, b.v, positions_to_slots(ref_sel.positions, b.token_slots))
+    assert torch.equal(w.last_selection.positions, ref_sel.positions)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_native_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("DYNSPLIT_NATIVE", "0")
+    assert native.load() is None
+    b = make_batch([200], 2, 64, torch.float32, "dynsplit", seed=1)
+    w = SparseDecodeWrapper(6, 2, 64, device="cpu", backend="torch")
+    w.plan(plan_selection(b.table, b.seq_lens, 64, 4, 32, max_block_len=20), b.summary_index,
+           b.token_slots)
+    assert w._step.native is None
