@@ -353,6 +353,13 @@ class DecodeStep:
         return score.add_(self.bias)
 
     def keep(self, scores: torch.Tensor) -> _selection.Selection:
+        if self.native is not None and _native.supports(scores):
+            heap = self.scratch.take("heap", (self.max_kept,), torch.int64, scores.device)
+            out, front = self.fixed
+            pos, counts, order, kept = _native.keep(
+                self.native, scores, self.clen, self.cstart, self.plan.block_budget, out, front,
+                self.max_kept, heap)
+            return _selection.Selection(pos, counts, order, kept, self.nb)
         order = _top_blocks(scores, self.max_kept, self.ties)
         plan = self.plan
         return _selection.lay_out_blocks(order, torch.gather(self.clen, 2, order), self.cstart,

@@ -188,3 +188,71 @@ void ds_attend(const float *q, const float *k, const float *v, const int64_t *ro
         }
     }
 }
+
+/* The keys of core.selection's order: the score's order-preserving int32 image in the high
+ * half, NB - 1 - j in the low half, so that equal scores go to the lower block index
+ * (kernels/cpu.py _top_blocks computes the same keys). -0.0 counts as +0.0. */
+static inline int64_t order_key(float score, int64_t j, int64_t NB) {
+    int32_t bits;
+    memcpy(&bits, &score, sizeof bits);
+    if (bits == (int32_t)0x80000000) bits = 0;
+    int64_t mono = bits < 0 ? (int64_t)(bits ^ 0x7FFFFFFF) : (int64_t)bits;
+    return (int64_t)(((uint64_t)mono << 32) | (uint64_t)(NB - 1 - j));
+}
+
+static inline void sift_down(int64_t *heap, int64_t n, int64_t i) { /* min-heap */
+    for (;;) {
+        int64_t l = 2 * i + 1, m = i;
+        if (l < n && heap[l] < heap[m]) m = l;
+        if (l + 1 < n && heap[l + 1] < heap[m]) m = l + 1;
+        if (m == i) return;
+        int64_t t = heap[i];
+        heap[i] = heap[m], heap[m] = t, i = m;
+    }
+}
+
+/* core.selection.select for a planned step (kernels/cpu.py DecodeStep.keep): per (request b,
+ * KV head h) the first K blocks of the score order (descending, ties to the lower index), kept
+ * while their clipped lengths fit the block budget (stopping at the first that does not), laid
+ * out after the fixed positions (sink + recent window).
+ * scores, clen, cstart: [B, Hkv, NB] (clen 0 = not selectable); budget, front: [B];
+ * fixed: [B, Hkv, cap + 1]; out: positions [B, Hkv, cap], counts [B, Hkv], order and kept
+ * [B, Hkv, K]; heap: K int64 of work. */
+void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
+             const int64_t *budget, const int64_t *fixed, const int64_t *front,
+             int64_t *positions, int64_t *counts, int64_t *order, int64_t *kept, int64_t *heap,
+             int64_t B, int64_t Hkv, int64_t NB, int64_t K, int64_t cap) {
+    for (int64_t bh = 0; bh < B * Hkv; bh++) {
+        int64_t b = bh / Hkv;
+        const float *s = scores + bh * NB;
+        int64_t n = 0;
+        for (int64_t j = 0; j < NB && K > 0; j++) { /* the K largest keys */
+            int64_t key = order_key(s[j], j, NB);
+            if (n < K) {
+                heap[n++] = key;
+                if (n == K)
+                    for (int64_t i = K / 2 - 1; i >= 0; i--) sift_down(heap, K, i);
+            } else if (key > heap[0]) {
+                heap[0] = key;
+                sift_down(heap, K, 0);
+            }
+        }
+        int64_t *ord = order + bh * K, *kl = kept + bh * K, *pos = positions + bh * cap;
+        for (int64_t i = K - 1; i >= 0; i--) { /* pop ascending: fill the order from its end */
+            ord[i] = NB - 1 - (int64_t)((uint64_t)heap[0] & 0xFFFFFFFFu);
+            heap[0] = heap[i];
+            sift_down(heap, i, 0);
+        }
+        memcpy(pos, fixed + bh * (cap + 1), sizeof(int64_t) * cap);
+        int64_t fill = 0, total = front[b];
+        for (int64_t i = 0; i < K; i++) {
+            int64_t len = clen[bh * NB + ord[i]];
+            fill += len;
+            kl[i] = fill <= budget[b] ? len : 0;
+            int64_t at = front[b] + fill - len, start = cstart[bh * NB + ord[i]];
+            for (int64_t t = 0; t < kl[i] && at + t < cap; t++) pos[at + t] = start + t;
+            total += kl[i];
+        }
+        counts[bh] = total;
+    }
+}

@@ -96,6 +96,8 @@ def _load_once():
     lib.ds_score.restype = None
     lib.ds_attend.argtypes = [p] * 8 + [f32] + [i64] * 6
     lib.ds_attend.restype = None
+    lib.ds_keep.argtypes = [p] * 11 + [i64] * 5
+    lib.ds_keep.restype = None
     return lib
 
 
@@ -162,6 +164,31 @@ def attend(lib, q, k_rows, v_rows, rows, valid, scale: float, work: torch.Tensor
     lib.ds_attend(_ptr(q), _ptr(k_rows), _ptr(v_rows), _ptr(rows), _ptr(valid), _ptr(out),
                   _ptr(lse), _ptr(work), scale, b, hkv, g, d, dv, n)
     return out, lse
+
+
+def keep(lib, scores, clen, cstart, budget, fixed, front, k: int, heap: torch.Tensor):
+    """core.selection.lay_out_blocks over the top k of each score order (kernels/cpu.py
+    DecodeStep.keep): (positions [B, Hkv, cap], counts [B, Hkv], order and kept_len
+    [B, Hkv, k]). scores float32 [B, Hkv, NB] (no -0.0 needed); clen, cstart int64
+    [B, Hkv, NB]; budget, front int64 [B]; fixed int64 [B, Hkv, cap + 1]; heap: int64 scratch
+    of at least k."""
+    b, hkv, nb = scores.shape
+    cap = fixed.shape[2] - 1
+    i64 = torch.int64
+    if not (supports(scores) and 0 <= k <= nb and heap.numel() >= k and heap.dtype == i64
+            and all(t.dtype == i64 and t.is_contiguous() and t.device.type == "cpu"
+                    for t in (clen, cstart, budget, fixed, front, heap))
+            and clen.shape == scores.shape and cstart.shape == scores.shape
+            and budget.shape == (b,) and front.shape == (b,) and fixed.shape[:2] == (b, hkv)):
+        raise ValueError("dynsplit native keep: unsupported shapes, dtypes or layout")
+    positions = torch.empty(b, hkv, cap, dtype=i64)
+    counts = torch.empty(b, hkv, dtype=i64)
+    order = torch.empty(b, hkv, k, dtype=i64)
+    kept = torch.empty(b, hkv, k, dtype=i64)
+    lib.ds_keep(_ptr(scores), _ptr(clen), _ptr(cstart), _ptr(budget), _ptr(fixed), _ptr(front),
+                _ptr(positions), _ptr(counts), _ptr(order), _ptr(kept), _ptr(heap), b, hkv, nb,
+                k, cap)
+    return positions, counts, order, kept
 
 
 def describe() -> dict:

@@ -84,13 +84,24 @@ def interleaved(fns: dict, repeats: int, warmup: int, timer) -> dict:
 
 CLOCK = {"now": time.perf_counter_ns}
 # Rewritten before every timed CPU call (untimed): each call starts with cold caches, as a
-# layer's decode step does after the other layers' work. Twice a 32 MiB L3.
+# layer's decode step does after the other layers' work (a Llama-8B layer's weights alone are
+# 218 MB). 1.25x the last-level cache, at least 64 MiB and at most 1 GiB: this session's host
+# has a 480 MiB L3, where a 64 MiB flush left the previous call's K/V rows cached.
 _FLUSH = {}
+
+
+def flush_bytes() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        llc = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0)
+    except (OSError, ValueError):
+        llc = 0
+    return min(max(llc * 5 // 4, 64 << 20), 1 << 30)
 
 
 def cpu_timer(fn) -> float:
     """ms on CLOCK: wall time, or this thread's CPU time (see --clock), and every CPU call starts with cold caches."""
-    flush = _FLUSH.setdefault("buf", torch.zeros(16 << 20))
+    flush = _FLUSH.setdefault("buf", torch.zeros(flush_bytes() // 4))
     flush.add_(1.0)
     now = CLOCK["now"]
     t = now()
@@ -701,7 +712,7 @@ def main() -> None:
                            tolerance=CFG.tolerance, summaries=CFG.score, batches=args.batch,
                            contexts={str(b): c for b, c in contexts.items()},
                            ideal="N / (budget + N / mean_block_len)",
-                           **native.describe()),
+                           flush_mib=flush_bytes() >> 20, **native.describe()),
               "bandwidth_gbps": {}, "rows": [], "skipped": [], "targets": {}}
     work = [(dev, name, b, ctx) for dev in devices for name in LAYOUTS for b in args.batch
             for ctx in contexts[b]]

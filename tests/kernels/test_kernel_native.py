@@ -108,3 +108,37 @@ def test_native_can_be_switched_off(monkeypatch):
     w.plan(plan_selection(b.table, b.seq_lens, 64, 4, 32, max_block_len=20), b.summary_index,
            b.token_slots)
     assert w._step.native is None
+
+
+@needs_lib
+@pytest.mark.parametrize("seed", range(6))
+def test_native_keep_equals_the_core_selection(seed, monkeypatch):
+    """The planned step's block choice in C (ds_keep) against core.select and the torch
+    formulation: same positions, counts, order and kept lengths, with exact ties, -0.0 / +0.0
+    and unselectable blocks among the scores."""
+    lens = [300, 17, 120, 512, 260, 90][: 1 + seed % 6]
+    batch = make_batch(lens, 3, 64, torch.float32, "dynsplit", seed=seed)
+    q = torch.randn(len(lens), 9, 64, generator=torch.Generator().manual_seed(seed))
+    plan = plan_selection(batch.table, batch.seq_lens, 64 + 16 * seed, 4, 32, max_block_len=20)
+    steps = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("DYNSPLIT_NATIVE", fused)
+        steps[fused] = cpu.DecodeStep(plan, batch.summary_index, batch.token_slots, 3, True)
+    assert steps["1"].native is not None and steps["0"].native is None
+    scores = steps["0"].score(q, batch.center, batch.radius)
+    if seed % 2 == 0:
+        scores = scores.round()  # many exact ties
+    if seed % 3 == 0:
+        scores[..., ::5] = scores[..., ::5].masked_fill(torch.isfinite(scores[..., ::5]), -0.0)
+        scores[..., 1::5] = scores[..., 1::5].masked_fill(torch.isfinite(scores[..., 1::5]), 0.0)
+    got = steps["1"].keep(scores)
+    ref = select(scores, plan)
+    k = got.order.shape[2]
+    assert k == steps["0"].max_kept and k < ref.order.shape[2]  # a top-k, not a full sort
+    assert torch.equal(got.positions, ref.positions) and torch.equal(got.counts, ref.counts)
+    assert torch.equal(got.blocks, ref.blocks)
+    assert torch.equal(got.order, ref.order[..., :k])
+    assert torch.equal(got.kept_len, ref.kept_len[..., :k])
+    if seed % 3:  # the torch side's keys assume no -0.0 (DecodeStep.score's bias removes it)
+        torch_side = steps["0"].keep(scores)
+        assert torch.equal(got.order, torch_side.order)
