@@ -383,7 +383,7 @@ class DecodeStep:
         d, dv = k_buffer.shape[2], v_buffer.shape[2]
         n, g = rows.shape[2], q.shape[1] // self.hkv
         scale = 1.0 / math.sqrt(d) if scale is None else scale
-        work = self.scratch.take("work", (g * n,), torch.float32, q.device)
+        work = self.scratch.take("work", (g * (n + 2),), torch.float32, q.device)
         out, lse = _native.attend(self.native, q.float().contiguous(), k_buffer.view(-1, d),
                                   v_buffer.view(-1, dv), rows.contiguous(), valid.contiguous(),
                                   scale, work, self.rows_top)

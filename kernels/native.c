@@ -31,35 +31,18 @@ static inline void prefetch_row(const float *row, int64_t n) {
         __builtin_prefetch(row + i, 0, PREFETCH_LOCALITY);
 }
 
-/* out[j] = q[g0 + j]·x for j < 4 (rows past G repeat the last one: computed, not used). q holds
- * G rows of n; x is read once for the four. */
+/* out[j] = q[g0 + j]·x (square: ·(x * x), the squared radius, never stored) for j < 4; rows
+ * past G repeat the last one (computed, not used). q holds G rows of n; x is read once for the
+ * four. */
 static inline void dot4(const float *q, const float *x, int64_t n, int64_t g0, int64_t G,
-                        float out[4]) {
+                        int square, float out[4]) {
     const float *q0 = q + g0 * n, *q1 = q + (g0 + 1 < G ? g0 + 1 : G - 1) * n;
     const float *q2 = q + (g0 + 2 < G ? g0 + 2 : G - 1) * n;
     const float *q3 = q + (g0 + 3 < G ? g0 + 3 : G - 1) * n;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
     for (int64_t i = 0; i < n; i++) {
-        float xi = x[i];
-        s0 += q0[i] * xi;
-        s1 += q1[i] * xi;
-        s2 += q2[i] * xi;
-        s3 += q3[i] * xi;
-    }
-    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
-}
-
-/* dot4 against x * x (the squared radius), without storing the square. */
-static inline void dot4_sq(const float *q, const float *x, int64_t n, int64_t g0, int64_t G,
-                           float out[4]) {
-    const float *q0 = q + g0 * n, *q1 = q + (g0 + 1 < G ? g0 + 1 : G - 1) * n;
-    const float *q2 = q + (g0 + 2 < G ? g0 + 2 : G - 1) * n;
-    const float *q3 = q + (g0 + 3 < G ? g0 + 3 : G - 1) * n;
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t i = 0; i < n; i++) {
-        float xi = x[i] * x[i];
+        float xi = square ? x[i] * x[i] : x[i];
         s0 += q0[i] * xi;
         s1 += q1[i] * xi;
         s2 += q2[i] * xi;
@@ -97,12 +80,12 @@ void ds_score(const float *q, const float *q2, const float *qa, const float *cen
                 float best = -INFINITY;
                 for (int64_t g0 = 0; g0 < G; g0 += 4) { /* 4 query heads per pass over c, r */
                     float e[4], w[4];
-                    dot4(q + at, c, D, g0, G, e);
+                    dot4(q + at, c, D, g0, G, 0, e);
                     if (l2[b]) {
-                        dot4_sq(q2 + at, r, D, g0, G, w);
+                        dot4(q2 + at, r, D, g0, G, 1, w);
                         for (int j = 0; j < 4; j++) w[j] = sqrtf(w[j]);
                     } else {
-                        dot4(qa + at, r, D, g0, G, w);
+                        dot4(qa + at, r, D, g0, G, 0, w);
                     }
                     for (int j = 0; j < 4 && g0 + j < G; j++)
                         best = e[j] + w[j] > best ? e[j] + w[j] : best;
@@ -117,7 +100,7 @@ void ds_score(const float *q, const float *q2, const float *qa, const float *cen
  * entries of rows[b, h, :], for the G query heads g of the group.
  * q: [B, Hkv, G, D]; k: [R, D]; v: [R, Dv] (the pools as rows slot * Hkv + head);
  * rows, valid: [B, Hkv, N]; out: [B, Hkv, G, Dv]; lse: [B, Hkv, G] (natural log; -inf and a
- * zero output where no entry is valid); work: G * N floats. */
+ * zero output where no entry is valid); work: G * (N + 2) floats. */
 void ds_attend(const float *q, const float *k, const float *v, const int64_t *rows,
                const uint8_t *valid, float *out, float *lse, float *work, float scale,
                int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t Dv, int64_t N) {
@@ -126,13 +109,13 @@ void ds_attend(const float *q, const float *k, const float *v, const int64_t *ro
         const uint8_t *ok = valid + bh * N;
         const float *qg = q + bh * G * D;
         float *o = out + bh * G * Dv;
-        float mx[64], sum[64]; /* G <= 64: checked by the caller */
+        float *mx = work + G * N, *sum = mx + G; /* per query head: running max, sum */
         for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;
         for (int64_t n = 0; n < N; n++) {
             if (n + AHEAD < N && ok[n + AHEAD]) prefetch_row(k + rw[n + AHEAD] * D, D);
             for (int64_t g0 = 0; g0 < G; g0 += 4) {
                 float e[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-                if (ok[n]) dot4(qg, k + rw[n] * D, D, g0, G, e);
+                if (ok[n]) dot4(qg, k + rw[n] * D, D, g0, G, 0, e);
                 for (int j = 0; j < 4 && g0 + j < G; j++) {
                     float x = ok[n] ? scale * e[j] : -INFINITY;
                     work[(g0 + j) * N + n] = x;

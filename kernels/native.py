@@ -31,7 +31,6 @@ SOURCE = Path(__file__).with_name("native.c")
 # masked logits are -inf).
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math", "-funroll-loops", "-shared", "-fPIC"]
-MAX_GROUP = 64  # query heads per KV head: ds_attend keeps per-head state on the stack
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -147,16 +146,16 @@ def score(lib, q, center, radius, index, l2, top: int) -> torch.Tensor:
 def attend(lib, q, k_rows, v_rows, rows, valid, scale: float, work: torch.Tensor, top: int):
     """(out [B, Hq, Dv] float32, lse [B, Hq]): attention of each (request, KV head) over the
     pool rows rows[b, h, :] (int64, entries in [0, top]; k_rows [R, D], v_rows [R, Dv]) where
-    valid (bool or uint8). work: float32 scratch of at least G * N elements."""
+    valid (bool or uint8). work: float32 scratch of at least G * (N + 2) elements."""
     b, hq, d = q.shape
     hkv, n = rows.shape[1], rows.shape[2]
     g = hq // hkv
     dv = v_rows.shape[1]
     if not (supports(q, k_rows, v_rows, work) and k_rows.shape[1] == d
-            and k_rows.shape[0] == v_rows.shape[0] and hq % hkv == 0 and g <= MAX_GROUP
+            and k_rows.shape[0] == v_rows.shape[0] and hq % hkv == 0
             and rows.dtype == torch.int64 and rows.is_contiguous() and rows.shape[0] == b
             and valid.dtype in (torch.uint8, torch.bool) and valid.shape == rows.shape
-            and valid.is_contiguous() and work.numel() >= g * n):
+            and valid.is_contiguous() and work.numel() >= g * (n + 2)):
         raise ValueError("dynsplit native attend: unsupported shapes, dtypes or layout")
     _check_rows(top, k_rows.shape[0], "pool row")
     out = torch.empty(b, hq, dv, dtype=torch.float32)

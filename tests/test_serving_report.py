@@ -211,3 +211,12 @@ def test_before_after_profile_lines():
     assert "| step plan (begin_forward, p50) | 1.20 | 1.50 |" in lines
     assert "|   positions + attention | 0.25 | 0.25 |" in lines
     assert any("1.00 ms before, 1.10 ms after" in line for line in lines)
+
+
+def test_ceiling_line_says_what_a_target_leaves():
+    step = {"dense": {"server_tpot_ms": 200.0, "rest_ms": 80.0},
+            "0.125": {"attention_ms": 35.0, "plan_ms": 5.0}}
+    (line,) = _report().ceiling_lines(step)
+    assert "still cost 80 ms, 2.50x dense at best" in line
+    assert "needs attention + plan <= 20 ms per step; 1/8 spends 40 ms" in line
+    assert _report().ceiling_lines({"dense": {"server_tpot_ms": 200.0, "rest_ms": -3.0}}) == []

@@ -83,10 +83,11 @@ def interleaved(fns: dict, repeats: int, warmup: int, timer) -> dict:
 
 
 CLOCK = {"now": time.perf_counter_ns}
-# Rewritten before every timed CPU call (untimed): each call starts with cold caches, as a
-# layer's decode step does after the other layers' work (a Llama-8B layer's weights alone are
-# 218 MB). 1.25x the last-level cache, at least 64 MiB and at most 1 GiB: this session's host
-# has a 480 MiB L3, where a 64 MiB flush left the previous call's K/V rows cached.
+# Read before every timed CPU call (untimed): each call starts with cold caches, as a layer's
+# decode step does after the other layers' work (a Llama-8B layer's weights alone are 218 MB).
+# 1.25x the last-level cache, at least 64 MiB and at most 1 GiB: this session's host has a
+# 480 MiB L3, where a 64 MiB flush left the previous call's K/V rows cached. Read, not written:
+# a written flush leaves dirty lines whose write-back the timed call would pay for.
 _FLUSH = {}
 
 
@@ -101,8 +102,8 @@ def flush_bytes() -> int:
 
 def cpu_timer(fn) -> float:
     """ms on CLOCK: wall time, or this thread's CPU time (see --clock), and every CPU call starts with cold caches."""
-    flush = _FLUSH.setdefault("buf", torch.zeros(flush_bytes() // 4))
-    flush.add_(1.0)
+    flush = _FLUSH.setdefault("buf", torch.ones(flush_bytes() // 4))
+    flush.sum()
     now = CLOCK["now"]
     t = now()
     fn()

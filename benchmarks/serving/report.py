@@ -394,9 +394,27 @@ def profile_section(p) -> list[str]:
         lines.append("")
     for note in p.get("findings", []):
         lines.append(f"* {note}")
+    lines += ceiling_lines(step)
     lines += bottleneck_lines(p)
     lines.append("")
     return lines
+
+
+def ceiling_lines(step: dict, target: float = 2.0) -> list[str]:
+    """What the modelled step says about a decode-speed target: the speedup with attention free,
+    and the attention + plan time per step that the target would leave."""
+    dense = step.get("dense", {})
+    total, rest = dense.get("server_tpot_ms"), dense.get("rest_ms")
+    if not total or not rest or rest <= 0:
+        return []
+    room = total / target - rest
+    return [f"* Ceiling: with attention free, the step would still cost {rest:.0f} ms, "
+            f"{total / rest:.2f}x dense at best. {target:.1f}x dense needs attention + plan "
+            f"<= {room:.0f} ms per step"
+            + "".join(f"; 1/{round(1 / float(k))} spends "
+                      f"{v['attention_ms'] + v['plan_ms']:.0f} ms" for k, v in step.items()
+                      if k != "dense")
+            + " (the 2 dense layers included)."]
 
 
 def before_after_lines(before, after) -> list[str]:
