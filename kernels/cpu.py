@@ -308,8 +308,10 @@ class DecodeStep:
         dev = plan.clip_len.device
         self.plan, self.hkv, self.nb = plan, hkv, nb
         self.scratch = scratch or Scratch()
-        self.runs = summary_runs(summary_index)  # host read: plan time only
         self.native = _native.load()  # fused kernels (native.c), or None: torch ops below
+        # Runs of summary rows (host reads: plan time only) serve the torch scorer alone; with
+        # the fused one loaded, summaries it cannot take (not fp32) are gathered instead.
+        self.runs = summary_runs(summary_index) if self.native is None else None
         if max_kept is None:
             max_kept = max_kept_blocks(plan)  # host read: plan time only
         self.max_kept = min(max_kept, nb)

@@ -31,22 +31,28 @@ static inline void prefetch_row(const float *row, int64_t n) {
         __builtin_prefetch(row + i, 0, PREFETCH_LOCALITY);
 }
 
-/* out[j] = q[g0 + j]·x (square: ·(x * x), the squared radius, never stored) for j < 4; rows
- * past G repeat the last one (computed, not used). q holds G rows of n; x is read once for the
- * four. */
+enum { PLAIN, SQUARED, ABS_Q }; /* the products dot4 sums */
+
+/* out[j] = sum_i of, for the query row g0 + j (j < 4) and x:
+ *   PLAIN: q_i x_i;  SQUARED: (q_i x_i)^2, i.e. q^2 · x^2, the L2 radius term;  ABS_Q: |q_i| x_i.
+ * Rows past G repeat the last one (computed, not used). q holds G rows of n; x is read once for
+ * the four. */
 static inline void dot4(const float *q, const float *x, int64_t n, int64_t g0, int64_t G,
-                        int square, float out[4]) {
+                        int mode, float out[4]) {
     const float *q0 = q + g0 * n, *q1 = q + (g0 + 1 < G ? g0 + 1 : G - 1) * n;
     const float *q2 = q + (g0 + 2 < G ? g0 + 2 : G - 1) * n;
     const float *q3 = q + (g0 + 3 < G ? g0 + 3 : G - 1) * n;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
     for (int64_t i = 0; i < n; i++) {
-        float xi = square ? x[i] * x[i] : x[i];
-        s0 += q0[i] * xi;
-        s1 += q1[i] * xi;
-        s2 += q2[i] * xi;
-        s3 += q3[i] * xi;
+        float a0 = q0[i], a1 = q1[i], a2 = q2[i], a3 = q3[i], xi = x[i];
+        if (mode == ABS_Q) a0 = fabsf(a0), a1 = fabsf(a1), a2 = fabsf(a2), a3 = fabsf(a3);
+        float p0 = a0 * xi, p1 = a1 * xi, p2 = a2 * xi, p3 = a3 * xi;
+        if (mode == SQUARED) p0 *= p0, p1 *= p1, p2 *= p2, p3 *= p3;
+        s0 += p0;
+        s1 += p1;
+        s2 += p2;
+        s3 += p3;
     }
     out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
 }
@@ -55,9 +61,9 @@ static inline void dot4(const float *q, const float *x, int64_t n, int64_t g0, i
  *   q·center[row, h] + sqrt(sum_d q_d^2 radius_d^2)   (l2[b] != 0)
  *   q·center[row, h] + sum_d |q_d| radius_d           (l2[b] == 0)
  * with row = index[b, j]; 0 where row < 0 (the caller's bias masks those).
- * q: [B, Hkv, G, D]; q2, qa: q*q and |q|, same shape; center, radius: [M, Hkv, D];
+ * q: [B, Hkv, G, D]; center, radius: [M, Hkv, D];
  * index: [B, NB]; l2: [B]; score: [B, Hkv, NB]. */
-void ds_score(const float *q, const float *q2, const float *qa, const float *center,
+void ds_score(const float *q, const float *center,
               const float *radius, const int64_t *index, const uint8_t *l2, float *score,
               int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t NB) {
     for (int64_t b = 0; b < B; b++) {
@@ -80,12 +86,12 @@ void ds_score(const float *q, const float *q2, const float *qa, const float *cen
                 float best = -INFINITY;
                 for (int64_t g0 = 0; g0 < G; g0 += 4) { /* 4 query heads per pass over c, r */
                     float e[4], w[4];
-                    dot4(q + at, c, D, g0, G, 0, e);
+                    dot4(q + at, c, D, g0, G, PLAIN, e);
                     if (l2[b]) {
-                        dot4(q2 + at, r, D, g0, G, 1, w);
+                        dot4(q + at, r, D, g0, G, SQUARED, w);
                         for (int j = 0; j < 4; j++) w[j] = sqrtf(w[j]);
                     } else {
-                        dot4(qa + at, r, D, g0, G, 0, w);
+                        dot4(q + at, r, D, g0, G, ABS_Q, w);
                     }
                     for (int j = 0; j < 4 && g0 + j < G; j++)
                         best = e[j] + w[j] > best ? e[j] + w[j] : best;
@@ -99,8 +105,11 @@ void ds_score(const float *q, const float *q2, const float *qa, const float *cen
 /* For each (request b, KV head h): softmax(scale * q_g · K[rows]) · V[rows] over the valid
  * entries of rows[b, h, :], for the G query heads g of the group.
  * q: [B, Hkv, G, D]; k: [R, D]; v: [R, Dv] (the pools as rows slot * Hkv + head);
- * rows, valid: [B, Hkv, N]; out: [B, Hkv, G, Dv]; lse: [B, Hkv, G] (natural log; -inf and a
- * zero output where no entry is valid); work: G * (N + 2) floats. */
+ * rows, valid: [B, Hkv, N] (a negative row counts as padding); out: [B, Hkv, G, Dv];
+ * lse: [B, Hkv, G] (natural log; -inf and a zero output where no entry is valid);
+ * work: G * (N + 2) floats. */
+#define USABLE(n) (ok[n] && rw[n] >= 0) /* an entry is attended: valid, and names a pool row */
+
 void ds_attend(const float *q, const float *k, const float *v, const int64_t *rows,
                const uint8_t *valid, float *out, float *lse, float *work, float scale,
                int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t Dv, int64_t N) {
@@ -112,12 +121,12 @@ void ds_attend(const float *q, const float *k, const float *v, const int64_t *ro
         float *mx = work + G * N, *sum = mx + G; /* per query head: running max, sum */
         for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;
         for (int64_t n = 0; n < N; n++) {
-            if (n + AHEAD < N && ok[n + AHEAD]) prefetch_row(k + rw[n + AHEAD] * D, D);
+            if (n + AHEAD < N && USABLE(n + AHEAD)) prefetch_row(k + rw[n + AHEAD] * D, D);
             for (int64_t g0 = 0; g0 < G; g0 += 4) {
                 float e[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-                if (ok[n]) dot4(qg, k + rw[n] * D, D, g0, G, 0, e);
+                if (USABLE(n)) dot4(qg, k + rw[n] * D, D, g0, G, PLAIN, e);
                 for (int j = 0; j < 4 && g0 + j < G; j++) {
-                    float x = ok[n] ? scale * e[j] : -INFINITY;
+                    float x = USABLE(n) ? scale * e[j] : -INFINITY;
                     work[(g0 + j) * N + n] = x;
                     mx[g0 + j] = x > mx[g0 + j] ? x : mx[g0 + j];
                 }
@@ -128,14 +137,14 @@ void ds_attend(const float *q, const float *k, const float *v, const int64_t *ro
             sum[g] = 0.f;
             if (mx[g] == -INFINITY) continue;
             for (int64_t n = 0; n < N; n++) {
-                float p = ok[n] ? expf(work[g * N + n] - mx[g]) : 0.f;
+                float p = USABLE(n) ? expf(work[g * N + n] - mx[g]) : 0.f;
                 work[g * N + n] = p;
                 sum[g] += p;
             }
         }
         for (int64_t n = 0; n < N; n++) {
-            if (n + AHEAD < N && ok[n + AHEAD]) prefetch_row(v + rw[n + AHEAD] * Dv, Dv);
-            if (!ok[n]) continue;
+            if (n + AHEAD < N && USABLE(n + AHEAD)) prefetch_row(v + rw[n + AHEAD] * Dv, Dv);
+            if (!USABLE(n)) continue;
             const float *vr = v + rw[n] * Dv;
             int64_t g = 0;
             for (; g + 4 <= G; g += 4) { /* 4 query heads per pass over the V row */
@@ -233,7 +242,8 @@ void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
             fill += len;
             kl[i] = fill <= budget[b] ? len : 0;
             int64_t at = front[b] + fill - len, start = cstart[bh * NB + ord[i]];
-            for (int64_t t = 0; t < kl[i] && at + t < cap; t++) pos[at + t] = start + t;
+            for (int64_t t = 0; t < kl[i] && at + t < cap; t++)
+                if (at + t >= 0) pos[at + t] = start + t;
             total += kl[i];
         }
         counts[bh] = total;

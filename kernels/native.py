@@ -91,7 +91,7 @@ def _load_once():
                       "torch formulation runs instead", RuntimeWarning, stacklevel=3)
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.ds_score.argtypes = [p] * 8 + [i64] * 5
+    lib.ds_score.argtypes = [p] * 6 + [i64] * 5
     lib.ds_score.restype = None
     lib.ds_attend.argtypes = [p] * 8 + [f32] + [i64] * 6
     lib.ds_attend.restype = None
@@ -136,17 +136,16 @@ def score(lib, q, center, radius, index, l2, top: int) -> torch.Tensor:
             and l2.shape == (b,) and l2.is_contiguous()):
         raise ValueError("dynsplit native score: unsupported shapes, dtypes or layout")
     _check_rows(top, m, "summary")
-    q2, qa = q * q, q.abs()
     out = torch.empty(b, hkv, nb, dtype=torch.float32)
-    lib.ds_score(_ptr(q), _ptr(q2), _ptr(qa), _ptr(center), _ptr(radius), _ptr(index),
-                 _ptr(l2), _ptr(out), b, hkv, hq // hkv, d, nb)
+    lib.ds_score(_ptr(q), _ptr(center), _ptr(radius), _ptr(index), _ptr(l2), _ptr(out), b, hkv,
+                 hq // hkv, d, nb)
     return out
 
 
 def attend(lib, q, k_rows, v_rows, rows, valid, scale: float, work: torch.Tensor, top: int):
     """(out [B, Hq, Dv] float32, lse [B, Hq]): attention of each (request, KV head) over the
-    pool rows rows[b, h, :] (int64, entries in [0, top]; k_rows [R, D], v_rows [R, Dv]) where
-    valid (bool or uint8). work: float32 scratch of at least G * (N + 2) elements."""
+    pool rows rows[b, h, :] (int64, at most top, a negative one is padding; k_rows [R, D],
+    v_rows [R, Dv]) where valid (bool or uint8). work: float32 scratch of at least G * (N + 2) elements."""
     b, hq, d = q.shape
     hkv, n = rows.shape[1], rows.shape[2]
     g = hq // hkv

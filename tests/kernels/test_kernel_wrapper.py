@@ -94,10 +94,13 @@ class _Stub:
         return lambda *a, **kw: None
 
 
-@pytest.mark.parametrize("side", ["triton", "torch"])
+@pytest.mark.parametrize("side", ["triton", "torch", "torch-ops"])
 def test_run_never_synchronises_with_the_host(side, monkeypatch):
     """run() must be capturable: no .item()/.cpu()/.tolist()/bool(tensor)... anywhere in it.
-    On the Triton side the kernels are stubbed (the interpreter itself copies to the host)."""
+    On the Triton side the kernels are stubbed (the interpreter itself copies to the host).
+    torch: the CPU side's fused kernels; torch-ops: its torch formulation."""
+    monkeypatch.setenv("DYNSPLIT_NATIVE", "0" if side == "torch-ops" else "1")
+    side = "torch" if side == "torch-ops" else side
     monkeypatch.setenv("DYNSPLIT_KERNELS", side)
     batch = make_batch([300, 100], 2, 64, torch.float32, "dynsplit", seed=0)
     q = torch.randn(2, 6, 64)
