@@ -339,9 +339,34 @@ class DecodeStep:
         if bool((token_slots < 0).any()):  # host read: plan time only
             ok_slots = F.pad(token_slots >= 0, (1, 0), value=False)[:, None, :]
             self.slot_ok = ok_slots.expand(b, hkv, -1).contiguous()
+        self._layers = {}  # (Hq, D, Dv) -> native.Layer: the whole layer in one fused call
 
     def select(self, q, center, radius) -> _selection.Selection:
         return self.keep(self.score(q, center, radius))
+
+    def run(self, q, k_buffer, v_buffer, center, radius, scale=None, return_lse=False):
+        """The whole layer (select, then attend) in one fused call: (output as attend gives
+        it, Selection), or None where the fused kernels cannot take these tensors (no compiler,
+        not fp32), and select + attend run instead."""
+        if self.native is None or not _native.supports(q, center, radius, k_buffer, v_buffer):
+            return None
+        b, hq, d = q.shape
+        dv = v_buffer.shape[2]
+        layer = self._layers.get((hq, d, dv))
+        if layer is None:
+            out, front = self.fixed
+            layer = self._layers[(hq, d, dv)] = _native.Layer(
+                self.native, hq=hq, d=d, dv=dv, k=self.max_kept, index=self.index,
+                index_top=self.index_top, l2=self.l2, bias=self.bias.view(b, self.nb),
+                clen=self.clen, cstart=self.cstart, budget=self.plan.block_budget, fixed=out,
+                front=front, pool_rows=self.pool_rows, rows_top=self.rows_top,
+                slot_ok=self.slot_ok, take=lambda n, shape, dt: self.scratch.take(n, shape, dt,
+                                                                                  q.device))
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        out, lse, pos, counts, order, kept = layer(q, center, radius, k_buffer.view(-1, d),
+                                                   v_buffer.view(-1, dv), scale)
+        sel = _selection.Selection(pos, counts, order, kept, self.nb)
+        return ((out, lse) if return_lse else out), sel
 
     def score(self, q, center, radius) -> torch.Tensor:
         """float32 [B, Hkv, NB]; -inf for the blocks that cannot be kept."""
@@ -357,7 +382,8 @@ class DecodeStep:
 
     def keep(self, scores: torch.Tensor) -> _selection.Selection:
         if self.native is not None and _native.supports(scores):
-            heap = self.scratch.take("heap", (self.max_kept,), torch.int64, scores.device)
+            heap = self.scratch.take("heap", (_native.threads(self.native) * self.max_kept,),
+                                     torch.int64, scores.device)
             out, front = self.fixed
             pos, counts, order, kept = _native.keep(
                 self.native, scores, self.clen, self.cstart, self.plan.block_budget, out, front,
@@ -386,7 +412,9 @@ class DecodeStep:
         d, dv = k_buffer.shape[2], v_buffer.shape[2]
         n, g = rows.shape[2], q.shape[1] // self.hkv
         scale = 1.0 / math.sqrt(d) if scale is None else scale
-        work = self.scratch.take("work", (g * (n + 2),), torch.float32, q.device)
+        b = q.shape[0]
+        size = _native.attend_work(self.native, b, self.hkv, g, n, dv)
+        work = self.scratch.take("work", (size,), torch.float32, q.device)
         out, lse = _native.attend(self.native, q.float().contiguous(), k_buffer.view(-1, d),
                                   v_buffer.view(-1, dv), rows.contiguous(), valid.contiguous(),
                                   scale, work, self.rows_top)

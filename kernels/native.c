@@ -6,12 +6,24 @@
  * compute (core.selection.score_blocks, core.attention.sparse_decode_attention), prefetching the
  * rows a few entries ahead, since the gathered rows are scattered over the pool.
  *
- * fp32 only, contiguous inputs, one thread; kernels/native.py checks shapes, dtypes and index
- * ranges before every call, so nothing here reads outside its arguments.
+ * fp32 only, contiguous inputs; kernels/native.py checks shapes, dtypes and index ranges before
+ * every call, so nothing here reads outside its arguments.
+ *
+ * Threads: each call splits its work over T threads (the caller passes torch's thread count).
+ * Built with -fopenmp, the library's libgomp.so.1 is the one torch already loaded (same soname),
+ * so these loops run on torch's own OpenMP team: no second pool competing for the cores. The
+ * scattered row reads are latency bound, and a second core doubles the reads in flight.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD() omp_get_thread_num()
+#else
+#define THREAD() 0
+#endif
 
 #ifndef AHEAD
 #define AHEAD 8 /* rows prefetched ahead: about the line-fill buffers one core keeps busy */
@@ -57,126 +69,211 @@ static inline void dot4(const float *q, const float *x, int64_t n, int64_t g0, i
     out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
 }
 
-/* score[b, h, j] = max over the G query heads g of the group of
- *   q·center[row, h] + sqrt(sum_d q_d^2 radius_d^2)   (l2[b] != 0)
- *   q·center[row, h] + sum_d |q_d| radius_d           (l2[b] == 0)
- * with row = index[b, j]; 0 where row < 0 (the caller's bias masks those).
+/* max over the G query heads g of a group (q: G rows of D) of one block's estimate:
+ *   q·center + sqrt(sum_d q_d^2 radius_d^2)   (l2)
+ *   q·center + sum_d |q_d| radius_d           (not l2) */
+static inline float score_block(const float *q, const float *c, const float *r, int l2,
+                                int64_t G, int64_t D) {
+    float best = -INFINITY;
+    for (int64_t g0 = 0; g0 < G; g0 += 4) { /* 4 query heads per pass over c, r */
+        float e[4], w[4];
+        dot4(q, c, D, g0, G, PLAIN, e);
+        if (l2) {
+            dot4(q, r, D, g0, G, SQUARED, w);
+            for (int j = 0; j < 4; j++) w[j] = sqrtf(w[j]);
+        } else {
+            dot4(q, r, D, g0, G, ABS_Q, w);
+        }
+        for (int j = 0; j < 4 && g0 + j < G; j++) best = e[j] + w[j] > best ? e[j] + w[j] : best;
+    }
+    return best;
+}
+
+/* Block j of request b at every KV head: score[b, h, j] = score_block(...) + bias[b, j] (bias
+ * NULL: + 0), with row = index[b, j]; 0 + bias where row < 0. */
+static inline void score_column(const float *q, const float *center, const float *radius,
+                                const int64_t *index, const uint8_t *l2, const float *bias,
+                                float *score, int64_t b, int64_t j, int64_t Hkv, int64_t G,
+                                int64_t D, int64_t NB) {
+    const int64_t row = index[b * NB + j];
+    const float add = bias ? bias[b * NB + j] : 0.f;
+    if (SCORE_AHEAD && j + SCORE_AHEAD < NB && index[b * NB + j + SCORE_AHEAD] >= 0) {
+        int64_t ahead = index[b * NB + j + SCORE_AHEAD];
+        prefetch_row(center + ahead * Hkv * D, Hkv * D);
+        prefetch_row(radius + ahead * Hkv * D, Hkv * D);
+    }
+    for (int64_t h = 0; h < Hkv; h++) {
+        float s = row < 0 ? 0.f
+                          : score_block(q + (b * Hkv + h) * G * D, center + (row * Hkv + h) * D,
+                                        radius + (row * Hkv + h) * D, l2[b], G, D);
+        score[(b * Hkv + h) * NB + j] = s + add;
+    }
+}
+
+/* score[b, h, j] = score_block of the query heads of KV head h and block j of request b, with
+ * row = index[b, j]; 0 where row < 0 (the caller's bias masks those).
  * q: [B, Hkv, G, D]; center, radius: [M, Hkv, D];
  * index: [B, NB]; l2: [B]; score: [B, Hkv, NB]. */
 void ds_score(const float *q, const float *center,
               const float *radius, const int64_t *index, const uint8_t *l2, float *score,
-              int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t NB) {
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t j = 0; j < NB; j++) {
-            int64_t row = index[b * NB + j];
-            if (SCORE_AHEAD && j + SCORE_AHEAD < NB && index[b * NB + j + SCORE_AHEAD] >= 0) {
-                int64_t ahead = index[b * NB + j + SCORE_AHEAD];
-                prefetch_row(center + ahead * Hkv * D, Hkv * D);
-                prefetch_row(radius + ahead * Hkv * D, Hkv * D);
-            }
-            for (int64_t h = 0; h < Hkv; h++) {
-                float *out = score + (b * Hkv + h) * NB + j;
-                if (row < 0) {
-                    *out = 0.f;
-                    continue;
-                }
-                const float *c = center + (row * Hkv + h) * D;
-                const float *r = radius + (row * Hkv + h) * D;
-                const int64_t at = (b * Hkv + h) * G * D;
-                float best = -INFINITY;
-                for (int64_t g0 = 0; g0 < G; g0 += 4) { /* 4 query heads per pass over c, r */
-                    float e[4], w[4];
-                    dot4(q + at, c, D, g0, G, PLAIN, e);
-                    if (l2[b]) {
-                        dot4(q + at, r, D, g0, G, SQUARED, w);
-                        for (int j = 0; j < 4; j++) w[j] = sqrtf(w[j]);
-                    } else {
-                        dot4(q + at, r, D, g0, G, ABS_Q, w);
-                    }
-                    for (int j = 0; j < 4 && g0 + j < G; j++)
-                        best = e[j] + w[j] > best ? e[j] + w[j] : best;
-                }
-                *out = best;
-            }
-        }
-    }
+              int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t NB, int64_t T) {
+    (void)T;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(T) if (T > 1 && B * NB > 64)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < NB; j++)
+            score_column(q, center, radius, index, l2, NULL, score, b, j, Hkv, G, D, NB);
 }
 
 /* For each (request b, KV head h): softmax(scale * q_g · K[rows]) · V[rows] over the valid
  * entries of rows[b, h, :], for the G query heads g of the group.
  * q: [B, Hkv, G, D]; k: [R, D]; v: [R, Dv] (the pools as rows slot * Hkv + head);
  * rows, valid: [B, Hkv, N] (a negative row counts as padding); out: [B, Hkv, G, Dv];
- * lse: [B, Hkv, G] (natural log; -inf and a zero output where no entry is valid);
- * work: G * (N + 2) floats. */
+ * lse: [B, Hkv, G] (natural log; -inf and a zero output where no entry is valid).
+ * Each list is cut into S parts of `chunk` = ceil(N / S) entries (S > 1 where there are fewer
+ * lists than threads to keep busy), attended apart and merged by their log-sum-exp.
+ * work: T * G * (chunk + 2) floats, plus B * Hkv * S * G * (Dv + 2) where S > 1. */
 #define USABLE(n) (ok[n] && rw[n] >= 0) /* an entry is attended: valid, and names a pool row */
+
+/* Entries [lo, hi) of one list, per query head g: mx[g] (the largest logit), sum[g] and
+ * acc[g, :] = sum of exp(logit - mx[g]) * V row (not normalised). logit: G * (hi - lo). */
+static void attend_part(const float *qg, const float *k, const float *v, const int64_t *rw,
+                        const uint8_t *ok, float scale, int64_t G, int64_t D, int64_t Dv,
+                        int64_t lo, int64_t hi, float *logit, float *acc, float *mx, float *sum) {
+    const int64_t L = hi > lo ? hi - lo : 0;
+    for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY, sum[g] = 0.f;
+    memset(acc, 0, sizeof(float) * G * Dv);
+    for (int64_t n = lo; n < lo + L; n++) {
+        if (n + AHEAD < hi && USABLE(n + AHEAD)) prefetch_row(k + rw[n + AHEAD] * D, D);
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+            float e[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+            if (USABLE(n)) dot4(qg, k + rw[n] * D, D, g0, G, PLAIN, e);
+            for (int j = 0; j < 4 && g0 + j < G; j++) {
+                float x = USABLE(n) ? scale * e[j] : -INFINITY;
+                logit[(g0 + j) * L + n - lo] = x;
+                mx[g0 + j] = x > mx[g0 + j] ? x : mx[g0 + j];
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        if (mx[g] == -INFINITY) continue;
+        for (int64_t n = lo; n < lo + L; n++) {
+            float p = USABLE(n) ? expf(logit[g * L + n - lo] - mx[g]) : 0.f;
+            logit[g * L + n - lo] = p;
+            sum[g] += p;
+        }
+    }
+    for (int64_t n = lo; n < lo + L; n++) {
+        if (n + AHEAD < hi && USABLE(n + AHEAD)) prefetch_row(v + rw[n + AHEAD] * Dv, Dv);
+        if (!USABLE(n)) continue;
+        const float *vr = v + rw[n] * Dv;
+        const float *p = logit + n - lo;
+        int64_t g = 0;
+        for (; g + 4 <= G; g += 4) { /* 4 query heads per pass over the V row */
+            float p0 = p[g * L], p1 = p[(g + 1) * L], p2 = p[(g + 2) * L], p3 = p[(g + 3) * L];
+            float *o0 = acc + g * Dv, *o1 = o0 + Dv, *o2 = o1 + Dv, *o3 = o2 + Dv;
+#pragma omp simd
+            for (int64_t i = 0; i < Dv; i++) {
+                float vi = vr[i];
+                o0[i] += p0 * vi;
+                o1[i] += p1 * vi;
+                o2[i] += p2 * vi;
+                o3[i] += p3 * vi;
+            }
+        }
+        for (; g < G; g++) {
+            float pg = p[g * L];
+            float *og = acc + g * Dv;
+#pragma omp simd
+            for (int64_t i = 0; i < Dv; i++) og[i] += pg * vr[i];
+        }
+    }
+}
+
+/* out[g, :] and lse[g] of one list from its S parts (part s: acc G * Dv, mx G, sum G). */
+static void merge_parts(const float *part, int64_t S, int64_t G, int64_t Dv, float *out,
+                        float *lse) {
+    const int64_t stride = G * (Dv + 2);
+    for (int64_t g = 0; g < G; g++) {
+        float top = -INFINITY, total = 0.f;
+        for (int64_t s = 0; s < S; s++) {
+            float m = part[s * stride + G * Dv + g];
+            top = m > top ? m : top;
+        }
+        float *og = out + g * Dv;
+        memset(og, 0, sizeof(float) * Dv);
+        if (top == -INFINITY) {
+            lse[g] = -INFINITY;
+            continue;
+        }
+        for (int64_t s = 0; s < S; s++) {
+            const float *ps = part + s * stride;
+            float m = ps[G * Dv + g];
+            if (m == -INFINITY) continue;
+            float w = expf(m - top);
+            total += w * ps[G * Dv + G + g];
+#pragma omp simd
+            for (int64_t i = 0; i < Dv; i++) og[i] += w * ps[g * Dv + i];
+        }
+        float inv = 1.f / total;
+#pragma omp simd
+        for (int64_t i = 0; i < Dv; i++) og[i] *= inv;
+        lse[g] = top + logf(total);
+    }
+}
+
+/* The list's output from its one part, in place: acc / sum, lse = mx + log(sum). */
+static void normalise(float *acc, const float *mx, const float *sum, int64_t G, int64_t Dv,
+                      float *lse) {
+    for (int64_t g = 0; g < G; g++) {
+        float *og = acc + g * Dv;
+        if (sum[g] > 0.f) {
+            float inv = 1.f / sum[g];
+#pragma omp simd
+            for (int64_t i = 0; i < Dv; i++) og[i] *= inv;
+            lse[g] = mx[g] + logf(sum[g]);
+        } else {
+            lse[g] = -INFINITY;
+        }
+    }
+}
+
+/* Part u of ds_attend's B * Hkv * S parts (a list when S == 1, normalised then). */
+static void attend_unit(const float *q, const float *k, const float *v, const int64_t *rows,
+                        const uint8_t *valid, float *out, float *lse, float *work, float scale,
+                        int64_t Hkv, int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S,
+                        int64_t T, int64_t u) {
+    const int64_t chunk = (N + S - 1) / S, bh = u / S, lo = (u % S) * chunk;
+    const int64_t hi = lo + chunk < N ? lo + chunk : N;
+    float *logit = work + THREAD() * G * (chunk + 2);
+    float *part = work + T * G * (chunk + 2) + u * G * (Dv + 2);
+    float *acc = S == 1 ? out + bh * G * Dv : part;
+    float *mx = S == 1 ? logit + G * chunk : acc + G * Dv;
+    (void)Hkv;
+    attend_part(q + bh * G * D, k, v, rows + bh * N, valid + bh * N, scale, G, D, Dv, lo, hi,
+                logit, acc, mx, mx + G);
+    if (S == 1) normalise(acc, mx, mx + G, G, Dv, lse + bh * G);
+}
+
+static inline void merge_list(const float *work, float *out, float *lse, int64_t G, int64_t Dv,
+                              int64_t N, int64_t S, int64_t T, int64_t bh) {
+    const int64_t chunk = (N + S - 1) / S, stride = G * (Dv + 2);
+    merge_parts(work + T * G * (chunk + 2) + bh * S * stride, S, G, Dv, out + bh * G * Dv,
+                lse + bh * G);
+}
 
 void ds_attend(const float *q, const float *k, const float *v, const int64_t *rows,
                const uint8_t *valid, float *out, float *lse, float *work, float scale,
-               int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t Dv, int64_t N) {
-    for (int64_t bh = 0; bh < B * Hkv; bh++) {
-        const int64_t *rw = rows + bh * N;
-        const uint8_t *ok = valid + bh * N;
-        const float *qg = q + bh * G * D;
-        float *o = out + bh * G * Dv;
-        float *mx = work + G * N, *sum = mx + G; /* per query head: running max, sum */
-        for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;
-        for (int64_t n = 0; n < N; n++) {
-            if (n + AHEAD < N && USABLE(n + AHEAD)) prefetch_row(k + rw[n + AHEAD] * D, D);
-            for (int64_t g0 = 0; g0 < G; g0 += 4) {
-                float e[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-                if (USABLE(n)) dot4(qg, k + rw[n] * D, D, g0, G, PLAIN, e);
-                for (int j = 0; j < 4 && g0 + j < G; j++) {
-                    float x = USABLE(n) ? scale * e[j] : -INFINITY;
-                    work[(g0 + j) * N + n] = x;
-                    mx[g0 + j] = x > mx[g0 + j] ? x : mx[g0 + j];
-                }
-            }
-        }
-        memset(o, 0, sizeof(float) * G * Dv);
-        for (int64_t g = 0; g < G; g++) {
-            sum[g] = 0.f;
-            if (mx[g] == -INFINITY) continue;
-            for (int64_t n = 0; n < N; n++) {
-                float p = USABLE(n) ? expf(work[g * N + n] - mx[g]) : 0.f;
-                work[g * N + n] = p;
-                sum[g] += p;
-            }
-        }
-        for (int64_t n = 0; n < N; n++) {
-            if (n + AHEAD < N && USABLE(n + AHEAD)) prefetch_row(v + rw[n + AHEAD] * Dv, Dv);
-            if (!USABLE(n)) continue;
-            const float *vr = v + rw[n] * Dv;
-            int64_t g = 0;
-            for (; g + 4 <= G; g += 4) { /* 4 query heads per pass over the V row */
-                float p0 = work[g * N + n], p1 = work[(g + 1) * N + n];
-                float p2 = work[(g + 2) * N + n], p3 = work[(g + 3) * N + n];
-                float *o0 = o + g * Dv, *o1 = o0 + Dv, *o2 = o1 + Dv, *o3 = o2 + Dv;
-#pragma omp simd
-                for (int64_t i = 0; i < Dv; i++) {
-                    float vi = vr[i];
-                    o0[i] += p0 * vi;
-                    o1[i] += p1 * vi;
-                    o2[i] += p2 * vi;
-                    o3[i] += p3 * vi;
-                }
-            }
-            for (; g < G; g++) {
-                float p = work[g * N + n];
-                float *og = o + g * Dv;
-#pragma omp simd
-                for (int64_t i = 0; i < Dv; i++) og[i] += p * vr[i];
-            }
-        }
-        for (int64_t g = 0; g < G; g++) {
-            float *og = o + g * Dv;
-            if (sum[g] > 0.f) {
-                float inv = 1.f / sum[g];
-#pragma omp simd
-                for (int64_t i = 0; i < Dv; i++) og[i] *= inv;
-                lse[bh * G + g] = mx[g] + logf(sum[g]);
-            } else {
-                lse[bh * G + g] = -INFINITY;
-            }
+               int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S,
+               int64_t T) {
+#pragma omp parallel num_threads(T) if (T > 1 && B * Hkv * S > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < B * Hkv * S; u++)
+            attend_unit(q, k, v, rows, valid, out, lse, work, scale, Hkv, G, D, Dv, N, S, T, u);
+        if (S > 1) {
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < B * Hkv; bh++)
+                merge_list(work, out, lse, G, Dv, N, S, T, bh);
         }
     }
 }
@@ -209,43 +306,110 @@ static inline void sift_down(int64_t *heap, int64_t n, int64_t i) { /* min-heap 
  * out after the fixed positions (sink + recent window).
  * scores, clen, cstart: [B, Hkv, NB] (clen 0 = not selectable); budget, front: [B];
  * fixed: [B, Hkv, cap + 1]; out: positions [B, Hkv, cap], counts [B, Hkv], order and kept
- * [B, Hkv, K]; heap: K int64 of work. */
+ * [B, Hkv, K]; heap: T * K int64 of work. */
+static void keep_list(const float *scores, const int64_t *clen, const int64_t *cstart,
+                      const int64_t *budget, const int64_t *fixed, const int64_t *front,
+                      int64_t *positions, int64_t *counts, int64_t *order, int64_t *kept,
+                      int64_t *heap, int64_t bh, int64_t Hkv, int64_t NB, int64_t K, int64_t cap) {
+    int64_t b = bh / Hkv;
+    const float *s = scores + bh * NB;
+    int64_t n = 0;
+    for (int64_t j = 0; j < NB && K > 0; j++) { /* the K largest keys */
+        int64_t key = order_key(s[j], j, NB);
+        if (n < K) {
+            heap[n++] = key;
+            if (n == K)
+                for (int64_t i = K / 2 - 1; i >= 0; i--) sift_down(heap, K, i);
+        } else if (key > heap[0]) {
+            heap[0] = key;
+            sift_down(heap, K, 0);
+        }
+    }
+    int64_t *ord = order + bh * K, *kl = kept + bh * K, *pos = positions + bh * cap;
+    for (int64_t i = K - 1; i >= 0; i--) { /* pop ascending: fill the order from its end */
+        ord[i] = NB - 1 - (int64_t)((uint64_t)heap[0] & 0xFFFFFFFFu);
+        heap[0] = heap[i];
+        sift_down(heap, i, 0);
+    }
+    memcpy(pos, fixed + bh * (cap + 1), sizeof(int64_t) * cap);
+    int64_t fill = 0, total = front[b];
+    for (int64_t i = 0; i < K; i++) {
+        int64_t len = clen[bh * NB + ord[i]];
+        fill += len;
+        kl[i] = fill <= budget[b] ? len : 0;
+        int64_t at = front[b] + fill - len, start = cstart[bh * NB + ord[i]];
+        for (int64_t t = 0; t < kl[i] && at + t < cap; t++)
+            if (at + t >= 0) pos[at + t] = start + t;
+        total += kl[i];
+    }
+    counts[bh] = total;
+}
+
 void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
              const int64_t *budget, const int64_t *fixed, const int64_t *front,
-             int64_t *positions, int64_t *counts, int64_t *order, int64_t *kept, int64_t *heap,
-             int64_t B, int64_t Hkv, int64_t NB, int64_t K, int64_t cap) {
-    for (int64_t bh = 0; bh < B * Hkv; bh++) {
-        int64_t b = bh / Hkv;
-        const float *s = scores + bh * NB;
-        int64_t n = 0;
-        for (int64_t j = 0; j < NB && K > 0; j++) { /* the K largest keys */
-            int64_t key = order_key(s[j], j, NB);
-            if (n < K) {
-                heap[n++] = key;
-                if (n == K)
-                    for (int64_t i = K / 2 - 1; i >= 0; i--) sift_down(heap, K, i);
-            } else if (key > heap[0]) {
-                heap[0] = key;
-                sift_down(heap, K, 0);
+             int64_t *positions, int64_t *counts, int64_t *order, int64_t *kept, int64_t *heaps,
+             int64_t B, int64_t Hkv, int64_t NB, int64_t K, int64_t cap, int64_t T) {
+    (void)T;
+#pragma omp parallel for schedule(static) num_threads(T) if (T > 1 && B * Hkv > 1)
+    for (int64_t bh = 0; bh < B * Hkv; bh++)
+        keep_list(scores, clen, cstart, budget, fixed, front, positions, counts, order, kept,
+                  heaps + THREAD() * K, bh, Hkv, NB, K, cap);
+}
+
+
+/* One compressed layer of a planned step in one call (kernels/cpu.py DecodeStep.run_layer):
+ * ds_score (+ the plan's bias), ds_keep, each kept position's pool row, then ds_attend, in one
+ * parallel region. The plan's tensors are fixed for the step; q, the summaries, the pools and
+ * the outputs change per layer. Shapes as in the three calls above; pool_rows, slot_ok:
+ * [B, Hkv, P] (position p at column p + 1; slot_ok NULL: every slot is held); rows, valid:
+ * [B, Hkv, cap] of work; scores [B, Hkv, NB]; heaps T * K; work as ds_attend's. */
+typedef struct {
+    const float *q, *center, *radius, *k, *v;
+    float *out, *lse;
+    int64_t *positions, *counts, *order, *kept;
+    const int64_t *index;
+    const uint8_t *l2;
+    const float *bias;
+    const int64_t *clen, *cstart, *budget, *fixed, *front, *pool_rows;
+    const uint8_t *slot_ok;
+    float *scores, *work;
+    int64_t *heaps, *rows;
+    uint8_t *valid;
+    float scale;
+    int64_t B, Hkv, G, D, Dv, NB, K, cap, P, S, T;
+} ds_layer_args;
+
+void ds_layer(const ds_layer_args *a) {
+    const int64_t B = a->B, Hkv = a->Hkv, NB = a->NB, cap = a->cap, P = a->P, T = a->T;
+#pragma omp parallel num_threads(T) if (T > 1)
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < NB; j++)
+                score_column(a->q, a->center, a->radius, a->index, a->l2, a->bias, a->scores, b,
+                             j, Hkv, a->G, a->D, NB);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * Hkv; bh++) {
+            keep_list(a->scores, a->clen, a->cstart, a->budget, a->fixed, a->front,
+                      a->positions, a->counts, a->order, a->kept, a->heaps + THREAD() * a->K, bh,
+                      Hkv, NB, a->K, cap);
+            const int64_t *pos = a->positions + bh * cap, *pr = a->pool_rows + bh * P;
+            const uint8_t *held = a->slot_ok ? a->slot_ok + bh * P : NULL;
+            for (int64_t n = 0; n < cap; n++) { /* position -> pool row (-1: padding) */
+                int64_t col = pos[n] + 1;
+                int ok = col >= 1 && col < P && (!held || held[col]);
+                a->rows[bh * cap + n] = ok ? pr[col] : -1;
+                a->valid[bh * cap + n] = (uint8_t)ok;
             }
         }
-        int64_t *ord = order + bh * K, *kl = kept + bh * K, *pos = positions + bh * cap;
-        for (int64_t i = K - 1; i >= 0; i--) { /* pop ascending: fill the order from its end */
-            ord[i] = NB - 1 - (int64_t)((uint64_t)heap[0] & 0xFFFFFFFFu);
-            heap[0] = heap[i];
-            sift_down(heap, i, 0);
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < B * Hkv * a->S; u++)
+            attend_unit(a->q, a->k, a->v, a->rows, a->valid, a->out, a->lse, a->work, a->scale,
+                        Hkv, a->G, a->D, a->Dv, cap, a->S, T, u);
+        if (a->S > 1) {
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < B * Hkv; bh++)
+                merge_list(a->work, a->out, a->lse, a->G, a->Dv, cap, a->S, T, bh);
         }
-        memcpy(pos, fixed + bh * (cap + 1), sizeof(int64_t) * cap);
-        int64_t fill = 0, total = front[b];
-        for (int64_t i = 0; i < K; i++) {
-            int64_t len = clen[bh * NB + ord[i]];
-            fill += len;
-            kl[i] = fill <= budget[b] ? len : 0;
-            int64_t at = front[b] + fill - len, start = cstart[bh * NB + ord[i]];
-            for (int64_t t = 0; t < kl[i] && at + t < cap; t++)
-                if (at + t >= 0) pos[at + t] = start + t;
-            total += kl[i];
-        }
-        counts[bh] = total;
     }
 }

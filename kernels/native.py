@@ -1,7 +1,9 @@
 """Fused CPU kernels (native.c): built with the host's C compiler on first use, loaded by ctypes.
 
-No torch headers and no Python extension module: the C file is two plain functions over raw
+No torch headers and no Python extension module: the C file is three plain functions over raw
 fp32 / int64 pointers, so it compiles in about a second with `cc` and needs nothing from PyPI.
+Built with ``-fopenmp`` where the compiler has it (else serial): its loops then run on the
+OpenMP team torch already runs (the same ``libgomp.so.1``), with torch's thread count.
 The shared object is cached under ``$DYNSPLIT_CACHE_DIR/native`` (default
 ``~/.cache/dynsplit_sglang/native``), named by a hash of the source, the flags and this CPU
 (``-march=native``: a cached build never runs on another kind of CPU).
@@ -31,6 +33,7 @@ SOURCE = Path(__file__).with_name("native.c")
 # masked logits are -inf).
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fassociative-math",
          "-fno-signed-zeros", "-fno-trapping-math", "-funroll-loops", "-shared", "-fPIC"]
+THREADED = ["-fopenmp"]  # tried first; a compiler without OpenMP builds the serial loops
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -51,10 +54,10 @@ def _cache_dir() -> Path:
     return base / "native"
 
 
-def _build() -> Path:
+def _build(extra: list) -> Path:
     src = SOURCE.read_bytes()
     cc = os.environ.get("CC", "cc")
-    flags = FLAGS + os.environ.get("DYNSPLIT_NATIVE_CFLAGS", "").split()
+    flags = FLAGS + extra + os.environ.get("DYNSPLIT_NATIVE_CFLAGS", "").split()
     key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_id().encode())
     out = _cache_dir() / f"dsnative-{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -83,21 +86,53 @@ def load():
 
 
 def _load_once():
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
+    for extra in (THREADED, []):
+        try:
+            lib = ctypes.CDLL(str(_build(extra)))
+            break
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", "") or e
+    else:
         warnings.warn(f"dynsplit: the fused CPU kernels could not be built ({detail}); the "
                       "torch formulation runs instead", RuntimeWarning, stacklevel=3)
         return None
+    lib.threaded = bool(extra)
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.ds_score.argtypes = [p] * 6 + [i64] * 5
+    lib.ds_score.argtypes = [p] * 6 + [i64] * 6
     lib.ds_score.restype = None
-    lib.ds_attend.argtypes = [p] * 8 + [f32] + [i64] * 6
+    lib.ds_attend.argtypes = [p] * 8 + [f32] + [i64] * 8
     lib.ds_attend.restype = None
-    lib.ds_keep.argtypes = [p] * 11 + [i64] * 5
+    lib.ds_keep.argtypes = [p] * 11 + [i64] * 6
     lib.ds_keep.restype = None
+    lib.ds_layer.argtypes = [ctypes.POINTER(LayerArgs)]
+    lib.ds_layer.restype = None
     return lib
+
+
+def threads(lib) -> int:
+    """Threads a call splits its work over: torch's intra-op count, 1 for a serial build."""
+    return torch.get_num_threads() if getattr(lib, "threaded", False) else 1
+
+
+MIN_PART = 64  # entries: a shorter part costs more in its merge than its thread saves
+
+
+def attend_splits(lists: int, n: int, t: int) -> int:
+    """Parts per attention list (ds_attend's S): 1 where the lists alone keep the t threads
+    evenly busy; else the fewest parts that do (a multiple of t, or 4 per thread), each at
+    least MIN_PART entries. 3 KV heads of one request on 2 threads: 2 parts each."""
+    s = 1
+    while (t > 1 and (lists * s) % t and lists * s < 4 * t and n // (s + 1) >= MIN_PART):
+        s += 1
+    return s
+
+
+def attend_work(lib, b: int, hkv: int, g: int, n: int, dv: int) -> int:
+    """float32 elements of ds_attend's work buffer for these shapes."""
+    t = threads(lib)
+    s = attend_splits(b * hkv, n, t)
+    chunk = -(-n // s)
+    return t * g * (chunk + 2) + (b * hkv * s * g * (dv + 2) if s > 1 else 0)
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -138,14 +173,15 @@ def score(lib, q, center, radius, index, l2, top: int) -> torch.Tensor:
     _check_rows(top, m, "summary")
     out = torch.empty(b, hkv, nb, dtype=torch.float32)
     lib.ds_score(_ptr(q), _ptr(center), _ptr(radius), _ptr(index), _ptr(l2), _ptr(out), b, hkv,
-                 hq // hkv, d, nb)
+                 hq // hkv, d, nb, threads(lib))
     return out
 
 
 def attend(lib, q, k_rows, v_rows, rows, valid, scale: float, work: torch.Tensor, top: int):
     """(out [B, Hq, Dv] float32, lse [B, Hq]): attention of each (request, KV head) over the
     pool rows rows[b, h, :] (int64, at most top, a negative one is padding; k_rows [R, D],
-    v_rows [R, Dv]) where valid (bool or uint8). work: float32 scratch of at least G * (N + 2) elements."""
+    v_rows [R, Dv]) where valid (bool or uint8). work: float32 scratch of at least
+    attend_work(...) elements."""
     b, hq, d = q.shape
     hkv, n = rows.shape[1], rows.shape[2]
     g = hq // hkv
@@ -154,13 +190,15 @@ def attend(lib, q, k_rows, v_rows, rows, valid, scale: float, work: torch.Tensor
             and k_rows.shape[0] == v_rows.shape[0] and hq % hkv == 0
             and rows.dtype == torch.int64 and rows.is_contiguous() and rows.shape[0] == b
             and valid.dtype in (torch.uint8, torch.bool) and valid.shape == rows.shape
-            and valid.is_contiguous() and work.numel() >= g * (n + 2)):
+            and valid.is_contiguous() and work.numel() >= attend_work(lib, b, hkv, g, n, dv)):
         raise ValueError("dynsplit native attend: unsupported shapes, dtypes or layout")
     _check_rows(top, k_rows.shape[0], "pool row")
     out = torch.empty(b, hq, dv, dtype=torch.float32)
     lse = torch.empty(b, hq, dtype=torch.float32)
+    t = threads(lib)
     lib.ds_attend(_ptr(q), _ptr(k_rows), _ptr(v_rows), _ptr(rows), _ptr(valid), _ptr(out),
-                  _ptr(lse), _ptr(work), scale, b, hkv, g, d, dv, n)
+                  _ptr(lse), _ptr(work), scale, b, hkv, g, d, dv, n, attend_splits(b * hkv, n, t),
+                  t)
     return out, lse
 
 
@@ -169,11 +207,12 @@ def keep(lib, scores, clen, cstart, budget, fixed, front, k: int, heap: torch.Te
     DecodeStep.keep): (positions [B, Hkv, cap], counts [B, Hkv], order and kept_len
     [B, Hkv, k]). scores float32 [B, Hkv, NB] (no -0.0 needed); clen, cstart int64
     [B, Hkv, NB]; budget, front int64 [B]; fixed int64 [B, Hkv, cap + 1]; heap: int64 scratch
-    of at least k."""
+    of at least threads(lib) * k."""
     b, hkv, nb = scores.shape
     cap = fixed.shape[2] - 1
     i64 = torch.int64
-    if not (supports(scores) and 0 <= k <= nb and heap.numel() >= k and heap.dtype == i64
+    t = threads(lib)
+    if not (supports(scores) and 0 <= k <= nb and heap.numel() >= t * k and heap.dtype == i64
             and all(t.dtype == i64 and t.is_contiguous() and t.device.type == "cpu"
                     for t in (clen, cstart, budget, fixed, front, heap))
             and clen.shape == scores.shape and cstart.shape == scores.shape
@@ -185,8 +224,96 @@ def keep(lib, scores, clen, cstart, budget, fixed, front, k: int, heap: torch.Te
     kept = torch.empty(b, hkv, k, dtype=i64)
     lib.ds_keep(_ptr(scores), _ptr(clen), _ptr(cstart), _ptr(budget), _ptr(fixed), _ptr(front),
                 _ptr(positions), _ptr(counts), _ptr(order), _ptr(kept), _ptr(heap), b, hkv, nb,
-                k, cap)
+                k, cap, t)
     return positions, counts, order, kept
+
+
+_POINTERS = ("q", "center", "radius", "k", "v", "out", "lse", "positions", "counts", "order",
+             "kept", "index", "l2", "bias", "clen", "cstart", "budget", "fixed", "front",
+             "pool_rows", "slot_ok", "scores", "work", "heaps", "rows", "valid")
+_SIZES = ("B", "Hkv", "G", "D", "Dv", "NB", "K", "cap", "P", "S", "T")
+
+
+class LayerArgs(ctypes.Structure):
+    """native.c's ds_layer_args, field for field."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in _POINTERS] + [("scale", ctypes.c_float)]
+                + [(n, ctypes.c_int64) for n in _SIZES])
+
+
+class Layer:
+    """ds_layer bound to one planned step (kernels/cpu.py DecodeStep): score, keep, pool rows
+    and attention of a compressed layer in one call and one parallel region. The plan's tensors
+    are checked and bound once; a layer passes only its query, summaries and pools, so a call
+    costs one ctypes call and a few checks instead of three wrappers' worth.
+
+    index, l2, bias [B, NB] (0 / -inf), clen, cstart [B, Hkv, NB], budget, front [B], fixed
+    [B, Hkv, cap + 1], pool_rows [B, Hkv, P] (position p's pool row at column p + 1), slot_ok
+    (bool [B, Hkv, P] or None), index_top / rows_top: the largest summary / pool row they name
+    (plan time). take(name, shape, dtype): work buffers (kernels/cpu.py Scratch.take)."""
+
+    def __init__(self, lib, *, hq: int, d: int, dv: int, k: int, index, index_top: int, l2, bias,
+                 clen, cstart, budget, fixed, front, pool_rows, rows_top: int, slot_ok, take):
+        b, hkv, nb = clen.shape
+        cap, p = fixed.shape[2] - 1, pool_rows.shape[2]
+        i64 = torch.int64
+        ints = (index, clen, cstart, budget, fixed, front, pool_rows)
+        if not (hq % hkv == 0 and 0 <= k <= nb and index.shape == (b, nb) and l2.shape == (b,)
+                and l2.dtype == torch.uint8 and bias.shape == (b, nb) and supports(bias)
+                and cstart.shape == clen.shape and budget.shape == (b,) and front.shape == (b,)
+                and fixed.shape[:2] == (b, hkv) and pool_rows.shape[:2] == (b, hkv)
+                and (slot_ok is None or (slot_ok.shape == pool_rows.shape
+                                         and slot_ok.dtype == torch.bool
+                                         and slot_ok.is_contiguous()))
+                and l2.is_contiguous() and l2.device.type == "cpu"
+                and all(t.dtype == i64 and t.is_contiguous() and t.device.type == "cpu"
+                        for t in ints)):
+            raise ValueError("dynsplit native layer: unsupported plan shapes, dtypes or layout")
+        self.lib, self.hq, self.d, self.dv = lib, hq, d, dv
+        self.shape = (b, hkv, nb, cap)
+        self.index_top, self.rows_top = index_top, rows_top
+        t = threads(lib)
+        g = hq // hkv
+        s = attend_splits(b * hkv, cap, t)
+        self.keep_alive = [index, l2, bias, *ints, slot_ok,
+                           take("layer_scores", (b, hkv, nb), torch.float32),
+                           take("layer_work", (attend_work(lib, b, hkv, g, cap, dv),),
+                                torch.float32),
+                           take("layer_heaps", (t * max(k, 1),), i64),
+                           take("layer_rows", (b, hkv, cap), i64),
+                           take("layer_valid", (b, hkv, cap), torch.uint8)]
+        scores, work, heaps, rows, valid = self.keep_alive[-5:]
+        ptrs = dict(index=index, l2=l2, bias=bias, clen=clen, cstart=cstart, budget=budget,
+                    fixed=fixed, front=front, pool_rows=pool_rows, scores=scores, work=work,
+                    heaps=heaps, rows=rows, valid=valid)
+        self.args = LayerArgs(**{n: _ptr(x) for n, x in ptrs.items()},
+                              slot_ok=None if slot_ok is None else _ptr(slot_ok),
+                              B=b, Hkv=hkv, G=g, D=d, Dv=dv, NB=nb, K=k, cap=cap, P=p, S=s, T=t)
+
+    def __call__(self, q, center, radius, k_rows, v_rows, scale: float):
+        """(out [B, Hq, Dv], lse [B, Hq], positions [B, Hkv, cap], counts [B, Hkv], order and
+        kept [B, Hkv, K]) for this layer; q [B, Hq, D], center / radius [M, Hkv, D], k_rows
+        [R, D], v_rows [R, Dv] (the pools as rows slot * Hkv + head), all fp32 contiguous."""
+        b, hkv, nb, cap = self.shape
+        if not (supports(q, center, radius, k_rows, v_rows) and q.shape == (b, self.hq, self.d)
+                and center.shape == radius.shape and center.shape[1:] == (hkv, self.d)
+                and k_rows.shape[1] == self.d and v_rows.shape == (k_rows.shape[0], self.dv)):
+            raise ValueError("dynsplit native layer: unsupported shapes, dtypes or layout")
+        _check_rows(self.index_top, center.shape[0], "summary")
+        _check_rows(self.rows_top, k_rows.shape[0], "pool row")
+        a, k, i64 = self.args, self.args.K, torch.int64
+        out = torch.empty(b, self.hq, self.dv, dtype=torch.float32)
+        lse = torch.empty(b, self.hq, dtype=torch.float32)
+        positions = torch.empty(b, hkv, cap, dtype=i64)
+        counts = torch.empty(b, hkv, dtype=i64)
+        order = torch.empty(b, hkv, k, dtype=i64)
+        kept = torch.empty(b, hkv, k, dtype=i64)
+        a.q, a.center, a.radius = q.data_ptr(), center.data_ptr(), radius.data_ptr()
+        a.k, a.v, a.out, a.lse = k_rows.data_ptr(), v_rows.data_ptr(), out.data_ptr(), lse.data_ptr()
+        a.positions, a.counts = positions.data_ptr(), counts.data_ptr()
+        a.order, a.kept = order.data_ptr(), kept.data_ptr()
+        a.scale = scale
+        self.lib.ds_layer(ctypes.byref(a))
+        return out, lse, positions, counts, order, kept
 
 
 def describe() -> dict:

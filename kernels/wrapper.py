@@ -140,6 +140,11 @@ class SparseDecodeWrapper:
         """q: [B, Hq, D]; k_buffer/v_buffer: the layer's pool [S, Hkv, D(v)]; center/radius:
         the layer's block summaries [M, Hkv, D]. Returns out [B, Hq, Dv] (and lse [B, Hq] if
         asked)."""
+        if self._step is not None:
+            fused = self._step.run(q, k_buffer, v_buffer, center, radius, scale, return_lse)
+            if fused is not None:
+                out, self.last_selection = fused
+                return out
         sel = self.select(q, center, radius)
         if self._step is not None:
             return self._step.attend(q, k_buffer, v_buffer, sel, scale, return_lse)
