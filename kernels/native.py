@@ -308,7 +308,8 @@ class Layer:
         order = torch.empty(b, hkv, k, dtype=i64)
         kept = torch.empty(b, hkv, k, dtype=i64)
         a.q, a.center, a.radius = q.data_ptr(), center.data_ptr(), radius.data_ptr()
-        a.k, a.v, a.out, a.lse = k_rows.data_ptr(), v_rows.data_ptr(), out.data_ptr(), lse.data_ptr()
+        a.k, a.v = k_rows.data_ptr(), v_rows.data_ptr()
+        a.out, a.lse = out.data_ptr(), lse.data_ptr()
         a.positions, a.counts = positions.data_ptr(), counts.data_ptr()
         a.order, a.kept = order.data_ptr(), kept.data_ptr()
         a.scale = scale

@@ -178,7 +178,8 @@ def test_native_layer_equals_select_then_attend(lens, hkv, g, d, dv, evicted, th
     if evicted:
         slots[0, 40:90] = -1
     q = torch.randn(len(lens), hkv * g, d, generator=torch.Generator().manual_seed(g))
-    plan = plan_selection(batch.table, batch.seq_lens, max(96, lens[0] // 3), 4, 32, max_block_len=20)
+    budget = max(96, lens[0] // 3)
+    plan = plan_selection(batch.table, batch.seq_lens, budget, 4, 32, max_block_len=20)
     steps = {}
     for fused in ("1", "0"):
         monkeypatch.setenv("DYNSPLIT_NATIVE", fused)
