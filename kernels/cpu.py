@@ -296,9 +296,11 @@ class DecodeStep:
     positions (sink + recent window), the top-k bound and each position's pool row.
 
     A layer is then score -> top-k -> lay out the kept blocks -> gather pool rows -> attend:
-    three fused C calls (native.c) on fp32 tensors where they build, else about 45 torch calls
-    instead of about 110 (on a CPU each call costs microseconds, which at short contexts is most
-    of a compressed layer's time). Results equal the unplanned path's.
+    one fused C call (native.c ds_layer, `run`) on fp32 tensors where it builds, else about 45
+    torch calls instead of about 110 (on a CPU each call costs microseconds, more with the
+    caches cold after the model's matmuls, which at short contexts is most of a compressed
+    layer's time). `select` and `attend` run the stages apart (three C calls). Results equal
+    the unplanned path's.
     """
 
     def __init__(self, plan: _selection.SelectionPlan, summary_index: torch.Tensor,
@@ -342,16 +344,19 @@ class DecodeStep:
         self._layers = {}  # (Hq, D, Dv) -> native.Layer: the whole layer in one fused call
 
     def select(self, q, center, radius) -> _selection.Selection:
+        layer = self._layer(q, center, radius, None)
+        if layer is not None:  # score and block choice in one fused call
+            return _selection.Selection(*layer.select(q, center, radius), self.nb)
         return self.keep(self.score(q, center, radius))
 
-    def run(self, q, k_buffer, v_buffer, center, radius, scale=None, return_lse=False):
-        """The whole layer (select, then attend) in one fused call: (output as attend gives
-        it, Selection), or None where the fused kernels cannot take these tensors (no compiler,
-        not fp32), and select + attend run instead."""
-        if self.native is None or not _native.supports(q, center, radius, k_buffer, v_buffer):
+    def _layer(self, q, center, radius, v_buffer):
+        """The fused layer call bound to this step for these shapes (v_buffer None: for the
+        selection alone), or None where the fused kernels cannot take the tensors."""
+        pools = () if v_buffer is None else (v_buffer,)
+        if self.native is None or not _native.supports(q, center, radius, *pools):
             return None
         b, hq, d = q.shape
-        dv = v_buffer.shape[2]
+        dv = 0 if v_buffer is None else v_buffer.shape[2]
         layer = self._layers.get((hq, d, dv))
         if layer is None:
             out, front = self.fixed
@@ -362,6 +367,16 @@ class DecodeStep:
                 front=front, pool_rows=self.pool_rows, rows_top=self.rows_top,
                 slot_ok=self.slot_ok, take=lambda n, shape, dt: self.scratch.take(n, shape, dt,
                                                                                   q.device))
+        return layer
+
+    def run(self, q, k_buffer, v_buffer, center, radius, scale=None, return_lse=False):
+        """The whole layer (select, then attend) in one fused call: (output as attend gives
+        it, Selection), or None where the fused kernels cannot take these tensors (no compiler,
+        not fp32), and select + attend run instead."""
+        layer = self._layer(q, center, radius, v_buffer)
+        if layer is None or not _native.supports(k_buffer):
+            return None
+        d, dv = q.shape[2], v_buffer.shape[2]
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         out, lse, pos, counts, order, kept = layer(q, center, radius, k_buffer.view(-1, d),
                                                    v_buffer.view(-1, dv), scale)

@@ -362,7 +362,8 @@ void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
  * parallel region. The plan's tensors are fixed for the step; q, the summaries, the pools and
  * the outputs change per layer. Shapes as in the three calls above; pool_rows, slot_ok:
  * [B, Hkv, P] (position p at column p + 1; slot_ok NULL: every slot is held); rows, valid:
- * [B, Hkv, cap] of work; scores [B, Hkv, NB]; heaps T * K; work as ds_attend's. */
+ * [B, Hkv, cap] of work; scores [B, Hkv, NB]; heaps T * K; work as ds_attend's.
+ * attend == 0: the selection alone (score, keep), for SparseDecodeWrapper.select. */
 typedef struct {
     const float *q, *center, *radius, *k, *v;
     float *out, *lse;
@@ -377,6 +378,7 @@ typedef struct {
     uint8_t *valid;
     float scale;
     int64_t B, Hkv, G, D, Dv, NB, K, cap, P, S, T;
+    int64_t attend; /* 0: the selection only (q, summaries and the selection's outputs) */
 } ds_layer_args;
 
 void ds_layer(const ds_layer_args *a) {
@@ -393,6 +395,7 @@ void ds_layer(const ds_layer_args *a) {
             keep_list(a->scores, a->clen, a->cstart, a->budget, a->fixed, a->front,
                       a->positions, a->counts, a->order, a->kept, a->heaps + THREAD() * a->K, bh,
                       Hkv, NB, a->K, cap);
+            if (!a->attend) continue;
             const int64_t *pos = a->positions + bh * cap, *pr = a->pool_rows + bh * P;
             const uint8_t *held = a->slot_ok ? a->slot_ok + bh * P : NULL;
             for (int64_t n = 0; n < cap; n++) { /* position -> pool row (-1: padding) */
@@ -402,11 +405,13 @@ void ds_layer(const ds_layer_args *a) {
                 a->valid[bh * cap + n] = (uint8_t)ok;
             }
         }
+        if (a->attend) {
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < B * Hkv * a->S; u++)
-            attend_unit(a->q, a->k, a->v, a->rows, a->valid, a->out, a->lse, a->work, a->scale,
-                        Hkv, a->G, a->D, a->Dv, cap, a->S, T, u);
-        if (a->S > 1) {
+            for (int64_t u = 0; u < B * Hkv * a->S; u++)
+                attend_unit(a->q, a->k, a->v, a->rows, a->valid, a->out, a->lse, a->work,
+                            a->scale, Hkv, a->G, a->D, a->Dv, cap, a->S, T, u);
+        }
+        if (a->attend && a->S > 1) {
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * Hkv; bh++)
                 merge_list(a->work, a->out, a->lse, a->G, a->Dv, cap, a->S, T, bh);

@@ -231,7 +231,7 @@ def keep(lib, scores, clen, cstart, budget, fixed, front, k: int, heap: torch.Te
 _POINTERS = ("q", "center", "radius", "k", "v", "out", "lse", "positions", "counts", "order",
              "kept", "index", "l2", "bias", "clen", "cstart", "budget", "fixed", "front",
              "pool_rows", "slot_ok", "scores", "work", "heaps", "rows", "valid")
-_SIZES = ("B", "Hkv", "G", "D", "Dv", "NB", "K", "cap", "P", "S", "T")
+_SIZES = ("B", "Hkv", "G", "D", "Dv", "NB", "K", "cap", "P", "S", "T", "attend")
 
 
 class LayerArgs(ctypes.Structure):
@@ -300,21 +300,39 @@ class Layer:
             raise ValueError("dynsplit native layer: unsupported shapes, dtypes or layout")
         _check_rows(self.index_top, center.shape[0], "summary")
         _check_rows(self.rows_top, k_rows.shape[0], "pool row")
-        a, k, i64 = self.args, self.args.K, torch.int64
+        a = self.args
         out = torch.empty(b, self.hq, self.dv, dtype=torch.float32)
         lse = torch.empty(b, self.hq, dtype=torch.float32)
+        a.k, a.v = k_rows.data_ptr(), v_rows.data_ptr()
+        a.out, a.lse = out.data_ptr(), lse.data_ptr()
+        a.scale, a.attend = scale, 1
+        return (out, lse, *self._select(q, center, radius))
+
+    def select(self, q, center, radius):
+        """(positions, counts, order, kept) alone: the layer's score and block choice in one
+        call (no pool read)."""
+        b, hkv, nb, cap = self.shape
+        if not (supports(q, center, radius) and q.shape == (b, self.hq, self.d)
+                and center.shape == radius.shape and center.shape[1:] == (hkv, self.d)):
+            raise ValueError("dynsplit native layer: unsupported shapes, dtypes or layout")
+        _check_rows(self.index_top, center.shape[0], "summary")
+        a = self.args
+        a.k = a.v = a.out = a.lse = None
+        a.attend = 0
+        return self._select(q, center, radius)
+
+    def _select(self, q, center, radius):
+        b, hkv, nb, cap = self.shape
+        a, k, i64 = self.args, self.args.K, torch.int64
         positions = torch.empty(b, hkv, cap, dtype=i64)
         counts = torch.empty(b, hkv, dtype=i64)
         order = torch.empty(b, hkv, k, dtype=i64)
         kept = torch.empty(b, hkv, k, dtype=i64)
         a.q, a.center, a.radius = q.data_ptr(), center.data_ptr(), radius.data_ptr()
-        a.k, a.v = k_rows.data_ptr(), v_rows.data_ptr()
-        a.out, a.lse = out.data_ptr(), lse.data_ptr()
         a.positions, a.counts = positions.data_ptr(), counts.data_ptr()
         a.order, a.kept = order.data_ptr(), kept.data_ptr()
-        a.scale = scale
         self.lib.ds_layer(ctypes.byref(a))
-        return out, lse, positions, counts, order, kept
+        return positions, counts, order, kept
 
 
 def describe() -> dict:

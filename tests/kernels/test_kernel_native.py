@@ -194,6 +194,10 @@ def test_native_layer_equals_select_then_attend(lens, hkv, g, d, dv, evicted, th
     assert torch.equal(sel.positions, core_sel.positions)
     assert torch.equal(sel.counts, core_sel.counts)
     assert torch.equal(sel.order, ref_sel.order) and torch.equal(sel.kept_len, ref_sel.kept_len)
+    alone = steps["1"].select(q, batch.center, batch.radius)  # the fused selection alone
+    for got_t, want in ((alone.positions, sel.positions), (alone.counts, sel.counts),
+                        (alone.order, sel.order), (alone.kept_len, sel.kept_len)):
+        assert torch.equal(got_t, want)
     ref, ref_lse = steps["0"].attend(q, batch.k, batch.v, ref_sel, return_lse=True)
     assert rel_err(out, ref) < 1e-5
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
@@ -215,3 +219,7 @@ def test_native_layer_refuses_bad_arguments(monkeypatch):
         step.run(q, batch.k[:10], batch.v[:10], batch.center, batch.radius)
     with pytest.raises(ValueError, match="unsupported"):
         step.run(q[:1], batch.k, batch.v, batch.center, batch.radius)  # another batch size
+    with pytest.raises(IndexError, match="summary index"):
+        step.select(q, batch.center[:3], batch.radius[:3])
+    with pytest.raises(ValueError, match="unsupported"):
+        step.select(q[:1], batch.center, batch.radius)
