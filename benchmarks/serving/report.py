@@ -426,7 +426,7 @@ def before_after_lines(before, after) -> list[str]:
     if "cpu_path" in before:  # both replays say what they ran
         what = (f"before = `profile-decode-before.json`: {before['cpu_path']}, "
                 f"{before['huge_pages']}; after: {after['cpu_path']}, {after['huge_pages']}; "
-                "profiled in the same session")
+                "profiled in the same session; the three stages timed as separate calls")
     else:
         what = "before = `profile-decode-before.json`, the previous code, profiled in the same session"
     head = ["**The decode step before and after** (`profile_decode.py`, "
