@@ -344,17 +344,15 @@ class DecodeStep:
         self._layers = {}  # (Hq, D, Dv) -> native.Layer: the whole layer in one fused call
 
     def select(self, q, center, radius) -> _selection.Selection:
-        layer = self._layer(q, center, radius, None)
-        if layer is not None:  # score and block choice in one fused call
+        if self.native is not None and _native.supports(q, center, radius):
+            # score and block choice in one fused call
+            layer = self._layer(q, None)
             return _selection.Selection(*layer.select(q, center, radius), self.nb)
         return self.keep(self.score(q, center, radius))
 
-    def _layer(self, q, center, radius, v_buffer):
+    def _layer(self, q, v_buffer):
         """The fused layer call bound to this step for these shapes (v_buffer None: for the
-        selection alone), or None where the fused kernels cannot take the tensors."""
-        pools = () if v_buffer is None else (v_buffer,)
-        if self.native is None or not _native.supports(q, center, radius, *pools):
-            return None
+        selection alone); the caller has checked that the fused kernels take the tensors."""
         b, hq, d = q.shape
         dv = 0 if v_buffer is None else v_buffer.shape[2]
         layer = self._layers.get((hq, d, dv))
@@ -373,9 +371,9 @@ class DecodeStep:
         """The whole layer (select, then attend) in one fused call: (output as attend gives
         it, Selection), or None where the fused kernels cannot take these tensors (no compiler,
         not fp32), and select + attend run instead."""
-        layer = self._layer(q, center, radius, v_buffer)
-        if layer is None or not _native.supports(k_buffer):
+        if self.native is None or not _native.supports(q, center, radius, k_buffer, v_buffer):
             return None
+        layer = self._layer(q, v_buffer)
         d, dv = q.shape[2], v_buffer.shape[2]
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         out, lse, pos, counts, order, kept = layer(q, center, radius, k_buffer.view(-1, d),

@@ -240,15 +240,14 @@ static void normalise(float *acc, const float *mx, const float *sum, int64_t G, 
 /* Part u of ds_attend's B * Hkv * S parts (a list when S == 1, normalised then). */
 static void attend_unit(const float *q, const float *k, const float *v, const int64_t *rows,
                         const uint8_t *valid, float *out, float *lse, float *work, float scale,
-                        int64_t Hkv, int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S,
-                        int64_t T, int64_t u) {
+                        int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S, int64_t T,
+                        int64_t u) {
     const int64_t chunk = (N + S - 1) / S, bh = u / S, lo = (u % S) * chunk;
     const int64_t hi = lo + chunk < N ? lo + chunk : N;
     float *logit = work + THREAD() * G * (chunk + 2);
     float *part = work + T * G * (chunk + 2) + u * G * (Dv + 2);
     float *acc = S == 1 ? out + bh * G * Dv : part;
     float *mx = S == 1 ? logit + G * chunk : acc + G * Dv;
-    (void)Hkv;
     attend_part(q + bh * G * D, k, v, rows + bh * N, valid + bh * N, scale, G, D, Dv, lo, hi,
                 logit, acc, mx, mx + G);
     if (S == 1) normalise(acc, mx, mx + G, G, Dv, lse + bh * G);
@@ -261,21 +260,27 @@ static inline void merge_list(const float *work, float *out, float *lse, int64_t
                 lse + bh * G);
 }
 
+/* The attention of all L = B * Hkv lists: their parts, then the merges. Called inside a
+ * parallel region (its loops are shared among the region's threads) or outside one. */
+static void attend_lists(const float *q, const float *k, const float *v, const int64_t *rows,
+                         const uint8_t *valid, float *out, float *lse, float *work, float scale,
+                         int64_t L, int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S,
+                         int64_t T) {
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < L * S; u++)
+        attend_unit(q, k, v, rows, valid, out, lse, work, scale, G, D, Dv, N, S, T, u);
+    if (S > 1) {
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < L; bh++) merge_list(work, out, lse, G, Dv, N, S, T, bh);
+    }
+}
+
 void ds_attend(const float *q, const float *k, const float *v, const int64_t *rows,
                const uint8_t *valid, float *out, float *lse, float *work, float scale,
                int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S,
                int64_t T) {
 #pragma omp parallel num_threads(T) if (T > 1 && B * Hkv * S > 1)
-    {
-#pragma omp for schedule(static)
-        for (int64_t u = 0; u < B * Hkv * S; u++)
-            attend_unit(q, k, v, rows, valid, out, lse, work, scale, Hkv, G, D, Dv, N, S, T, u);
-        if (S > 1) {
-#pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < B * Hkv; bh++)
-                merge_list(work, out, lse, G, Dv, N, S, T, bh);
-        }
-    }
+    attend_lists(q, k, v, rows, valid, out, lse, work, scale, B * Hkv, G, D, Dv, N, S, T);
 }
 
 /* The keys of core.selection's order: the score's order-preserving int32 image in the high
@@ -356,8 +361,7 @@ void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
                   heaps + THREAD() * K, bh, Hkv, NB, K, cap);
 }
 
-
-/* One compressed layer of a planned step in one call (kernels/cpu.py DecodeStep.run_layer):
+/* One compressed layer of a planned step in one call (kernels/cpu.py DecodeStep.run):
  * ds_score (+ the plan's bias), ds_keep, each kept position's pool row, then ds_attend, in one
  * parallel region. The plan's tensors are fixed for the step; q, the summaries, the pools and
  * the outputs change per layer. Shapes as in the three calls above; pool_rows, slot_ok:
@@ -405,16 +409,8 @@ void ds_layer(const ds_layer_args *a) {
                 a->valid[bh * cap + n] = (uint8_t)ok;
             }
         }
-        if (a->attend) {
-#pragma omp for schedule(static)
-            for (int64_t u = 0; u < B * Hkv * a->S; u++)
-                attend_unit(a->q, a->k, a->v, a->rows, a->valid, a->out, a->lse, a->work,
-                            a->scale, Hkv, a->G, a->D, a->Dv, cap, a->S, T, u);
-        }
-        if (a->attend && a->S > 1) {
-#pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < B * Hkv; bh++)
-                merge_list(a->work, a->out, a->lse, a->G, a->Dv, cap, a->S, T, bh);
-        }
+        if (a->attend)
+            attend_lists(a->q, a->k, a->v, a->rows, a->valid, a->out, a->lse, a->work,
+                         a->scale, B * Hkv, a->G, a->D, a->Dv, cap, a->S, T);
     }
 }

@@ -1,7 +1,8 @@
 """Fused CPU kernels (native.c): built with the host's C compiler on first use, loaded by ctypes.
 
-No torch headers and no Python extension module: the C file is three plain functions over raw
-fp32 / int64 pointers, so it compiles in about a second with `cc` and needs nothing from PyPI.
+No torch headers and no Python extension module: the C file is four plain functions (score,
+keep, attend, and the three as one layer) over raw fp32 / int64 pointers, so it compiles in
+about a second with `cc` and needs nothing from PyPI.
 Built with ``-fopenmp`` where the compiler has it (else serial): its loops then run on the
 OpenMP team torch already runs (the same ``libgomp.so.1``), with torch's thread count.
 The shared object is cached under ``$DYNSPLIT_CACHE_DIR/native`` (default
