@@ -138,8 +138,8 @@ def attend_work(lib, b: int, hkv: int, g: int, n: int, dv: int) -> int:
 
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels take these tensors: fp32 on the CPU, each contiguous."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-               for t in tensors)
+    # is_cpu, not device.type: no device object per tensor (this runs twice per layer)
+    return all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors)
 
 
 def _ptr(t: torch.Tensor) -> int:

@@ -1,6 +1,7 @@
 """README section of the kernel benchmark, generated from its JSON (run.py writes both).
 
-    python benchmarks/kernels/report.py benchmarks/kernels/results/cpu-full.json
+    python benchmarks/kernels/report.py benchmarks/kernels/results/cpu-full.json \
+        [--threads-run benchmarks/kernels/results/cpu-2threads-full.json]
 
 Writes README-section.md next to the JSON; benchmarks/update_readme.py splices it into README.md.
 Every ratio names its baseline: `dense` is the fastest dense decode of the same run (its
@@ -49,7 +50,33 @@ def speed_table(rows, frac: int = 16) -> list[str]:
     return out
 
 
-def section(data: dict, json_path: str) -> str:
+def _targets(data: dict) -> list[str]:
+    out = []
+    for t in data.get("targets", {}).get("cpu", []):
+        if t["layout"].startswith("llama8b"):
+            mark = "info" if t["passed"] is None else ("pass" if t["passed"] else "**MISS**")
+            out.append(f"* [{mark}] {t['target']}: {t['value']:.2f} ({t['detail']})")
+    return out
+
+
+def threads_lines(data: dict, json_path: str) -> list[str]:
+    """The same targets from a second run at another thread count (the server's), every method
+    on the same threads, so that its ratios stand beside the first run's, not mixed with them."""
+    meta = data["meta"]
+    rows = [r for r in data["rows"] if r["device"].startswith("cpu")]
+    return [
+        "",
+        f"The same run on **{meta['threads']} torch threads** (the count the CPU server runs; "
+        f"{meta['cpu_clock']} clock; every method, dense included, on the same threads; "
+        f"`{json_path}`):",
+        "",
+        *speed_table(rows),
+        "",
+        *_targets(data),
+    ]
+
+
+def section(data: dict, json_path: str, threads_run: tuple[dict, str] | None = None) -> str:
     meta, rows = data["meta"], [r for r in data["rows"] if r["device"].startswith("cpu")]
     bw = data.get("bandwidth_gbps", {}).get("cpu")
     lines = [
@@ -71,11 +98,9 @@ def section(data: dict, json_path: str) -> str:
         "",
         "Targets at 32k, 1/16, batch 1 (from the same run):",
         "",
+        *_targets(data),
+        *(threads_lines(*threads_run) if threads_run else []),
     ]
-    for t in data.get("targets", {}).get("cpu", []):
-        if t["layout"].startswith("llama8b"):
-            mark = "info" if t["passed"] is None else ("pass" if t["passed"] else "**MISS**")
-            lines.append(f"* [{mark}] {t['target']}: {t['value']:.2f} ({t['detail']})")
     lines += [
         "",
         "`selection / dense`: scoring + top-k + lay-out time over the fastest dense time. "
@@ -90,11 +115,16 @@ def section(data: dict, json_path: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", help="run.py output (CPU rows)")
+    ap.add_argument("--threads-run", default=None,
+                    help="a second run.py output at another thread count (e.g. the server's)")
     args = ap.parse_args(argv)
     path = Path(args.json)
     data = json.loads(path.read_text())
+    second = None
+    if args.threads_run:
+        second = (json.loads(Path(args.threads_run).read_text()), Path(args.threads_run).as_posix())
     out = path.parent / "README-section.md"
-    out.write_text(section(data, path.as_posix()))
+    out.write_text(section(data, path.as_posix(), second))
     print(f"wrote {out}")
     return 0
 

@@ -474,15 +474,18 @@ def bottleneck_lines(p) -> list[str]:
     top = max(b8["ms_per_step"].items(), key=lambda kv: kv[1])
     sparse = sum(v for k, v in b8["ms_per_step"].items() if k.startswith("dynsplit sparse"))
     replay = (p.get("step") or {}).get("dense", {}).get("attention_ms")
+    replay_layer = ((p.get("attention") or {}).get("0.125") or {}).get("sparse_layer_ms_p50")
     out = [f"* **Bottleneck (live server, 8k context).** Dense: attention {d_att:.0f} ms of a "
            f"{dense['tpot_ms']:.0f} ms step ({d_att / dense['tpot_ms']:.0%})"
            + (f"; the in-process replay measures only {replay:.0f} ms for it, so the live split "
               "is the reference" if replay else "") + ". "
            f"At 1/8 the largest part is {top[0]}: {top[1]:.0f} ms per step "
            f"({top[1] / b8['tpot_ms']:.0%}), {sparse / COMPRESSED_LAYERS:.1f} ms per compressed "
-           f"layer for ~1/8 of the keys (dense: {d_att / LAYERS:.1f} ms per layer for all): "
-           "per-op overhead of the CPU path's small torch ops (score, select, gather, attend; "
-           "docs/kernels.md), not bytes read. With attention free the step would still cost "
+           f"layer for ~1/8 of the keys (dense: {d_att / LAYERS:.1f} ms per layer for all)"
+           + (f", against {replay_layer:.2f} ms in the in-process replay" if replay_layer else "")
+           + f" ({p.get('cpu_path', 'the CPU path')}; in the server the caches are cold after "
+           "the model's matmuls and other processes share the cores; docs/kernels.md). "
+           "With attention free the step would still cost "
            f"{rest:.0f} ms: the ceiling on this host is {dense['tpot_ms'] / rest:.1f}x dense; "
            f"1/8 reaches {dense['tpot_ms'] / b8['tpot_ms']:.2f}x under py-spy "
            "(the decode probe above, without the profiler, is the figure to quote)."]

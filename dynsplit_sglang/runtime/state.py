@@ -61,19 +61,39 @@ class StepState:
     kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eviction: slots that still hold K/V
     window: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index -> window heat
     revised: list[int] = field(default_factory=list)  # batch indices that evicted tree positions
-    head_attended: torch.Tensor | None = None  # [B, Hkv] K/V tokens attended, summed over layers
-    head_peak: torch.Tensor | None = None  # [B, Hkv] the most one layer attended
+    # Tokens attended per compressed layer ([B, Hkv] each, on the device): kept as the layers
+    # give them and folded once per forward (two ops per layer cost more than the fold).
+    layer_counts: list[torch.Tensor] = field(default_factory=list)
+    _folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (sum, peak) of the folded ones
 
     def count_rows(self, counts: torch.Tensor) -> None:
-        """Add one layer's tokens attended ([B, Hkv], on the device): two in-place ops per
-        layer; the sums are read once per forward."""
-        if self.head_attended is None:
-            self.head_attended, self.head_peak = counts.clone(), counts.clone()
-        else:
-            self.head_attended.add_(counts)
-            torch.maximum(self.head_peak, counts, out=self.head_peak)
+        """One layer's tokens attended ([B, Hkv], on the device). The tensor is the layer's
+        own (each selection returns new ones), so it is kept, not copied."""
+        self.layer_counts.append(counts)
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.layer_counts:
+            stacked = torch.stack(self.layer_counts)
+            total, peak = stacked.sum(0), stacked.amax(0)
+            if self._folded is not None:
+                total, peak = total + self._folded[0], torch.maximum(peak, self._folded[1])
+            self._folded, self.layer_counts = (total, peak), []
+        return self._folded
+
+    @property
+    def head_attended(self) -> torch.Tensor | None:
+        """[B, Hkv] K/V tokens attended, summed over the compressed layers."""
+        folded = self._fold()
+        return None if folded is None else folded[0]
+
+    @property
+    def head_peak(self) -> torch.Tensor | None:
+        """[B, Hkv] the most one layer attended."""
+        folded = self._fold()
+        return None if folded is None else folded[1]
 
     @property
     def row_attended(self) -> torch.Tensor | None:
         """[B] K/V tokens each request attended over the compressed layers."""
-        return None if self.head_attended is None else self.head_attended.sum(1)
+        total = self.head_attended
+        return None if total is None else total.sum(1)

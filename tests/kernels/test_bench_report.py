@@ -46,3 +46,21 @@ def test_section_states_ratios_to_the_named_fastest_dense():
     assert cells[4] == "20.00 ms" and cells[5] == "3.00x" and cells[6] == "8.00x"
     assert cells[7] == "0.38" and cells[8] == "0.10" and cells[9] == "0.75x"
     assert "[**MISS**] t1: 0.38" in text and "other" not in text
+
+
+def test_a_second_thread_count_is_reported_beside_not_mixed():
+    def run(threads, value, passed):
+        return {"meta": dict(threads=threads, cpu_clock="thread" if threads == 1 else "wall",
+                             sink=4, recent=64, ideal="N / (B + N/C)", load_avg_start=[1.0],
+                             load_avg_end=[2.0]),
+                "bandwidth_gbps": {"cpu": 10.0}, "rows": _rows(),
+                "targets": {"cpu": [dict(layout="llama8b-32/8/128", target="t1", value=value,
+                                         passed=passed, detail="d")]}}
+    rep = _report()
+    text = rep.section(run(1, 0.46, False), "one.json", (run(2, 0.64, True), "two.json"))
+    first, _, second = text.partition("**2 torch threads**")
+    assert "[**MISS**] t1: 0.46" in first and "0.64" not in first
+    assert "`two.json`" in second and "wall clock" in second
+    assert "[pass] t1: 0.64" in second and "0.46" not in second
+    assert second.count("| 1 | 32k") == 1  # its own table
+    assert rep.section(run(1, 0.46, False), "one.json").count("torch threads**") == 0
