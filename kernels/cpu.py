@@ -376,8 +376,8 @@ class DecodeStep:
         layer = self._layer(q, v_buffer)
         d, dv = q.shape[2], v_buffer.shape[2]
         scale = 1.0 / math.sqrt(d) if scale is None else scale
-        out, lse, pos, counts, order, kept = layer(q, center, radius, k_buffer.view(-1, d),
-                                                   v_buffer.view(-1, dv), scale)
+        out, lse, pos, counts, order, kept = layer.run_supported(
+            q, center, radius, k_buffer.view(-1, d), v_buffer.view(-1, dv), scale)
         sel = _selection.Selection(pos, counts, order, kept, self.nb)
         return ((out, lse) if return_lse else out), sel
 

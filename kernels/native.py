@@ -294,8 +294,15 @@ class Layer:
         """(out [B, Hq, Dv], lse [B, Hq], positions [B, Hkv, cap], counts [B, Hkv], order and
         kept [B, Hkv, K]) for this layer; q [B, Hq, D], center / radius [M, Hkv, D], k_rows
         [R, D], v_rows [R, Dv] (the pools as rows slot * Hkv + head), all fp32 contiguous."""
+        if not supports(q, center, radius, k_rows, v_rows):
+            raise ValueError("dynsplit native layer: unsupported shapes, dtypes or layout")
+        return self.run_supported(q, center, radius, k_rows, v_rows, scale)
+
+    def run_supported(self, q, center, radius, k_rows, v_rows, scale: float):
+        """__call__ for a caller that has just checked supports() on these tensors (the decode
+        step decides its path with it); the shapes and row bounds are checked here."""
         b, hkv, nb, cap = self.shape
-        if not (supports(q, center, radius, k_rows, v_rows) and q.shape == (b, self.hq, self.d)
+        if not (q.shape == (b, self.hq, self.d)
                 and center.shape == radius.shape and center.shape[1:] == (hkv, self.d)
                 and k_rows.shape[1] == self.d and v_rows.shape == (k_rows.shape[0], self.dv)):
             raise ValueError("dynsplit native layer: unsupported shapes, dtypes or layout")
