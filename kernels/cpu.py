@@ -353,10 +353,13 @@ class DecodeStep:
     def _layer(self, q, v_buffer):
         """The fused layer call bound to this step for these shapes (v_buffer None: for the
         selection alone); the caller has checked that the fused kernels take the tensors."""
-        b, hq, d = q.shape
-        dv = 0 if v_buffer is None else v_buffer.shape[2]
+        _, hq, d = q.shape
+        return self._layer_for(hq, d, 0 if v_buffer is None else v_buffer.shape[2], q.device)
+
+    def _layer_for(self, hq: int, d: int, dv: int, dev):
         layer = self._layers.get((hq, d, dv))
         if layer is None:
+            b = self.plan.clip_len.shape[0]
             out, front = self.fixed
             layer = self._layers[(hq, d, dv)] = _native.Layer(
                 self.native, hq=hq, d=d, dv=dv, k=self.max_kept, index=self.index,
@@ -364,8 +367,23 @@ class DecodeStep:
                 clen=self.clen, cstart=self.cstart, budget=self.plan.block_budget, fixed=out,
                 front=front, pool_rows=self.pool_rows, rows_top=self.rows_top,
                 slot_ok=self.slot_ok, take=lambda n, shape, dt: self.scratch.take(n, shape, dt,
-                                                                                  q.device))
+                                                                                  dev))
         return layer
+
+    def layer_set(self, center, radius, counts, hq: int, dv: int, pools: dict):
+        """Every compressed layer of this step as one bound fused call (native.LayerSet: layer
+        li runs as set(li, q, k_buffer, v_buffer, scale)), or None where the fused kernels
+        cannot take the summaries (no compiler, not fp32). center, radius: [L, M, Hkv, D];
+        counts: int64 [L, B, Hkv] (tokens attended, written per layer); pools: kept by the
+        caller across steps."""
+        if self.native is None or not _native.supports(center, radius):
+            return None
+        b, d = self.plan.clip_len.shape[0], center.shape[-1]
+        layer = self._layer_for(hq, d, dv, center.device)
+        out = torch.empty(center.shape[0], b, hq, dv, dtype=torch.float32)
+        return _native.LayerSet(layer, center, radius, counts, out,
+                                lambda n, shape, dt: self.scratch.take(n, shape, dt, out.device),
+                                pools)
 
     def run(self, q, k_buffer, v_buffer, center, radius, scale=None, return_lse=False):
         """The whole layer (select, then attend) in one fused call: (output as attend gives

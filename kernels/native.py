@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -341,6 +342,92 @@ class Layer:
         a.order, a.kept = order.data_ptr(), kept.data_ptr()
         self.lib.ds_layer(ctypes.byref(a))
         return positions, counts, order, kept
+
+
+class LayerSet:
+    """ds_layer for every compressed layer of one planned step, the server's hot path
+    (kernels/cpu.py DecodeStep.layer_set): the plan, every layer's summaries and the work
+    buffers are bound once per step, each layer's pools once, so a layer's call checks its
+    query, sets a few pointers and makes one ctypes call. In the 8k server the wrapper around a
+    0.25-0.27 ms kernel took 0.355 ms per layer through SparseDecodeWrapper.run and takes 0.29
+    through this (the interpreter runs cache-cold after the kernel and the model's matmuls, so
+    each Python op costs several times its hot cost).
+
+    center, radius: [L, M, Hkv, D] fp32, every compressed layer's summaries (the block store's,
+    fixed for the step); counts: int64 [L, B, Hkv], tokens attended (layer li writes row li);
+    out: fp32 [L, B, Hq, Dv], layer li's output (returned as a view). Only the selection's other
+    outputs (positions, order, kept) and the LSE go to reused work buffers: nothing read later.
+    pools: a dict the caller keeps across steps (SGLang's pool tensors live as long as the
+    server), so each layer's pools are checked once, not once per step."""
+
+    def __init__(self, layer: Layer, center, radius, counts, out, take, pools: dict):
+        b, hkv, nb, cap = layer.shape
+        i64 = torch.int64
+        if not (supports(center, radius, out) and center.dim() == 4
+                and center.shape == radius.shape and center.shape[2:] == (hkv, layer.d)
+                and counts.shape == (center.shape[0], b, hkv) and counts.dtype == i64
+                and counts.is_contiguous() and counts.is_cpu
+                and out.shape == (center.shape[0], b, layer.hq, layer.dv)):
+            raise ValueError("dynsplit native layer set: unsupported shapes, dtypes or layout")
+        layers, m = center.shape[:2]
+        _check_rows(layer.index_top, m, "summary")
+        k = layer.args.K
+        self.args = a = LayerArgs.from_buffer_copy(layer.args)
+        work = [take("set_lse", (b, layer.hq), torch.float32),
+                take("set_positions", (b, hkv, cap), i64), take("set_order", (b, hkv, k), i64),
+                take("set_kept", (b, hkv, k), i64)]
+        a.lse, a.positions, a.order, a.kept = (t.data_ptr() for t in work)
+        a.attend = 1
+        self.keep_alive = [layer, center, radius, counts, out, *work]
+        self.call, self.ref = layer.lib.ds_layer, ctypes.byref(a)
+        self.layers, self.out, self.qshape = layers, out, (b, layer.hq, layer.d)
+        self.dims, self.rows_top = (layer.d, layer.dv), layer.rows_top
+        self.default_scale = 1.0 / math.sqrt(layer.d)
+        step = m * hkv * layer.d * 4  # bytes between two layers' summaries
+        self.summaries = (center.data_ptr(), radius.data_ptr(), step)
+        self.counts = (counts.data_ptr(), b * hkv * 8)
+        self.outs = (out.data_ptr(), b * layer.hq * layer.dv * 4)
+        # li -> (k_buffer, v_buffer, k pointer, v pointer, pool rows); this step's plan may
+        # name rows a pool checked in an earlier step does not have
+        self.pools = pools
+        for li in [li for li, p in pools.items() if self.rows_top >= p[4]]:
+            del pools[li]
+
+    def __call__(self, li: int, q, k_buffer, v_buffer, scale=None):
+        """Layer li's output (out[li]: [B, Hq, Dv]), or None where the fused call cannot take
+        q or the pools (then the caller runs the layer another way). k_buffer / v_buffer: the
+        layer's pools [S, Hkv, D(v)]."""
+        if not 0 <= li < self.layers:
+            raise IndexError(f"dynsplit native layer set: layer {li} of {self.layers}")
+        pool = self.pools.get(li)
+        if pool is None or pool[0] is not k_buffer or pool[1] is not v_buffer:
+            pool = self._bind(li, k_buffer, v_buffer)
+            if pool is None:
+                return None
+        if not (q.dtype == torch.float32 and q.is_cpu and q.is_contiguous()
+                and q.shape == self.qshape):
+            return None
+        a = self.args
+        c0, r0, step = self.summaries
+        a.q, a.center, a.radius = q.data_ptr(), c0 + li * step, r0 + li * step
+        a.k, a.v = pool[2], pool[3]
+        a.counts = self.counts[0] + li * self.counts[1]
+        a.out = self.outs[0] + li * self.outs[1]
+        a.scale = self.default_scale if scale is None else scale
+        self.call(self.ref)
+        return self.out[li]
+
+    def _bind(self, li: int, k_buffer, v_buffer):
+        d, dv = self.dims
+        if not (supports(k_buffer, v_buffer) and k_buffer.dim() == 3 and v_buffer.dim() == 3
+                and k_buffer.shape[:2] == v_buffer.shape[:2] and k_buffer.shape[1] == self.args.Hkv
+                and k_buffer.shape[2] == d and v_buffer.shape[2] == dv):
+            return None
+        rows = k_buffer.shape[0] * k_buffer.shape[1]
+        _check_rows(self.rows_top, rows, "pool row")
+        pool = self.pools[li] = (k_buffer, v_buffer, k_buffer.data_ptr(), v_buffer.data_ptr(),
+                                 rows)
+        return pool
 
 
 def describe() -> dict:

@@ -51,12 +51,18 @@ class SparseDecodeWrapper:
         self._step = None  # CPU: what the step's layers share (kernels.cpu.DecodeStep)
         self._buffer = None  # workspace storage, reused across plans when large enough
         self._scratch = None  # CPU work buffers, reused across plans (kernels.cpu.Scratch)
+        self._summaries = None  # (center, radius) of every compressed layer: run_layer's
+        self.layer_counts: torch.Tensor | None = None  # run_layer: [L, B, Hkv] tokens attended
+        self._layer_set = None  # CPU: every layer of the step as one bound fused call
+        self._pools: dict = {}  # the layers' pools, checked once (kernels.native.LayerSet)
 
     def plan(self, selection: SelectionPlan, summary_index: torch.Tensor,
-             token_slots: torch.Tensor, l2=False) -> None:
+             token_slots: torch.Tensor, l2=False, summaries=None) -> None:
         """selection: the step's SelectionPlan (core.plan_selection); summary_index: [B, NB]
         summary rows of the plan's blocks (-1 = none); token_slots: [B, T] position → KV slot;
-        l2: the score's radius norm (core.selection.score_blocks), one bool or a [B] tensor."""
+        l2: the score's radius norm (core.selection.score_blocks), one bool or a [B] tensor;
+        summaries: (center, radius) [L, M, Hkv, D], every compressed layer's block summaries,
+        fixed for the step: then run_layer(li, ...) runs layer li (and counts its tokens)."""
         side = self.kernels.side
         if side == "triton" and isinstance(l2, bool):  # the kernel reads a per-request flag
             l2 = torch.full((selection.seq_lens.shape[0],), int(l2), dtype=torch.int32,
@@ -70,6 +76,15 @@ class SparseDecodeWrapper:
                 self._step = cpu.DecodeStep(selection, summary_index, token_slots,
                                             self.num_kv_heads, l2, self._max_kept,
                                             self._scratch)
+        if summaries is not None:
+            center, radius = self._summaries = summaries
+            self.layer_counts = torch.zeros(center.shape[0], selection.seq_lens.shape[0],
+                                            center.shape[2], dtype=torch.int64,
+                                            device=token_slots.device)
+            if self._step is not None and self.num_q_heads is not None:
+                self._layer_set = self._step.layer_set(
+                    center, radius, self.layer_counts, self.num_q_heads,
+                    self.head_dim_v or center.shape[3], self._pools)
 
     def plan_static(self, selection: SelectionPlan, summary_index: torch.Tensor,
                     token_slots: torch.Tensor, l2: torch.Tensor) -> None:
@@ -87,6 +102,7 @@ class SparseDecodeWrapper:
         self._mid = None
         self._max_kept = None
         self._step = None
+        self._summaries = self.layer_counts = self._layer_set = None
         if self.kernels.side == "triton" and self.num_kv_heads is not None:
             batch = selection.seq_lens.shape[0]
             self._mid = self._workspace(batch, selection.capacity, token_slots.device)
@@ -154,6 +170,24 @@ class SparseDecodeWrapper:
             opts["mid"] = self._mid
         return self.kernels.sparse_decode_attention(q, k_buffer, v_buffer, slots, scale,
                                                     return_lse, **opts)
+
+    def run_layer(self, li: int, q, k_buffer, v_buffer, scale=None):
+        """run for compressed layer li of the summaries given to plan (out [B, Hq, Dv]); its
+        tokens attended go to layer_counts[li]. On the CPU, the step's bound fused call (a few
+        pointer writes per layer: kernels.native.LayerSet); else run."""
+        fused = self._layer_set
+        if fused is not None:
+            out = fused(li, q, k_buffer, v_buffer, scale)
+            if out is not None:
+                return out
+        if self._summaries is None:
+            raise RuntimeError("SparseDecodeWrapper: run_layer needs plan(..., summaries=...)")
+        center, radius = self._summaries
+        if not 0 <= li < center.shape[0]:
+            raise IndexError(f"SparseDecodeWrapper: layer {li} of {center.shape[0]}")
+        out = self.run(q, k_buffer, v_buffer, center[li], radius[li], scale)
+        self.layer_counts[li].copy_(self.last_selection.counts)
+        return out
 
     def tokens_attended(self) -> torch.Tensor | None:
         """int64 [B, Hkv]: tokens each KV head attended to in the last run (device tensor; read

@@ -223,22 +223,21 @@ class Compressor:
                     step.count_rows(step.kept[1])
                 return out
             return None
-        li = layer_id - self.first_compressed
-        out = self.wrapper.run(q, k_buffer, v_buffer, self.store.center[li],
-                               self.store.radius[li], scale)
-        # Counted on the device, folded into the server's counters once per forward (no sync
-        # per layer on a GPU).
-        step.count_rows(self.wrapper.tokens_attended())
+        # Tokens attended are counted on the device into the step's table (step.counts_table),
+        # folded into the server's counters once per forward (no sync per layer on a GPU).
+        out = self.wrapper.run_layer(layer_id - self.first_compressed, q, k_buffer, v_buffer,
+                                     scale)
         if layer_id == self.num_layers - 1:
             self._end_decode(step)
         return out
 
     def _end_decode(self, step: StepState) -> None:
         layers = self.num_layers - self.first_compressed
+        total, peak = step.attended()
         if self._attended is None:
-            self._attended = torch.zeros(2, dtype=torch.int64, device=step.head_attended.device)
-        self._attended[0] += step.head_attended.sum()
-        self._attended[1] = torch.maximum(self._attended[1], step.head_peak.max())
+            self._attended = torch.zeros(2, dtype=torch.int64, device=total.device)
+        self._attended[0] += total.sum()
+        self._attended[1] = torch.maximum(self._attended[1], peak.max())
         self.stats["tokens_dense"] += sum(step.batch.seq_lens) * self.kv_heads * layers
         self.stats["sparse_layer_steps"] += len(step.batch.rows) * layers
         self._dump_stats()
@@ -282,7 +281,9 @@ class Compressor:
         )
         l2 = [st.cfg.summary_spread is not None for st in states]
         self.wrapper.plan(selection, summary_index, token_slots,
-                          l2[0] if len(set(l2)) == 1 else to_device([l2], dev)[0].bool())
+                          l2[0] if len(set(l2)) == 1 else to_device([l2], dev)[0].bool(),
+                          summaries=(self.store.center, self.store.radius))
+        step.counts_table = self.wrapper.layer_counts
         return True
 
     # -- counters -------------------------------------------------------------------------------

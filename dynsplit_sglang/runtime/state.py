@@ -65,6 +65,9 @@ class StepState:
     # give them and folded once per forward (two ops per layer cost more than the fold).
     layer_counts: list[torch.Tensor] = field(default_factory=list)
     _folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (sum, peak) of the folded ones
+    # Or all the layers' counts at once ([L, B, Hkv], zero until a layer writes its row: the
+    # decode wrapper's layer_counts); read as it stands whenever asked.
+    counts_table: torch.Tensor | None = None
 
     def count_rows(self, counts: torch.Tensor) -> None:
         """One layer's tokens attended ([B, Hkv], on the device). The tensor is the layer's
@@ -78,7 +81,17 @@ class StepState:
             if self._folded is not None:
                 total, peak = total + self._folded[0], torch.maximum(peak, self._folded[1])
             self._folded, self.layer_counts = (total, peak), []
-        return self._folded
+        table, folded = self.counts_table, self._folded
+        if table is None:
+            return folded
+        total, peak = table.sum(0), table.amax(0)
+        if folded is not None:
+            total, peak = total + folded[0], torch.maximum(peak, folded[1])
+        return total, peak
+
+    def attended(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(head_attended, head_peak) in one fold."""
+        return self._fold()
 
     @property
     def head_attended(self) -> torch.Tensor | None:

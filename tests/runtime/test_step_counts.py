@@ -41,3 +41,19 @@ def test_one_tensor_counted_by_every_layer_counts_each_time():
     for _ in range(5):
         step.count_rows(kept)
     assert torch.equal(step.head_attended, kept * 5) and torch.equal(step.head_peak, kept)
+
+
+def test_a_counts_table_is_read_as_it_stands_and_joins_the_per_layer_counts():
+    """The decode wrapper's [L, B, Hkv] table, written in place as layers run: a read sees the
+    rows written so far (zeros count nothing), a later read the rest, never twice."""
+    step, table = _step(), torch.zeros(3, 2, 3, dtype=torch.long)
+    step.counts_table = table
+    table[0] = torch.tensor([[4, 0, 1], [2, 2, 2]])
+    assert torch.equal(step.head_attended, table[0])
+    table[1] = torch.tensor([[1, 8, 1], [0, 0, 9]])
+    extra = torch.tensor([[10, 0, 0], [0, 0, 0]])
+    step.count_rows(extra)  # a layer counted the other way
+    total, peak = step.attended()
+    assert torch.equal(total, table.sum(0) + extra)
+    assert torch.equal(peak, torch.maximum(table.amax(0), extra))
+    assert torch.equal(step.row_attended, (table.sum(0) + extra).sum(1))
