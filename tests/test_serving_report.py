@@ -192,6 +192,31 @@ def test_report_section_states_targets_protocol_and_ttft(tmp_path):
     assert "below the protocol's 5 repeats: not a valid result" in few
 
 
+def test_long_context_run_is_shown_with_its_own_model_and_table(tmp_path):
+    """The 16k/32k probe of a second run (another model) gets its own table and command, and
+    no target line: the targets are the default model's."""
+    report = _report()
+    probes = (_probes("none", 1.0, 16384, [2.0, 2.1, 2.0, 1.9, 2.0])
+              + _probes("dynsplit", 0.125, 16384, [6.0, 6.2, 5.8, 6.1, 6.0]))
+    rows = st.summarize(probes, ("context",), ("decode_tok_per_s", "tpot_ms", "ttft_ms",
+                                               "uncached_tokens"), ("decode_tok_per_s",))
+    for r in rows:
+        r.update(prompt_tokens=16300, output_tokens=64, prefill_ttft_ms=9e4, radix_hit_ok=True,
+                 kv_tokens_read_per_head=None)
+    long = {"meta": dict(_meta(5), model="qwen", command="python run.py --model qwen"),
+            "decode": rows}
+    data = {"meta": _meta(5), "rows": [],
+            "decode": _decode_rows(DENSE2K, [10.0] * 5, [10.0] * 5, [21.0] * 5)}
+    text = report.section(data, None, [], tmp_path / "quick.json", long=long,
+                          long_path=tmp_path / "qwen-decode.json")
+    tail = text.split("**Long contexts**")[1]
+    assert "model qwen" in tail and "python run.py --model qwen" in tail
+    assert "| 16384 | dynsplit@1/8 | 5 | 6.0 (5.8–6.2) |" in tail
+    assert "| 3.00x | 3.00x [2.90–3.21] |" in tail  # paired: 6/2, 6.2/2.1, 5.8/2, 6.1/1.9
+    assert "at 16384" not in text.split("**Decode probe**")[0]  # no target from this run
+    assert "**Long contexts**" not in report.section(data, None, [], tmp_path / "quick.json")
+
+
 def report_cell_metrics():
     return ("output_tok_per_s", "decode_tok_per_s_p50", "ttft_ms_p50", "tpot_ms_p50",
             "radix_hit_rate", "kv_slots_in_use")

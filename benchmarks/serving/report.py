@@ -307,8 +307,22 @@ def bench_serving_table(b: dict, path: Path) -> list[str]:
     return lines
 
 
+def long_context_lines(long, long_path: Path) -> list[str]:
+    """The decode probe of a second run at the contexts the default model cannot take (16k,
+    32k with a 32k-context model), same protocol and table."""
+    m = long["meta"]
+    la = m.get("load_avg_1m", {})
+    plot = long_path.with_name(f"{long_path.stem}-decode.png")  # run.py's report wrote it
+    cmd = m.get("command") or f"python benchmarks/serving/run.py --out {_rel(long_path)}"
+    return [f"**Long contexts** (`{_rel(long_path)}`): model {m['model']}, the same server "
+            f"options and protocol ({m['protocol']['decode_repeats']} interleaved rounds); "
+            f"whole run {m['wall_s'] / 60:.1f} min, 1-min load average {_fmt(la.get('min'))}–"
+            f"{_fmt(la.get('max'))}.", "", "```bash", cmd, "```", ""] + decode_table(long["decode"]) + (
+        [f"![{plot.stem}]({_rel(plot)})", ""] if plot.exists() else [])
+
+
 def section(data, profile, pngs, json_path: Path, bench=None, bench_path=None,
-            before=None) -> str:
+            before=None, long=None, long_path=None) -> str:
     m = data["meta"]
     decode = data["decode"]
     la = m.get("load_avg_1m", {})
@@ -334,6 +348,8 @@ def section(data, profile, pngs, json_path: Path, bench=None, bench_path=None,
     ]
     if decode:
         lines += target_lines(decode) + decode_table(decode)
+    if long and long.get("decode"):
+        lines += long_context_lines(long, long_path)
     if bench:
         lines += bench_serving_table(bench, bench_path)
     if profile:
@@ -499,6 +515,9 @@ def main(argv=None) -> int:
                     help="profile_decode.py JSON (default: profile-decode.json beside the input)")
     ap.add_argument("--bench-serving", default=None,
                     help="bench_serving.py JSON (default: bench-serving.json beside the input)")
+    ap.add_argument("--long", default=None,
+                    help="run.py JSON of the long-context decode probe (default: qwen-decode.json "
+                         "beside the input)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     src = Path(args.json)
@@ -512,6 +531,9 @@ def main(argv=None) -> int:
     bench_path = (Path(args.bench_serving) if args.bench_serving
                   else src.parent / "bench-serving.json")
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    long_path = Path(args.long) if args.long else src.parent / "qwen-decode.json"
+    long = (json.loads(long_path.read_text())
+            if long_path.exists() and long_path.resolve() != src.resolve() else None)
     m = data["meta"]
     sub = (f"{m['model']} on {m['machine']} ({m['device']}, {m['attention_backend']}, "
            f"{m['dtype']}); load avg {_fmt(m.get('load_avg_1m', {}).get('median'))}")
@@ -526,7 +548,7 @@ def main(argv=None) -> int:
         plot_vs(rows, "context_len", "concurrency", "{} concurrent sessions", pngs[2], cell_sub)
     else:  # no cells in this run: an older run's cell plots must not be shown with it
         pngs = pngs[:1]
-    text = section(data, profile, pngs, src, bench, bench_path, before)
+    text = section(data, profile, pngs, src, bench, bench_path, before, long, long_path)
     (out / "README-section.md").write_text(text)
     print(f"wrote {', '.join(str(p) for p in pngs if p.exists())}, {out / 'README-section.md'}")
     return 0

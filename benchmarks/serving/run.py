@@ -48,6 +48,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -142,6 +143,11 @@ def server_flags(args, cfg: Config) -> list[str]:
     flags = ["--max-total-tokens", str(args.max_total_tokens), "--enable-metrics",
              "--decode-log-interval", "4", "--sleep-on-idle",
              "--max-running-requests", str(max(8, max(args.concurrency)))]
+    if args.device == "cpu":
+        # Of the host memory free at the server's start, for its weights and KV pool. The
+        # launcher's 0.2 is for tests; with one server already up it capped a Qwen 32k server's
+        # pool to 6175 slots (SGLang shrinks --max-total-tokens to what the fraction allows).
+        flags += ["--mem-fraction-static", str(args.mem_fraction_static)]
     if args.chunked_prefill_size:
         flags += ["--chunked-prefill-size", str(args.chunked_prefill_size)]
     if args.dtype:
@@ -433,6 +439,9 @@ def add_server_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-total-tokens", type=int, default=None,
                     help="KV pool slots per server (default: what the run needs, >= 16384)")
     ap.add_argument("--chunked-prefill-size", type=int, default=None)
+    ap.add_argument("--mem-fraction-static", type=float, default=0.6,
+                    help="CPU: of the host memory free at each server's start, for its weights "
+                         "and KV pool (SGLang's flag; the pool is checked once it is up)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra launch_server flag (repeatable; use --server-arg=--flag)")
     ap.add_argument("--health-timeout", type=float, default=600.0)
@@ -465,16 +474,33 @@ def check_repeats(ap, args, **repeats: int) -> bool:
 
 
 def start_servers(stack: ExitStack, args, configs: list, log_dir: Path, bar) -> tuple[dict, dict]:
-    """Every configuration's server, up (sleeping when idle) until the stack closes.
-    Returns ({config: handle}, {config: startup seconds})."""
+    """Every configuration's server, up (sleeping when idle) until the stack closes, each
+    checked to hold the longest prompt. Returns ({config: handle}, {config: startup seconds})."""
     live, startup = {}, {}
+    longest = max(args.decode_contexts + args.contexts, default=0)
     for cfg in configs:
         bar.set_description(f"{cfg.label}: starting server")
         t0 = time.monotonic()
         live[cfg] = stack.enter_context(server(args, cfg, log_dir))
         startup[cfg] = time.monotonic() - t0
+        check_pool(live[cfg].log_path, longest, cfg.label)
         bar.update()
     return live, startup
+
+
+def pool_slots(log_path: Path) -> int | None:
+    """The KV slots SGLang gave the server (its startup log), None if not found."""
+    found = re.search(r"max_total_num_tokens=(\d+)", Path(log_path).read_text(errors="replace"))
+    return int(found[1]) if found else None
+
+
+def check_pool(log_path: Path, need: int, label: str) -> None:
+    """Refuse to measure a server whose KV pool cannot hold the longest prompt: SGLang would
+    answer every such probe with an aborted request."""
+    slots = pool_slots(log_path)
+    if slots is None or slots < need:
+        raise SystemExit(f"{label}: the server's KV pool has {slots} slots, below the {need}-token "
+                         f"prompt (see {log_path}); raise --mem-fraction-static or free memory")
 
 
 def install_signal_handlers() -> None:
@@ -557,7 +583,9 @@ def main(argv=None) -> int:
     margin = 8  # decode prompt = context - output tokens - margin
     need_cells = (max(args.contexts) + max(args.concurrency) * (
         args.turns * (args.obs_tokens + args.output_tokens + 16) + 96)) if args.contexts else 0
-    need_decode = sum(args.decode_contexts) + 2048  # every probe prompt stays cached
+    # Every probe prompt stays cached on every server, and a dynsplit server's block store takes
+    # its share of the same budget (14% of the pool for Qwen at 32k: 53248 -> 45933 slots).
+    need_decode = (sum(args.decode_contexts) + 2048) * 1.2
     if args.max_total_tokens is None:
         need = max(need_cells * 1.25, need_decode)
         args.max_total_tokens = max(16384, -(-int(need) // 4096) * 4096)

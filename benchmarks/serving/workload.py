@@ -407,7 +407,13 @@ def decode_probe(base_url: str, input_ids: list[int], max_new: int, rid: str | N
             if first is None:
                 first = now
             last = now
+    reason = meta.get("finish_reason")
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        # SGLang answers 200 with an aborted request (prompt over the pool, ...): never a probe
+        raise RuntimeError(f"the server aborted the probe: {reason.get('message', reason)}")
     n = int(meta.get("completion_tokens", 0))
+    if n != max_new:  # ignore_eos: anything else is a request that did not run as asked
+        raise RuntimeError(f"the probe asked for {max_new} tokens and got {n}")
     return {
         "prompt_tokens": int(meta.get("prompt_tokens", len(input_ids))),
         "cached_tokens": int(meta.get("cached_tokens", 0)),
