@@ -2,7 +2,6 @@
 a probe SGLang aborted (it answers 200) or cut short, and a KV pool smaller than the longest
 prompt. A local HTTP stand-in answers the probe, as SGLang's /generate stream does."""
 
-import importlib.util
 import json
 import sys
 import threading
@@ -12,15 +11,11 @@ from pathlib import Path
 import pytest
 
 SERVING = Path(__file__).resolve().parents[1] / "benchmarks" / "serving"
-# Appended, not put first, for run.py's own imports (serving_stats, workload); run.py itself is
-# loaded under its own name: other benchmarks' tests import their own `run`.
+# Appended, not put first: other benchmarks' tests import their own `run` and `report` by name
+# (so run.py, which puts its folder first, is not imported here).
 sys.path.append(str(SERVING))
 
 import workload as wl  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("serving_run", SERVING / "run.py")
-serving_run = sys.modules["serving_run"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serving_run)  # registered first: its dataclasses look it up
 
 
 def _stream(chunks):
@@ -71,8 +66,8 @@ def test_a_pool_below_the_longest_prompt_is_refused(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("[t] max_total_num_tokens=6175, chunked_prefill_size=4096, ...\n")
     with pytest.raises(SystemExit, match="6175 slots, below the 16384-token prompt"):
-        serving_run.check_pool(log, 16384, "dynsplit@1/8")
-    serving_run.check_pool(log, 6000, "dynsplit@1/8")  # fits: no error
+        wl.check_pool(log, 16384, "dynsplit@1/8")
+    wl.check_pool(log, 6000, "dynsplit@1/8")  # fits: no error
     log.write_text("no pool line\n")
     with pytest.raises(SystemExit, match="None slots"):
-        serving_run.check_pool(log, 10, "none")
+        wl.check_pool(log, 10, "none")

@@ -178,7 +178,9 @@ def main(argv=None) -> int:
     records, servers = [], {}
     try:
         with ExitStack() as stack:
-            live, startup = run.start_servers(stack, args, configs, log_dir, bar)
+            live, startup = run.start_servers(
+                stack, args, configs, log_dir, bar,  # a session's last turn: its longest prompt
+                args.gsp_system_prompt_len + args.gsp_num_turns * turn_tokens)
             for cfg, h in live.items():
                 slug = cfg.label.replace("/", "_").replace("@", "-")
                 bar.set_description(f"{cfg.label}: warm-up run")

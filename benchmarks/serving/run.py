@@ -48,7 +48,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -473,34 +472,20 @@ def check_repeats(ap, args, **repeats: int) -> bool:
     return not low
 
 
-def start_servers(stack: ExitStack, args, configs: list, log_dir: Path, bar) -> tuple[dict, dict]:
+def start_servers(stack: ExitStack, args, configs: list, log_dir: Path, bar,
+                  longest: int = 0) -> tuple[dict, dict]:
     """Every configuration's server, up (sleeping when idle) until the stack closes, each
-    checked to hold the longest prompt. Returns ({config: handle}, {config: startup seconds})."""
+    checked to hold the longest prompt (tokens). Returns ({config: handle}, {config: startup
+    seconds})."""
     live, startup = {}, {}
-    longest = max(args.decode_contexts + args.contexts, default=0)
     for cfg in configs:
         bar.set_description(f"{cfg.label}: starting server")
         t0 = time.monotonic()
         live[cfg] = stack.enter_context(server(args, cfg, log_dir))
         startup[cfg] = time.monotonic() - t0
-        check_pool(live[cfg].log_path, longest, cfg.label)
+        wl.check_pool(live[cfg].log_path, longest, cfg.label)
         bar.update()
     return live, startup
-
-
-def pool_slots(log_path: Path) -> int | None:
-    """The KV slots SGLang gave the server (its startup log), None if not found."""
-    found = re.search(r"max_total_num_tokens=(\d+)", Path(log_path).read_text(errors="replace"))
-    return int(found[1]) if found else None
-
-
-def check_pool(log_path: Path, need: int, label: str) -> None:
-    """Refuse to measure a server whose KV pool cannot hold the longest prompt: SGLang would
-    answer every such probe with an aborted request."""
-    slots = pool_slots(log_path)
-    if slots is None or slots < need:
-        raise SystemExit(f"{label}: the server's KV pool has {slots} slots, below the {need}-token "
-                         f"prompt (see {log_path}); raise --mem-fraction-static or free memory")
 
 
 def install_signal_handlers() -> None:
@@ -613,7 +598,8 @@ def main(argv=None) -> int:
     warm, probes, prefixes, cell_records = [], [], [], []
     try:
         with ExitStack() as stack:
-            live, startup = start_servers(stack, args, configs, log_dir, bar)
+            live, startup = start_servers(stack, args, configs, log_dir, bar,
+                                          max(args.decode_contexts + args.contexts, default=0))
             if args.decode_contexts:
                 ep = wl.TimedEndpoint(live[configs[0]].base_url)  # its chat template
                 probe_system = wl.system_prompt(tok, 512, seed=args.seed * 7919 + 1)

@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 
@@ -422,3 +423,18 @@ def decode_probe(base_url: str, input_ids: list[int], max_new: int, rid: str | N
         "decode_tok_per_s": (n - 1) / (last - first) if first and n > 1 and last > first else None,
         "tpot_ms": (last - first) / (n - 1) * 1e3 if first and n > 1 else None,
     }
+
+
+def pool_slots(log_path: Path) -> int | None:
+    """The KV slots SGLang gave the server (its startup log), None if not found."""
+    found = re.search(r"max_total_num_tokens=(\d+)", Path(log_path).read_text(errors="replace"))
+    return int(found[1]) if found else None
+
+
+def check_pool(log_path: Path, need: int, label: str) -> None:
+    """Refuse to measure a server whose KV pool cannot hold the longest prompt: SGLang would
+    answer every such probe with an aborted request."""
+    slots = pool_slots(log_path)
+    if slots is None or slots < need:
+        raise SystemExit(f"{label}: the server's KV pool has {slots} slots, below the {need}-token "
+                         f"prompt (see {log_path}); raise --mem-fraction-static or free memory")
