@@ -57,10 +57,39 @@ def causal_lse(q: torch.Tensor, k: torch.Tensor, q_start: int, scale: float,
     """
     lq, hq, _ = q.shape
     hkv = k.shape[1]
+    fused = None if key_ok is not None else _fused_lse(q, k, q_start, scale)
+    if fused is not None:
+        return fused.permute(2, 0, 1).contiguous()
     out = torch.empty(hkv, hq // hkv, lq, dtype=torch.float32, device=q.device)
     for c0, c1, logits in _causal_logits(q, k, q_start, scale, key_ok):
         out[:, :, c0:c1] = torch.logsumexp(logits, dim=-1)
     return out.permute(2, 0, 1).contiguous()
+
+
+def _fused_lse(q, k, q_start, scale):
+    """causal_lse as [Hkv, G, Lq] from torch's fused CPU attention kernel, which returns each
+    query's log-sum-exp without materialising the logits (the chunked logits cost about 4x SDPA
+    on the same shapes: +55% on a 32k prefill). Two calls: the keys before the chunk, seen by
+    every query (query heads folded into the query length, so K is not repeated per group),
+    and the chunk's own keys, causal and square; merged by logaddexp. None where the kernel is
+    not there (another device, an older torch): the chunked path runs."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    lq, hq, d = q.shape
+    hkv = k.shape[1]
+    if op is None or q.device.type != "cpu" or lq == 0:
+        return None
+    g = hq // hkv
+    qf = q.float()
+    own = k[q_start:q_start + lq].float().repeat_interleave(g, dim=1)  # [Lq, Hq, D]
+    own = own.permute(1, 0, 2).unsqueeze(0)
+    _, lse = op(qf.permute(1, 0, 2).unsqueeze(0), own, own, 0.0, True, scale=scale)
+    lse = lse.view(hkv, g, lq)
+    if q_start > 0:
+        qg = qf.reshape(lq, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * lq, d)
+        before = k[:q_start].float().permute(1, 0, 2).unsqueeze(0)
+        _, lse_before = op(qg, before, before, 0.0, False, scale=scale)
+        lse = torch.logaddexp(lse, lse_before.view(hkv, g, lq))
+    return lse
 
 
 def key_distinctiveness(k: torch.Tensor) -> torch.Tensor:

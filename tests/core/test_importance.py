@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dynsplit_sglang.core import DynSplitConfig, ImportanceAccumulator, causal_lse
+from dynsplit_sglang.core import DynSplitConfig, ImportanceAccumulator, causal_lse, importance
 
 
 def brute_force_scores(layers, cfg):
@@ -83,6 +83,24 @@ def test_external_lse_is_used_as_given():
     c = ImportanceAccumulator(cfg)
     c.add_layer(q, k, scale=0.25, lse=lse + 1.0)  # a wrong lse must change the result
     assert not torch.allclose(a.scores()[:-1], c.scores()[:-1])
+
+
+@pytest.mark.parametrize("lq,q_start,hq,hkv,dtype", [
+    (1, 0, 4, 2, torch.float32), (300, 0, 9, 3, torch.float32), (300, 500, 9, 3, torch.float32),
+    (1, 999, 14, 2, torch.float32), (257, 33, 4, 4, torch.float32), (64, 100, 8, 2, torch.bfloat16)])
+def test_fused_lse_equals_the_exact_chunked_one(lq, q_start, hq, hkv, dtype):
+    """The fused CPU kernel's LSE (keys before the chunk + the chunk's own keys, merged) against
+    the chunked logits, which an all-True key_ok forces; a chunk's later keys stay hidden."""
+    g = torch.Generator().manual_seed(lq + q_start)
+    q = (torch.randn(lq, hq, 64, generator=g) * 2).to(dtype)
+    k = (torch.randn(q_start + lq + 5, hkv, 64, generator=g) * 2).to(dtype)
+    assert importance._fused_lse(q, k, q_start, 0.125) is not None  # the path under test ran
+    fused = causal_lse(q, k, q_start, 0.125)
+    chunked = causal_lse(q, k, q_start, 0.125, key_ok=torch.ones(len(k), dtype=torch.bool))
+    torch.testing.assert_close(fused, chunked, atol=1e-4 if dtype == torch.float32 else 2e-2,
+                               rtol=1e-5)
+    k[q_start + lq:] += 50.0  # keys after the chunk: seen by no query
+    torch.testing.assert_close(causal_lse(q, k, q_start, 0.125), fused)
 
 
 def test_empty_input():
