@@ -61,49 +61,38 @@ class StepState:
     kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eviction: slots that still hold K/V
     window: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index -> window heat
     revised: list[int] = field(default_factory=list)  # batch indices that evicted tree positions
-    # Tokens attended per compressed layer ([B, Hkv] each, on the device): kept as the layers
-    # give them and folded once per forward (two ops per layer cost more than the fold).
+    # Tokens attended, on the device, summed when read (once or twice per forward): per layer
+    # as the layers give them ([B, Hkv] each: eviction's path), or all the layers at once
+    # ([L, B, Hkv], zero until a layer writes its row: the decode wrapper's layer_counts).
     layer_counts: list[torch.Tensor] = field(default_factory=list)
-    _folded: tuple[torch.Tensor, torch.Tensor] | None = None  # (sum, peak) of the folded ones
-    # Or all the layers' counts at once ([L, B, Hkv], zero until a layer writes its row: the
-    # decode wrapper's layer_counts); read as it stands whenever asked.
     counts_table: torch.Tensor | None = None
 
     def count_rows(self, counts: torch.Tensor) -> None:
         """One layer's tokens attended ([B, Hkv], on the device). The tensor is the layer's
-        own (each selection returns new ones), so it is kept, not copied."""
+        own (or the same kept-slot count in every layer), so it is kept, not copied."""
         self.layer_counts.append(counts)
 
-    def _fold(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.layer_counts:
-            stacked = torch.stack(self.layer_counts)
-            total, peak = stacked.sum(0), stacked.amax(0)
-            if self._folded is not None:
-                total, peak = total + self._folded[0], torch.maximum(peak, self._folded[1])
-            self._folded, self.layer_counts = (total, peak), []
-        table, folded = self.counts_table, self._folded
-        if table is None:
-            return folded
-        total, peak = table.sum(0), table.amax(0)
-        if folded is not None:
-            total, peak = total + folded[0], torch.maximum(peak, folded[1])
-        return total, peak
-
     def attended(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(head_attended, head_peak) in one fold."""
-        return self._fold()
+        """(head_attended, head_peak) of the counts so far, None if none."""
+        parts = [torch.stack(self.layer_counts)] if self.layer_counts else []
+        if self.counts_table is not None:
+            parts.append(self.counts_table)
+        if not parts:
+            return None
+        counts = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return counts.sum(0), counts.amax(0)
 
     @property
     def head_attended(self) -> torch.Tensor | None:
         """[B, Hkv] K/V tokens attended, summed over the compressed layers."""
-        folded = self._fold()
-        return None if folded is None else folded[0]
+        both = self.attended()
+        return None if both is None else both[0]
 
     @property
     def head_peak(self) -> torch.Tensor | None:
         """[B, Hkv] the most one layer attended."""
-        folded = self._fold()
-        return None if folded is None else folded[1]
+        both = self.attended()
+        return None if both is None else both[1]
 
     @property
     def row_attended(self) -> torch.Tensor | None:

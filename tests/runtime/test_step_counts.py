@@ -1,4 +1,4 @@
-"""StepState's per-forward counters of tokens attended: kept per layer, folded once."""
+"""StepState's per-forward counters of tokens attended: kept per layer or as a table, summed when read."""
 
 import torch
 
