@@ -423,6 +423,13 @@ CELL_METRICS = ("output_tok_per_s", "decode_tok_per_s_p50", "ttft_ms_p50", "ttft
                 "tpot_ms_p50", "tpot_ms_p90", "radix_hit_rate", "kv_slots_in_use")
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a fraction in (0, 1]")
+    return value
+
+
 def add_server_arguments(ap: argparse.ArgumentParser) -> None:
     """The options that choose and start the servers (shared with bench_serving.py)."""
     ap.add_argument("--configs", nargs="+", default=None,
@@ -438,7 +445,7 @@ def add_server_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-total-tokens", type=int, default=None,
                     help="KV pool slots per server (default: what the run needs, >= 16384)")
     ap.add_argument("--chunked-prefill-size", type=int, default=None)
-    ap.add_argument("--mem-fraction-static", type=float, default=0.6,
+    ap.add_argument("--mem-fraction-static", type=_fraction, default=0.6,
                     help="CPU: of the host memory free at each server's start, for its weights "
                          "and KV pool (SGLang's flag; the pool is checked once it is up)")
     ap.add_argument("--server-arg", action="append", default=[],

@@ -1,4 +1,5 @@
-"""StepState's per-forward counters of tokens attended: kept per layer or as a table, summed when read."""
+"""StepState's per-forward counters of tokens attended: kept per layer or as a table, summed
+when read."""
 
 import torch
 
