@@ -66,11 +66,15 @@ class ServerHandle:
     log_path: Path
     command: list[str] = field(default_factory=list)
 
-    def log_tail(self, n: int = 40) -> str:
+    def log_text(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
-            return "(no log)"
+            return ""
+
+    def log_tail(self, n: int = 40) -> str:
+        text = self.log_text()
+        return "\n".join(text.splitlines()[-n:]) if text else "(no log)"
 
     def stop(self, timeout: float = 30.0) -> None:
         stop_server(self.proc, timeout)
@@ -80,6 +84,12 @@ class ServerHandle:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# uvicorn's message when the port is taken: free_port() only finds a port free at that moment,
+# and another process (a live server's own ports are chosen at random too) may bind it before
+# the new server does.
+PORT_TAKEN = "address already in use"
 
 
 def start_server(
@@ -92,13 +102,32 @@ def start_server(
     env: dict | None = None,
     entry=LAUNCH_SERVER,
     base_args=None,
+    attempts: int = 3,
 ) -> ServerHandle:
     """Launch a server in its own process group and wait until /health answers 200.
 
     ``env`` is the server's complete environment (default: this process's); ``entry`` the
-    command before the flags (``SGLANG_SERVE`` for ``sglang serve``).
+    command before the flags (``SGLANG_SERVE`` for ``sglang serve``). Without a ``port``, one
+    is picked, and picked again (up to ``attempts`` starts) when the server finds it taken.
     """
-    port = port or free_port(host)
+    tries = 1 if port is not None else max(1, attempts)
+    for attempt in range(1, tries + 1):
+        handle = _launch(model_path, extra_args, log_path, port or free_port(host), host, env,
+                         entry, base_args)
+        try:
+            wait_healthy(handle, health_timeout)
+        except RuntimeError:  # it exited: again on another port if that one was taken
+            handle.stop()
+            if attempt < tries and PORT_TAKEN in handle.log_text():
+                continue
+            raise
+        except BaseException:
+            handle.stop()
+            raise
+        return handle
+
+
+def _launch(model_path, extra_args, log_path, port, host, env, entry, base_args) -> ServerHandle:
     model_path = Path(model_path).resolve() if Path(model_path).exists() else model_path
     if log_path is None:
         from dynsplit_sglang.models import cache_dir
@@ -118,13 +147,7 @@ def start_server(
             env=dict(os.environ) if env is None else env,
             start_new_session=True,
         )
-    handle = ServerHandle(proc, f"http://{host}:{port}", log_path, cmd)
-    try:
-        wait_healthy(handle, health_timeout)
-    except BaseException:
-        handle.stop()
-        raise
-    return handle
+    return ServerHandle(proc, f"http://{host}:{port}", log_path, cmd)
 
 
 def wait_healthy(handle: ServerHandle, timeout: float) -> None:
