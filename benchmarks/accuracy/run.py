@@ -482,6 +482,7 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
             results.save(args.keep)
             bar.update(len(chunk))
             bar.set_postfix_str(f"sglang {chunk[-1].task} {chunk[-1].context_len}")
+        _counter(stats_path, "requests")  # waits for the writer
         try:
             info["counters"] = json.loads(stats_path.read_text())
         except (OSError, ValueError):
@@ -496,6 +497,11 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
 
 
 def _counter(stats_path: Path, name: str) -> int:
+    """A counter of the server's stats file, once the writer has published the last forward
+    (it writes at most once per Reporter.MIN_INTERVAL_S)."""
+    from dynsplit_sglang.runtime.report import Reporter
+
+    time.sleep(2 * Reporter.MIN_INTERVAL_S)
     try:
         return int(json.loads(stats_path.read_text()).get(name, 0))
     except (OSError, ValueError):

@@ -126,7 +126,8 @@ class Compressor:
                 torch.zeros(s - p, self.cfg.future_window, device=batch.input_ids.device)
                 for s, p in zip(batch.seq_lens, batch.prefix_lens)
             ]
-        self._dump_stats()
+        if not (step.sparse and self.first_compressed < self.num_layers):
+            self._dump_stats()  # else the forward's last layer reports (_end_decode): once
 
     def extend_layer(self, layer_id: int, q: torch.Tensor, k_buffer: torch.Tensor, scale) -> None:
         """Votes of one layer's new queries (q: [tokens, Hq, D], post-RoPE)."""

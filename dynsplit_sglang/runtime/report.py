@@ -60,12 +60,20 @@ class Reporter:
     ``report`` is called on the decode path (once per forward): it only hands over a snapshot.
     A writer thread publishes the latest snapshot (older unwritten ones are dropped: each is a
     running total), so the file write, the Prometheus updates and, on a GPU, the read of the
-    device counters never stall a decode step. background=False writes in the caller.
+    device counters never stall a decode step. It writes at most once per ``min_interval_s``:
+    on a host whose cores all run the decode step's threads, each write takes one of them from
+    the step, so a write per step would cost every step (a reader sees a forward's counters at
+    most that long after it). background=False writes in the caller.
     """
 
+    MIN_INTERVAL_S = 0.1
+
     def __init__(self, path: str | None = None, prometheus: bool = False,
-                 log_every_s: float = 60.0, background: bool = True) -> None:
+                 log_every_s: float = 60.0, background: bool = True,
+                 min_interval_s: float = MIN_INTERVAL_S) -> None:
         self.path = path
+        self.min_interval_s = min_interval_s
+        self._last_write = float("-inf")
         self.log_every_s = log_every_s
         self._last_log = time.monotonic()
         self._pushed: Counter = Counter()
@@ -116,6 +124,9 @@ class Reporter:
     def _run(self) -> None:
         while not self._stop:
             self._wake.wait()
+            wait = self._last_write + self.min_interval_s - time.monotonic()
+            if wait > 0:  # what is reported meanwhile replaces the pending snapshot
+                time.sleep(wait)
             self._wake.clear()
             try:
                 self.flush()
@@ -128,6 +139,7 @@ class Reporter:
             stats["tokens_attended"], stats["max_tokens_attended"] = device_counts.tolist()
         with self._write_lock:
             self._write(stats)
+            self._last_write = time.monotonic()
 
     @staticmethod
     def _make_prometheus():

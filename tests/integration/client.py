@@ -5,6 +5,7 @@ import time
 import random
 
 from dynsplit_sglang.launcher import post_json
+from dynsplit_sglang.runtime.report import Reporter
 
 WORDS = ("the model reads a long document , then answers ; every block ends at a delimiter . "
          "semantic splitting keeps related tokens together ! code ( x ) differs from prose ? "
@@ -25,11 +26,11 @@ def generate(server, prompts, rids=None, max_new=12):
     return [o["text"] for o in out], [o["meta_info"] for o in out]
 
 
-def stats(server, settle_s: float = 0.1, timeout: float = 2.0) -> dict:
-    """The server's DynSplit counters. A writer thread publishes them just after each forward
-    (runtime/report.py), so a response can arrive a moment before its forward's counters: read
-    until two reads `settle_s` apart agree (long enough for a writer thread on a loaded 2-core
-    host)."""
+def stats(server, settle_s: float = 2.5 * Reporter.MIN_INTERVAL_S, timeout: float = 3.0) -> dict:
+    """The server's DynSplit counters. A writer thread publishes them after the forwards, at
+    most once per Reporter.MIN_INTERVAL_S (runtime/report.py), so a response can arrive before
+    its last forward's counters: read until two reads `settle_s` apart agree (longer than the
+    writer's interval, with room for a loaded 2-core host)."""
     def read():
         try:
             return json.loads(server.stats_path.read_text())

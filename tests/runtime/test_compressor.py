@@ -121,3 +121,26 @@ def test_min_sparse_len_decodes_short_contexts_densely():
     outs = pool.decode([0], [toks + [1, 2]])  # 302: compressed
     assert outs[0] is None and all(o is not None for o in outs[1:])
     assert pool.comp.stats["sparse_steps"] == 1
+
+
+def test_each_forward_reports_its_counters_once():
+    """The reporter gets one snapshot per forward: a sparse decode step reports after its last
+    layer (with the tokens it attended), a dense one and an extend when they end."""
+    pool = SimPool(CFG)
+    calls = []
+    report = pool.comp.reporter.report
+    pool.comp.reporter.report = lambda stats, dev=None: (calls.append(dict(stats)),
+                                                        report(stats, dev))
+    pool.new_row(0)
+    toks = _tokens(300, 6)
+    pool.prefill(0, toks)
+    calls.clear()
+    pool.decode([0], [toks + [1]])  # sparse: budget 96 < 301
+    assert len(calls) == 1 and calls[0]["sparse_layer_steps"] > 0
+    dense = SimPool(CFG.replace(budget=500))
+    dense.comp.reporter.report = lambda stats, dev=None: calls.append(dict(stats))
+    dense.new_row(0)
+    dense.prefill(0, toks)
+    calls.clear()
+    dense.decode([0], [toks + [1]])
+    assert len(calls) == 1 and calls[0]["dense_steps"] == 1

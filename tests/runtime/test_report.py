@@ -56,3 +56,26 @@ def test_close_publishes_and_stops_the_writer(tmp_path):
     r.report(Counter(requests=6))  # a later report starts a new writer
     r.close()
     assert _read(path)["requests"] == 6
+
+
+def test_writes_are_spaced_and_the_last_snapshot_lands(tmp_path):
+    """At most one write per min_interval_s however often a forward reports; what is reported
+    last is published within about that interval."""
+    path = tmp_path / "stats.json"
+    r = Reporter(str(path), min_interval_s=0.2)
+    writes = []
+    write = r._write
+    r._write = lambda stats: (writes.append(time.monotonic()), write(stats))
+    t0 = time.monotonic()
+    for i in range(40):  # 40 reports over ~0.4 s: about 3 writes, not 40
+        r.report(Counter(requests=i))
+        time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while _read(path).get("requests") != 39 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _read(path)["requests"] == 39
+    assert time.monotonic() - t0 < 0.4 + 1.0  # the last one was not held back for long
+    assert 1 <= len(writes) <= 4
+    gaps = [b - a for a, b in zip(writes, writes[1:])]
+    assert all(g >= 0.19 for g in gaps), gaps
+    r.close()
