@@ -275,7 +275,10 @@ CATEGORIES = [  # first match wins; substrings of a collapsed py-spy stack
     ("dynsplit sparse attention (Compressor.decode_layer)", ("decode_layer (",)),
     ("dynsplit step plan (Compressor.begin_forward)", ("begin_forward (",)),
     ("dense attention (SGLang gather + SDPA)", ("_run_sdpa_forward_decode",)),
-    ("other attention-backend work (KV write, views)", ("forward_decode (",)),
+    # the backends' own frames: a bare "forward_decode (" also names layers' decode paths
+    # (SGLang's DenseSiluAndMulQuant.forward_decode is the MLP's activation)
+    ("other attention-backend work (KV write, views)", ("Backend.forward_decode (",
+                                                         "_DynSplitMixin.")),
     ("sampling", ("sampler.py", "sample (")),
     ("model outside attention (projections, MLP, norms, logits)", ("model_runner.py",)),
 ]

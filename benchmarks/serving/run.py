@@ -66,6 +66,7 @@ from dynsplit_sglang import launcher  # noqa: E402
 from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
 from dynsplit_sglang.models import (  # noqa: E402
     DEFAULT_MODEL, QWEN_MODEL, TINY_MODEL, cache_dir, ensure)
+from dynsplit_sglang.runtime.report import Reporter  # noqa: E402
 
 import serving_stats as st  # noqa: E402
 import workload as wl  # noqa: E402
@@ -215,6 +216,9 @@ def server(args, cfg: Config, log_dir: Path):
 
 
 def read_stats(path: Path) -> dict:
+    """The server's counters once the writer has published the last forward (it writes at
+    most once per Reporter.MIN_INTERVAL_S)."""
+    time.sleep(2 * Reporter.MIN_INTERVAL_S)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -339,7 +343,7 @@ def run_decode_probe(live: dict, configs: list, prompts: dict, args, bar) -> tup
     """The warm-up probe of every (configuration, context), then args.decode_repeats rounds,
     each probing every context on every server. Returns (warm-ups, timed repeats)."""
     warm, probes = [], []
-    for cfg in configs:
+    for cfg in st.start_order(configs):
         for ctx, ids in prompts.items():
             bar.set_description(f"{cfg.label}: prefill the {ctx} decode prompt")
             p = wl.decode_probe(live[cfg].base_url, ids, args.decode_tokens)
@@ -482,10 +486,10 @@ def check_repeats(ap, args, **repeats: int) -> bool:
 def start_servers(stack: ExitStack, args, configs: list, log_dir: Path, bar,
                   longest: int = 0) -> tuple[dict, dict]:
     """Every configuration's server, up (sleeping when idle) until the stack closes, each
-    checked to hold the longest prompt (tokens). Returns ({config: handle}, {config: startup
-    seconds})."""
+    checked to hold the longest prompt (tokens), the dense baseline started last (start_order).
+    Returns ({config: handle}, {config: startup seconds})."""
     live, startup = {}, {}
-    for cfg in configs:
+    for cfg in st.start_order(configs):
         bar.set_description(f"{cfg.label}: starting server")
         t0 = time.monotonic()
         live[cfg] = stack.enter_context(server(args, cfg, log_dir))
@@ -512,6 +516,7 @@ def run_meta(args, configs, t_start: float, load_stats: dict) -> dict:
         "torch": torch.__version__, "model": str(args.model),
         "max_total_tokens": args.max_total_tokens,
         "configs": [dataclasses.asdict(c) | {"label": c.label} for c in configs],
+        "start_order": [c.label for c in st.start_order(configs)],
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
     }
 
