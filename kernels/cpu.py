@@ -34,11 +34,13 @@ twins = SimpleNamespace(
     block_summaries=_mapping.block_summaries,
     score_blocks=_selection.score_blocks,
     sparse_decode_attention=_attention.sparse_decode_attention,
+    block_summaries_layers=_mapping.block_summaries_layers,
 )
 
 # Summaries are built once per block at prefill / block freeze, off the per-step path: the twin
-# (one gather + two reductions) is already bandwidth-bound there.
+# (one gather + two reductions, every layer's at once) is already bandwidth-bound there.
 block_summaries = _mapping.block_summaries
+block_summaries_layers = _mapping.block_summaries_layers
 
 
 # Gathered rows are consumed in chunks of about this many bytes, so that the matmul re-reads

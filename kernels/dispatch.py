@@ -51,6 +51,20 @@ class Kernels:
     block_summaries: Callable  # see core.mapping.block_summaries
     score_blocks: Callable  # see core.selection.score_blocks
     sparse_decode_attention: Callable  # see core.attention.sparse_decode_attention
+    block_summaries_layers: Callable  # see core.mapping.block_summaries_layers
+
+
+def _per_layer(block_summaries: Callable) -> Callable:
+    """block_summaries_layers as one launch per layer (the Triton side: each launch is already
+    one kernel over every block)."""
+
+    def layers(k_buffers, token_slots, table, out_center, out_radius, out_index, max_block_len,
+               spread=None):
+        for li, k in enumerate(k_buffers):
+            block_summaries(k, token_slots, table, out_center[li], out_radius[li], out_index,
+                            max_block_len, spread)
+
+    return layers
 
 
 def _ignoring_triton_options(fn: Callable) -> Callable:
@@ -67,10 +81,12 @@ def implementation(device: torch.device | str = "cpu", backend: str = "auto") ->
     side = resolve(backend, device)
     if side == "triton":
         mod = functools.partial(importlib.import_module, package=__package__)
-        return Kernels(side, mod(".summaries").block_summaries, mod(".scoring").score_blocks,
-                       mod(".sparse_decode").sparse_decode_attention)
+        summaries = mod(".summaries").block_summaries
+        return Kernels(side, summaries, mod(".scoring").score_blocks,
+                       mod(".sparse_decode").sparse_decode_attention, _per_layer(summaries))
     from . import cpu
 
     impl = cpu if side == "torch" else cpu.twins
     return Kernels(side, *(_ignoring_triton_options(f) for f in (
-        impl.block_summaries, impl.score_blocks, impl.sparse_decode_attention)))
+        impl.block_summaries, impl.score_blocks, impl.sparse_decode_attention,
+        impl.block_summaries_layers)))

@@ -13,6 +13,7 @@ from .importance import (ImportanceAccumulator, causal_lse, key_distinctiveness,
 from .mapping import (
     BlockTable,
     block_summaries,
+    block_summaries_layers,
     contiguous_slots,
     summarize,
     summarize_ragged,
@@ -31,7 +32,8 @@ from .selection import (
 )
 
 __all__ = [
-    "block_summaries", "BlockTable", "candidate_mask", "CANDIDATE_MODES", "candidates_for",
+    "block_summaries", "block_summaries_layers", "BlockTable", "candidate_mask",
+    "CANDIDATE_MODES", "candidates_for",
     "causal_lse", "ConfigError", "contiguous_slots", "dense_decode_attention", "DynSplitConfig",
     "importance_scores", "ImportanceAccumulator", "key_distinctiveness", "layer_votes",
     "mask_from_texts", "plan_selection", "positions_to_slots", "register", "score_blocks",

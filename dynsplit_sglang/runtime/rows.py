@@ -233,11 +233,9 @@ class RowBlocks:
         s.e_known[e] = known
         s.e_kind[e] = kind
         table = BlockTable(st_t[None].int(), ln_t[None].int())
-        width = max(lens)
-        for li in range(s.center.shape[0]):
-            k = self.key_buffer(self.first_compressed + li)
-            self.kernels.block_summaries(k, row_slots[None], table, s.center[li], s.radius[li],
-                                         e[None], width, st.cfg.summary_spread)
+        keys = [self.key_buffer(self.first_compressed + li) for li in range(s.center.shape[0])]
+        self.kernels.block_summaries_layers(keys, row_slots[None], table, s.center, s.radius,
+                                            e[None], max(lens), st.cfg.summary_spread)
         end_pos = st_t + ln_t - 1
         owned = end_pos >= st.shared_len
         s.end_entry[row_slots[end_pos[owned]].long()] = e[owned].int()
