@@ -245,3 +245,21 @@ def test_ceiling_line_says_what_a_target_leaves():
     assert "still cost 80 ms, 2.50x dense at best" in line
     assert "needs attention + plan <= 20 ms per step; 1/8 spends 40 ms" in line
     assert _report().ceiling_lines({"dense": {"server_tpot_ms": 200.0, "rest_ms": -3.0}}) == []
+
+
+def test_the_dense_baseline_is_started_last():
+    from types import SimpleNamespace as C
+
+    configs = [C(name="none"), C(name="dynsplit", b=0.25), C(name="dynsplit", b=0.125)]
+    order = st.start_order(configs)
+    assert order[-1].name == "none" and order[:2] == configs[1:]  # the others as given
+    assert st.start_order(configs[1:]) == configs[1:]
+
+
+def test_protocol_line_says_which_server_started_first():
+    report = _report()
+    meta = {"protocol": {"interleaving": "round-robin", "decode_repeats": 5,
+                         "decode_meets_protocol": True}}
+    line = report.protocol_line({**meta, "start_order": ["dynsplit@1/8", "none"]})
+    assert "started in the order dynsplit@1/8, none" in line and "baseline last" in line
+    assert "dense baseline's server was started first" in report.protocol_line(meta)

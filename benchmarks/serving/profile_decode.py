@@ -469,8 +469,9 @@ def main(argv=None) -> int:
         what = "dense" if key == "dense" else f"budget 1/{round(1 / float(key))}"
         findings.append(f"Live server, py-spy on the scheduler ({what}, ~{lp['context_len']} "
                         f"tokens): TPOT {lp['tpot_ms']:.0f} ms = {parts}.")
-    findings.append(f"Writing the DynSplit stats JSON (DYNSPLIT_STATS_PATH) costs {rep_ms:.2f} ms "
-                    "per call; the compressor calls it twice per decode step.")
+    findings.append(f"Handing the DynSplit counters to their writer (DYNSPLIT_STATS_PATH) costs "
+                    f"{rep_ms:.2f} ms per call, once per forward; the writer thread writes the "
+                    f"file at most every {Reporter.MIN_INTERVAL_S:g} s.")
     result = {
         "context_len": d["context_len"], "layout": f"{LAYERS} layers, {HQ} q / {HKV} kv heads, "
         f"head_dim {D}, fp32", "threads": torch.get_num_threads(), "budgets": args.budgets,
