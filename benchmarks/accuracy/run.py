@@ -482,11 +482,9 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
             results.save(args.keep)
             bar.update(len(chunk))
             bar.set_postfix_str(f"sglang {chunk[-1].task} {chunk[-1].context_len}")
-        _counter(stats_path, "requests")  # waits for the writer
-        try:
-            info["counters"] = json.loads(stats_path.read_text())
-        except (OSError, ValueError):
-            info["counters"] = None
+        from dynsplit_sglang.runtime.report import read_published
+
+        info["counters"] = read_published(stats_path) or None
     cf = info.pop("cached_fraction")
     info["min_cached_fraction"] = round(min(cf), 4) if cf else None
     info["mean_cached_fraction"] = round(sum(cf) / len(cf), 4) if cf else None
@@ -497,15 +495,9 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
 
 
 def _counter(stats_path: Path, name: str) -> int:
-    """A counter of the server's stats file, once the writer has published the last forward
-    (it writes at most once per Reporter.MIN_INTERVAL_S)."""
-    from dynsplit_sglang.runtime.report import Reporter
+    from dynsplit_sglang.runtime.report import read_published
 
-    time.sleep(2 * Reporter.MIN_INTERVAL_S)
-    try:
-        return int(json.loads(stats_path.read_text()).get(name, 0))
-    except (OSError, ValueError):
-        return 0
+    return int(read_published(stats_path).get(name, 0))
 
 
 def _text(tok, out: dict) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dynsplit_sglang.graph_support import UNVERIFIED_ENV
 from dynsplit_sglang.launcher import post_json, start_server
+from dynsplit_sglang.runtime.report import read_published
 
 GPU_ARGS = ["--device", "cuda", "--attention-backend", "triton", "--dtype", "bfloat16",
             "--mem-fraction-static", "0.5", "--max-running-requests", "16",
@@ -55,7 +56,7 @@ def serve(model: Path, flags: list[str], env: dict, prompts, max_new: int, log: 
         with ThreadPoolExecutor(len(prompts)) as pool:
             outs = list(pool.map(one, prompts))
         elapsed = time.perf_counter() - t1
-    counters = json.loads(stats.read_text()) if stats.exists() else {}
+        counters = read_published(stats)  # while the server is up: it publishes every 0.1 s
     return {"startup_s": round(startup, 1), "batch_s": round(elapsed, 2),
             "output_ids": [o["output_ids"] for o in outs], "counters": counters}
 

@@ -70,10 +70,9 @@ def configs(budgets, methods=DEFAULT_METHODS):
 
 
 def read_stats(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    from dynsplit_sglang.runtime.report import read_published
+
+    return read_published(path)
 
 
 def prompts(tok, context_len: int, n: int, offset: int) -> list[list[int]]:

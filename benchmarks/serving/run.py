@@ -66,7 +66,7 @@ from dynsplit_sglang import launcher  # noqa: E402
 from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
 from dynsplit_sglang.models import (  # noqa: E402
     DEFAULT_MODEL, QWEN_MODEL, TINY_MODEL, cache_dir, ensure)
-from dynsplit_sglang.runtime.report import Reporter  # noqa: E402
+from dynsplit_sglang.runtime.report import read_published  # noqa: E402
 
 import serving_stats as st  # noqa: E402
 import workload as wl  # noqa: E402
@@ -216,13 +216,7 @@ def server(args, cfg: Config, log_dir: Path):
 
 
 def read_stats(path: Path) -> dict:
-    """The server's counters once the writer has published the last forward (it writes at
-    most once per Reporter.MIN_INTERVAL_S)."""
-    time.sleep(2 * Reporter.MIN_INTERVAL_S)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_published(path)
 
 
 def stats_delta(before: dict, after: dict) -> dict:

@@ -47,6 +47,18 @@ def report_fallback(reason: str, stats: Counter) -> None:
     warn_counted(stats, f"fallback_rows_{reason}", f"a request attends densely because {why}")
 
 
+def read_published(path) -> dict:
+    """The counters a server's writer published at ``path`` (DYNSPLIT_STATS_PATH), read once it
+    has published the last forward: it writes at most every Reporter.MIN_INTERVAL_S. {} when
+    there is no file yet."""
+    time.sleep(2 * Reporter.MIN_INTERVAL_S)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # not written yet, or replaced between open and read
+        return {}
+
+
 def summary(stats: Counter) -> dict:
     data = dict(stats)
     if data.get("tokens_attended"):

@@ -4,6 +4,7 @@ two tensor-parallel ranks on the CPU (one core each). Prints the outputs and cou
 import json
 import os
 import sys
+import time
 
 
 def main():
@@ -11,6 +12,8 @@ def main():
 
     dynsplit_sglang.activate()  # our Engine.__init__ hook must be in place before Engine(...)
     import sglang as sgl
+
+    from dynsplit_sglang.runtime.report import Reporter
 
     model, prompts, config = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     llm = sgl.Engine(model_path=model, device="cpu", attention_backend="torch_native",
@@ -20,6 +23,7 @@ def main():
                      dynsplit_config=config)
     try:
         out = llm.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+        time.sleep(2 * Reporter.MIN_INTERVAL_S)  # the counters' writer publishes the last forward
     finally:
         llm.shutdown()
     stats = json.loads(open(os.environ["DYNSPLIT_STATS_PATH"]).read())

@@ -76,10 +76,11 @@ def test_counters_reach_prometheus_metrics(sglang_server):
     import urllib.request
 
     generate(sglang_server, [text(150, 77)], max_new=6)
+    s = stats(sglang_server)  # settled: the writer has published the last forward, file and
+    # Prometheus in the same write (at most Reporter.MIN_INTERVAL_S after the forward)
     body = urllib.request.urlopen(sglang_server.base_url + "/metrics", timeout=60).read().decode()
     values = {line.split()[0]: float(line.split()[1]) for line in body.splitlines()
               if line.startswith("sglang:dynsplit_")}
-    s = stats(sglang_server)
     assert values["sglang:dynsplit_blocks_built_total"] == s["blocks_built"]
     assert values["sglang:dynsplit_tokens_attended_total"] == s["tokens_attended"]
     assert values["sglang:dynsplit_compression_ratio"] > 1.0

@@ -79,3 +79,15 @@ def test_writes_are_spaced_and_the_last_snapshot_lands(tmp_path):
     gaps = [b - a for a, b in zip(writes, writes[1:])]
     assert all(g >= 0.19 for g in gaps), gaps
     r.close()
+
+
+def test_read_published_waits_for_the_writer(tmp_path):
+    from dynsplit_sglang.runtime.report import read_published
+
+    path = tmp_path / "stats.json"
+    assert read_published(path) == {}  # no file yet
+    r = Reporter(str(path), min_interval_s=Reporter.MIN_INTERVAL_S)
+    r.report(Counter(requests=1))
+    r.report(Counter(requests=2))  # within the interval: published after it
+    assert read_published(path)["requests"] == 2
+    r.close()
