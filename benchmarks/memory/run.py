@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks" / "accuracy"))
 
 import tasks as T  # noqa: E402
+from dynsplit_sglang.runtime.report import read_published  # noqa: E402
 
 ACC_TASKS = ["passkey", "niah_single", "niah_multikey"]
 ACC_CONTEXTS = [2048, 4096]
@@ -67,12 +68,6 @@ def configs(budgets, methods=DEFAULT_METHODS):
             out += [(m, b, ["--dynsplit-budget-fraction", str(b), *METHOD_FLAGS[m]])
                     for b in budgets]
     return out
-
-
-def read_stats(path: Path) -> dict:
-    from dynsplit_sglang.runtime.report import read_published
-
-    return read_published(path)
 
 
 def prompts(tok, context_len: int, n: int, offset: int) -> list[list[int]]:
@@ -135,7 +130,7 @@ def measure(model_path, tok, method, budget, flags, context_len, args, log_dir, 
         t0 = time.perf_counter()
         generate(h.base_url, one, args.max_new_tokens)
         row["single_request_s"] = round(time.perf_counter() - t0, 1)
-        st = read_stats(stats)
+        st = read_published(stats)
         row["peak_kv_slots_per_request"] = int(st.get("peak_slots_in_use", 0))
         row["kv_slots_after_prefill"] = int(st.get("slots_in_use", 0))
         row["slots_evicted_single"] = int(st.get("slots_evicted", 0))
@@ -150,7 +145,7 @@ def measure(model_path, tok, method, budget, flags, context_len, args, log_dir, 
         with cf.ThreadPoolExecutor(n) as ex:
             list(ex.map(lambda ids: generate(h.base_url, ids, args.concurrent_new_tokens), batch))
         row["concurrency_s"] = round(time.perf_counter() - t0, 1)
-        st = read_stats(stats)
+        st = read_published(stats)
         row["offered_requests"] = n
         row["max_concurrent_requests"] = int(st.get("max_decode_batch", 0))
         row["retractions"] = retractions(log) - before

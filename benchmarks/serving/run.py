@@ -215,10 +215,6 @@ def server(args, cfg: Config, log_dir: Path):
         h.stop()
 
 
-def read_stats(path: Path) -> dict:
-    return read_published(path)
-
-
 def stats_delta(before: dict, after: dict) -> dict:
     out = {}
     for k, v in after.items():
@@ -301,7 +297,7 @@ def decode_prompt_ids(tokenizer, endpoint, system: str, n_tokens: int, seed: int
 
 
 def measure_cell(ep, h, cfg: Config, cell, system, tok, slot_bytes, startup_s) -> dict:
-    s0 = read_stats(h.stats_path)
+    s0 = read_published(h.stats_path)
     summ = wl.run_cell(ep, cell, system, tok).summary()
     return {
         "config": cfg.name, "budget": cfg.budget,
@@ -322,7 +318,7 @@ def measure_cell(ep, h, cfg: Config, cell, system, tok, slot_bytes, startup_s) -
             "prompt_tokens", "cached_tokens", "mean_prompt_tokens",
             "max_prompt_tokens", "kv_slots_active_peak",
             "kv_token_usage_peak", "ttft_ms_p50_by_turn")},
-        "dynsplit": stats_delta(s0, read_stats(h.stats_path)),
+        "dynsplit": stats_delta(s0, read_published(h.stats_path)),
         "load_1m": os.getloadavg()[0],
         "server_startup_s": startup_s,
     }
@@ -349,14 +345,14 @@ def run_decode_probe(live: dict, configs: list, prompts: dict, args, bar) -> tup
                 bar.set_description(f"decode round {r + 1}/{args.decode_repeats}: "
                                     f"{ctx} {cfg.label}")
                 h = live[cfg]
-                s0 = read_stats(h.stats_path)
+                s0 = read_published(h.stats_path)
                 p = wl.decode_probe(h.base_url, ids, args.decode_tokens)
                 probes.append({
                     "config": cfg.name, "budget": cfg.budget, "context": ctx, "round": r,
                     "position": pos, **p,
                     "uncached_tokens": p["prompt_tokens"] - p["cached_tokens"],
                     "load_1m": os.getloadavg()[0],
-                    "dynsplit": stats_delta(s0, read_stats(h.stats_path))})
+                    "dynsplit": stats_delta(s0, read_published(h.stats_path))})
                 bar.update()
     return warm, probes
 

@@ -141,9 +141,8 @@ def block_summaries_layers(
         keys = torch.stack([k_buffers[li].index_select(0, rows) for li in layers]).float()
         center, radius = _center_radius(keys.view(len(layers), -1, max_block_len, hkv, d),
                                         inside, lens, spread)
-        for i, li in enumerate(layers):
-            out_center[li, dst] = center[i].to(out_center.dtype)
-            out_radius[li, dst] = radius[i].to(out_radius.dtype)
+        out_center[layers.start:layers.stop, dst] = center.to(out_center.dtype)
+        out_radius[layers.start:layers.stop, dst] = radius.to(out_radius.dtype)
 
 
 def _center_radius(keys, inside, lens, spread):
