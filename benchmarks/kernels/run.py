@@ -41,6 +41,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -70,15 +71,23 @@ QUICK_CONTEXTS = {1: [4096, 16384, 32768], 8: [8192], 32: [4096]}
 
 # -- timing ------------------------------------------------------------------------------------
 
+ORDER_SEED = 0
+
+
 def interleaved(fns: dict, repeats: int, warmup: int, timer) -> dict:
-    """Median ms per named callable, timed round-robin so machine noise hits all alike."""
+    """Median ms per named callable, timed in rounds so machine noise hits all alike, each
+    round in a fresh (seeded) random order. What ran just before a call moves its time even
+    across the cache flush (on this VM, a compressed layer right after a 2048^2 matmul took
+    1.5x its time after another compressed layer); a fixed order gave every method the same
+    predecessor in every round, a bias of its own per method."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {k: [] for k in fns}
+    rng = random.Random(ORDER_SEED)
     for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(timer(fn))
+        for k in rng.sample(list(fns), len(fns)):
+            times[k].append(timer(fns[k]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -714,7 +723,8 @@ def main() -> None:
                            tolerance=CFG.tolerance, summaries=CFG.score, batches=args.batch,
                            contexts={str(b): c for b, c in contexts.items()},
                            ideal="N / (budget + N / mean_block_len)",
-                           flush_mib=flush_bytes() >> 20, **native.describe()),
+                           flush_mib=flush_bytes() >> 20, order="shuffled per round, "
+                           f"seed {ORDER_SEED}", **native.describe()),
               "bandwidth_gbps": {}, "rows": [], "skipped": [], "targets": {}}
     work = [(dev, name, b, ctx) for dev in devices for name in LAYOUTS for b in args.batch
             for ctx in contexts[b]]

@@ -64,3 +64,31 @@ def test_a_second_thread_count_is_reported_beside_not_mixed():
     assert "[pass] t1: 0.64" in second and "0.46" not in second
     assert second.count("| 1 | 32k") == 1  # its own table
     assert rep.section(run(1, 0.46, False), "one.json").count("torch threads**") == 0
+
+
+def test_the_run_with_the_fastest_dense_is_judged_first(tmp_path):
+    import json
+
+    def run(threads, dense_ms, value, passed):
+        rows = [dict(r, median_ms=dense_ms) if r["method"] == "dense" else r for r in _rows()]
+        return {"meta": dict(threads=threads, cpu_clock="thread" if threads == 1 else "wall",
+                             sink=4, recent=64, ideal="N / (B + N/C)", load_avg_start=[1.0],
+                             load_avg_end=[2.0]),
+                "bandwidth_gbps": {"cpu": 10.0}, "rows": rows,
+                "targets": {"cpu": [dict(layout="llama8b-32/8/128", target="t1", value=value,
+                                         passed=passed, detail="d")]}}
+    rep = _report()
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps(run(1, 50.0, 0.45, False)))
+    two.write_text(json.dumps(run(2, 21.0, 0.66, True)))
+    assert rep.main([str(one), "--threads-run", str(two)]) == 0
+    text = (tmp_path / "README-section.md").read_text()
+    judged, _, beside = text.partition("**1 torch thread**")
+    assert "CPU, 2 torch threads" in judged and "[pass] t1: 0.66" in judged
+    assert "strongest dense baseline" in judged and "0.45" not in judged
+    assert "one core" in beside and "[**MISS**] t1: 0.45" in beside
+    # the other way round (1 thread's dense faster), the 1-thread run is judged
+    two.write_text(json.dumps(run(2, 60.0, 0.66, True)))
+    rep.main([str(one), "--threads-run", str(two)])
+    text = (tmp_path / "README-section.md").read_text()
+    assert text.index("[**MISS**] t1: 0.45") < text.index("[pass] t1: 0.66")
