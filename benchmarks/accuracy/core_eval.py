@@ -38,6 +38,8 @@ class _Request:
     tokens_attended: int = 0
     kept: list = field(default_factory=list)  # per step and compressed layer: bool [Hkv, NB]
     trace: object = None  # optional callback, see generate(trace=...)
+    pin: float = 0.0  # experimental, see generate(pin=...)
+    pinned: dict = field(default_factory=dict)  # layer -> bool [Hkv, NB]
 
 
 _active: _Request | None = None
@@ -72,6 +74,10 @@ def _core_attention(module, query, key, value, attention_mask, scaling=None, dro
     plan = core.plan_selection(req.table, torch.tensor([seq]), budget, cfg.sink,
                                cfg.recent_for(budget), capacity=budget,
                                max_block_len=cfg.max_block_len)
+    if req.pin > 0:
+        if layer not in req.pinned:
+            req.pinned[layer] = _pin_blocks(req, q, k, plan)
+        scores = torch.where(req.pinned[layer][None], scores + _PIN_BONUS, scores)
     sel = core.select(scores, plan)
     req.tokens_attended += int(sel.counts.sum())
     req.kept.append(sel.blocks[0])
@@ -82,6 +88,38 @@ def _core_attention(module, query, key, value, attention_mask, scaling=None, dro
                   scores=scores[0], kept=sel.blocks[0], plan=plan)
     out = core.sparse_decode_attention(q[None], k, v, slots, scale)  # [1, Hq, D]
     return out[:, None], None  # [B, q_len, Hq, D]
+
+
+_PIN_BONUS = 1e6  # above any block score: pinned blocks are taken first, in their score order
+
+
+def _pin_blocks(req: _Request, q, k, plan) -> torch.Tensor:
+    """bool [Hkv, NB]: per KV head, the selectable blocks (outside the sink and the recent
+    window) with the largest true max q·k over the group's query heads at this first compressed
+    step, in that order while their whole lengths fit req.pin of the block budget.
+    Experimental (sweep.py's pin=): a question-aware prior that stays selected at every later
+    step, for the steps whose query is diffuse (the separator after a value)."""
+    hkv, nb = k.shape[1], req.table.capacity
+    n = req.prompt_len
+    logit = torch.einsum("hgd,thd->htg", q.view(hkv, q.shape[0] // hkv, -1).float(),
+                         k[:n].float()).amax(-1)
+    starts, lens = req.table.starts[0].long(), req.table.lens[0].long()
+    block = torch.full((n,), nb, dtype=torch.long)  # position -> block (nb: in none)
+    for j in torch.nonzero(lens).flatten().tolist():
+        block[starts[j]:starts[j] + lens[j]] = j
+    best = torch.full((hkv, nb + 1), -torch.inf).scatter_reduce(
+        1, block[None].expand(hkv, -1), logit, "amax")[:, :nb]
+    best = best.masked_fill(plan.clip_len[0][None] == 0, -torch.inf)
+    room = req.pin * int(plan.block_budget[0])
+    out = torch.zeros(hkv, nb, dtype=torch.bool)
+    for h in range(hkv):
+        used = 0
+        for j in best[h].argsort(descending=True).tolist():
+            if best[h, j] == -torch.inf or used + int(lens[j]) > room:
+                break
+            out[h, j] = True
+            used += int(lens[j])
+    return out
 
 
 AttentionInterface.register(_ATTN, _core_attention)
@@ -113,7 +151,7 @@ def segmentation(tokenizer, input_ids: list[int], cfg: DynSplitConfig, scores=No
 @torch.inference_mode()
 def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_new_tokens: int,
              prefilled=None, first_token: str = "compressed", trace=None,
-             forced: list[int] | None = None) -> dict:
+             forced: list[int] | None = None, pin: float = 0.0) -> dict:
     """Greedy answer of one request under cfg through the pure core.
 
     first_token: "compressed" (as SGLang serves a prompt it holds in its radix cache: the
@@ -129,7 +167,9 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     inspection only (benchmarks/accuracy/diagnose.py), results are the same with or without.
     forced: teacher forcing (benchmarks/accuracy/sweep.py): feed these tokens instead of the
     model's own and return, per forced token, its log-probability and whether it was the argmax
-    (a paired, continuous fidelity measure: forced = full KV's own greedy answer)."""
+    (a paired, continuous fidelity measure: forced = full KV's own greedy answer).
+    pin: experimental, not in the server: this fraction of each layer's block budget goes, at
+    every step, to the blocks the first compressed step's query attends most (_pin_blocks)."""
     global _active
     if first_token not in ("compressed", "dense"):
         raise ValueError(f"first_token={first_token!r}: expected 'compressed' or 'dense'")
@@ -141,7 +181,7 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     seg = segmentation(tokenizer, input_ids[:closed], cfg,
                        None if scores is None else scores[:closed])
     table = core.BlockTable.from_ends([seg.ends])
-    req = _Request(cfg, table, closed, trace=trace)
+    req = _Request(cfg, table, closed, trace=trace, pin=pin)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     out = [] if first_token == "compressed" else [int(logits.argmax())]

@@ -8,7 +8,8 @@ on paired samples, and a change to the shared selection is measured on `fixed` t
         --variant dyn=dynsplit fix=fixed dyn8=dynsplit,tolerance=8 \\
         --pair dyn:fix dyn8:fix --budget 0.125 --out /tmp/sweep.jsonl
 
-A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field). Rows go to --out as
+A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field, or pin=F: core_eval's
+experimental prior, not in the server). Rows go to --out as
 JSON lines as they finish; --resume skips the (sample, variant) pairs already there. Only the
 first turn of multi-turn samples is scored. The first answer token is decoded from the
 compressed state (as the server serves a cached prompt).
@@ -33,29 +34,35 @@ import tasks as T  # noqa: E402
 from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
 
 
-def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig]:
+def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig, dict]:
+    """(label, config, options of core_eval.generate: pin=F, the experimental prior)."""
     label, _, rest = spec.partition("=")
     strategy, *fields = rest.split(",")
     if not label or not strategy:
         raise SystemExit(f"--variant {spec!r}: expected LABEL=STRATEGY[,FIELD=JSON...]")
     over = {k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)}
-    return label, D.method_cfg(strategy, budget, over.pop("score", "gauss"), over)
+    opts = {k: over.pop(k) for k in ("pin",) if k in over}
+    return label, D.method_cfg(strategy, budget, over.pop("score", "gauss"), over), opts
 
 
 def run(args) -> list[dict]:
     parsed = [(b, *parse_variant(v, b)) for b in args.budget for v in args.variant]
-    labels = [f"{lab}@{b}" for b, lab, _ in parsed]
-    variants = [cfg for _, _, cfg in parsed]
+    labels = [f"{lab}@{b}" for b, lab, _, _ in parsed]
+    variants = [cfg for _, _, cfg, _ in parsed]
+    options = dict(zip(labels, [opts for *_, opts in parsed]))
     rows = []
     if args.resume and args.out.exists():
         rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     done = {(r["sample"], r["variant"]) for r in rows}
     model, tok = D.load_model(args.model)
     todo = [(t, c, i) for c in args.context for t in args.task for i in range(args.samples)]
+    made = {}  # (task, context) -> its n samples: sample i of n is a prompt of its own (ids)
     t0 = time.time()
     with (args.out.open("a") if args.out else open("/dev/null", "w")) as fh:
         for k, (task, ctx, i) in enumerate(todo):
-            s = T.generate(task, tok, ctx, i + 1, args.seed)[i]
+            if (task, ctx) not in made:
+                made[task, ctx] = T.generate(task, tok, ctx, args.samples, args.seed)
+            s = made[task, ctx][i]
             if all((s.id, lab) in done for lab in labels + ["full"]):
                 continue
             pre = D.Prefills(model, s.input_ids, variants)
@@ -66,8 +73,9 @@ def run(args) -> list[dict]:
             for lab, cfg in work:
                 if (s.id, lab) in done:
                     continue
+                opts = options.get(lab, {})
                 out = core_eval.generate(model, tok, s.input_ids, cfg, s.max_new_tokens,
-                                         pre.get(cfg), "compressed")
+                                         pre.get(cfg), "compressed", **opts)
                 text = tok.decode(out["output_ids"])
                 row = dict(sample=s.id, task=task, context_len=ctx, variant=lab,
                            score=T.score(text, s.answers), output=text[:120],
@@ -76,7 +84,7 @@ def run(args) -> list[dict]:
                     full_ids = out["output_ids"]
                 elif args.forced and full_ids:
                     f = core_eval.generate(model, tok, s.input_ids, cfg, 0, pre.get(cfg),
-                                           "compressed", forced=full_ids)
+                                           "compressed", forced=full_ids, **opts)
                     lp = f["forced_logprobs"]
                     row.update(logprob=sum(lp) / len(lp), match=sum(f["forced_match"]) / len(lp),
                                first_logprob=lp[0], logprobs=[round(x, 4) for x in lp])

@@ -58,11 +58,13 @@ def test_forcing_the_greedy_answer_matches_it_everywhere(tiny, sample, strategy)
 
 
 def test_variant_spec_parses_fields_and_score():
-    label, cfg = sweep.parse_variant('d8=dynsplit,tolerance=8,candidates="sentence",score="bound"',
-                                     "512")
-    assert label == "d8"
+    label, cfg, opts = sweep.parse_variant(
+        'd8=dynsplit,tolerance=8,candidates="sentence",score="bound"', "512")
+    assert label == "d8" and opts == {}
     assert (cfg.strategy, cfg.tolerance, cfg.candidates, cfg.score, cfg.budget) == \
         ("dynsplit", 8, "sentence", "bound", 512)
+    label, cfg, opts = sweep.parse_variant("p=fixed,pin=0.25", "0.125")
+    assert opts == {"pin": 0.25} and cfg.strategy == "fixed" and cfg.budget_fraction == 0.125
     with pytest.raises(SystemExit):
         sweep.parse_variant("nolabel", "0.125")
 
@@ -76,9 +78,10 @@ def test_cli_writes_paired_rows_and_resumes(tiny, tmp_path, capsys):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["variant"] for r in rows) == ["dyn@0.25"] * 2 + ["fix@0.25"] * 2 + ["full"] * 2
     full = {r["sample"]: r for r in rows if r["variant"] == "full"}
-    # sweep.py takes sample i of a cell of i + 1 (its ids say so)
-    answers = {s.id: s.answers for s in (T.generate("passkey", tiny[1], 1024, i + 1, 0)[i]
-                                         for i in range(2))}
+    # sweep.py takes sample i of the cell's n (as the suite's runs do: the same prompts, ids)
+    cell = T.generate("passkey", tiny[1], 1024, 2, 0)
+    answers = {s.id: s.answers for s in cell}
+    assert sorted(full) == sorted(answers)
     for r in rows:
         assert r["score"] == T.score(tiny[1].decode(r["output_ids"]), answers[r["sample"]])
         if r["variant"] != "full":  # forced on full KV's own answer
@@ -90,3 +93,45 @@ def test_cli_writes_paired_rows_and_resumes(tiny, tmp_path, capsys):
     # Resume: nothing left to do, no row added.
     assert sweep.main(argv + ["--resume"]) == 0
     assert len(out.read_text().splitlines()) == len(rows)
+
+
+@pytest.mark.parametrize("strategy", ["dynsplit", "fixed"])
+def test_pinned_blocks_are_the_first_steps_best_and_stay_kept(tiny, sample, strategy):
+    """core_eval's experimental prior (pin=F): per layer and KV head, the blocks with the
+    largest true max q·k at the first compressed step, within F of the block budget, are kept at
+    every step; pin=0 leaves the selection as it was."""
+    model, tok = tiny
+    cfg = _cfg(strategy)
+    pre = core_eval.prefill(model, sample.input_ids, cfg)
+    seen = {}
+
+    def trace(step, layer, q, k, scale, scores, kept, plan):
+        seen.setdefault(layer, []).append((q.clone(), k.clone(), kept.clone(), plan))
+
+    plain = core_eval.generate(model, tok, sample.input_ids, cfg, 6, pre)
+    pinned = core_eval.generate(model, tok, sample.input_ids, cfg, 6, pre, pin=0.5, trace=trace)
+    again = core_eval.generate(model, tok, sample.input_ids, cfg, 6, pre, pin=0.0)["kept"]
+    assert len(again) == len(plain["kept"])
+    assert all(torch.equal(a, b) for a, b in zip(again, plain["kept"]))
+    starts, lens = (torch.tensor(pinned[key]) for key in ("block_starts", "block_lens"))
+    for layer, steps in seen.items():
+        q, k, _, plan0 = steps[0]
+        hkv = k.shape[1]
+        logit = torch.einsum("hgd,thd->htg", q.view(hkv, -1, q.shape[-1]), k).amax(-1)
+        best = torch.stack([torch.stack([logit[h, a:a + n].max() for a, n in
+                                         zip(starts.tolist(), lens.tolist())])
+                            for h in range(hkv)])
+        selectable = plan0.clip_len[0] > 0
+        room = 0.5 * int(plan0.block_budget[0])
+        for h in range(hkv):
+            order = [j for j in best[h].argsort(descending=True).tolist() if selectable[j]]
+            top, used = [], 0
+            for j in order:
+                if used + int(lens[j]) > room:
+                    break
+                top.append(j)
+                used += int(lens[j])
+            assert top, "the pin must hold at least one block here"
+            for _, _, kept, plan in steps:  # every step keeps the first step's best blocks
+                assert bool(kept[h, top].all())
+                assert int(plan.clip_len[0, top].sum()) <= room
