@@ -103,23 +103,16 @@ def _pin_blocks(req: _Request, q, k, plan) -> torch.Tensor:
     n = req.prompt_len
     logit = torch.einsum("hgd,thd->htg", q.view(hkv, q.shape[0] // hkv, -1).float(),
                          k[:n].float()).amax(-1)
-    starts, lens = req.table.starts[0].long(), req.table.lens[0].long()
-    block = torch.full((n,), nb, dtype=torch.long)  # position -> block (nb: in none)
-    for j in torch.nonzero(lens).flatten().tolist():
-        block[starts[j]:starts[j] + lens[j]] = j
-    best = torch.full((hkv, nb + 1), -torch.inf).scatter_reduce(
-        1, block[None].expand(hkv, -1), logit, "amax")[:, :nb]
+    lens = req.table.lens[0].long()
+    block = torch.repeat_interleave(torch.arange(nb), lens)  # position -> block: blocks tile
+    best = torch.full((hkv, nb), -torch.inf).scatter_reduce(
+        1, block[None].expand(hkv, -1), logit, "amax")
     best = best.masked_fill(plan.clip_len[0][None] == 0, -torch.inf)
-    room = req.pin * int(plan.block_budget[0])
-    out = torch.zeros(hkv, nb, dtype=torch.bool)
-    for h in range(hkv):
-        used = 0
-        for j in best[h].argsort(descending=True).tolist():
-            if best[h, j] == -torch.inf or used + int(lens[j]) > room:
-                break
-            out[h, j] = True
-            used += int(lens[j])
-    return out
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    ok = torch.isfinite(best.gather(1, order))  # a prefix of the order, as fits below
+    fill = torch.cumsum(lens[order] * ok, -1)  # a greedy prefix: whole blocks while they fit
+    keep = ok & (fill <= req.pin * int(plan.block_budget[0]))
+    return torch.zeros(hkv, nb, dtype=torch.bool).scatter(1, order, keep)
 
 
 AttentionInterface.register(_ATTN, _core_attention)
