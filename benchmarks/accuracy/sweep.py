@@ -42,6 +42,9 @@ def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig, dict]:
         raise SystemExit(f"--variant {spec!r}: expected LABEL=STRATEGY[,FIELD=JSON...]")
     over = {k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)}
     opts = {k: over.pop(k) for k in ("pin",) if k in over}
+    pin = opts.get("pin", 0)
+    if isinstance(pin, bool) or not isinstance(pin, (int, float)) or not 0 <= pin <= 1:
+        raise SystemExit(f"--variant {spec!r}: pin={pin!r}, expected a fraction in [0, 1]")
     return label, D.method_cfg(strategy, budget, over.pop("score", "gauss"), over), opts
 
 

@@ -65,6 +65,9 @@ def test_variant_spec_parses_fields_and_score():
         ("dynsplit", 8, "sentence", "bound", 512)
     label, cfg, opts = sweep.parse_variant("p=fixed,pin=0.25", "0.125")
     assert opts == {"pin": 0.25} and cfg.strategy == "fixed" and cfg.budget_fraction == 0.125
+    for bad in ("1.5", "-0.1", '"half"', "true"):
+        with pytest.raises(SystemExit, match="pin"):
+            sweep.parse_variant(f"p=fixed,pin={bad}", "0.125")
     with pytest.raises(SystemExit):
         sweep.parse_variant("nolabel", "0.125")
 
