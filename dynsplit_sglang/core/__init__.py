@@ -23,21 +23,25 @@ from .strategies import STRATEGIES, Strategy, register
 from .selection import (
     Selection,
     SelectionPlan,
+    candidate_plan,
+    exact_block_scores,
     plan_selection,
     select,
     positions_to_slots,
     score_blocks,
     score_blocks_ragged,
     select_positions,
+    select_refined,
 )
 
 __all__ = [
-    "block_summaries", "block_summaries_layers", "BlockTable", "candidate_mask",
+    "block_summaries", "block_summaries_layers", "BlockTable", "candidate_mask", "candidate_plan",
     "CANDIDATE_MODES", "candidates_for",
     "causal_lse", "ConfigError", "contiguous_slots", "dense_decode_attention", "DynSplitConfig",
+    "exact_block_scores",
     "importance_scores", "ImportanceAccumulator", "key_distinctiveness", "layer_votes",
     "mask_from_texts", "plan_selection", "positions_to_slots", "register", "score_blocks",
-    "score_blocks_ragged", "segment", "Segmentation", "select", "select_positions", "Selection",
+    "score_blocks_ragged", "segment", "Segmentation", "select", "select_positions", "select_refined", "Selection",
     "SelectionPlan", "sparse_decode_attention", "STRATEGIES", "Strategy", "summarize",
     "summarize_ragged", "window_heat",
 ]

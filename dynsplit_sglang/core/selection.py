@@ -15,7 +15,7 @@ Requests no longer than their budget run dense.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -194,6 +194,69 @@ def select_positions(
 ) -> Selection:
     """plan_selection + select in one call."""
     return select(scores, plan_selection(table, seq_lens, budget, sink, recent, capacity))
+
+
+def candidate_plan(plan: SelectionPlan, factor: float, capacity: int | None = None,
+                   max_block_len: int | None = None) -> SelectionPlan:
+    """The first stage of a two-stage selection: the same plan with `factor` (>= 1) times each
+    request's block budget. capacity / max_block_len as in plan_selection (static values for a
+    captured graph); the defaults read the host (plan time only): the plan's capacity grown by
+    the largest extra budget (at most the longest sequence), and the longest selectable block."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+        raise ValueError(f"refine factor {factor!r}: expected a number >= 1")
+    budget = (plan.block_budget.double() * factor).floor().long()
+    if capacity is None:  # no request attends more than its sequence, whatever the factor
+        capacity = min(plan.capacity + (int((budget - plan.block_budget).max())
+                                        if budget.numel() else 0),
+                       int(plan.seq_lens.max()) if plan.seq_lens.numel() else 0)
+    if max_block_len is None:
+        max_block_len = int(plan.clip_len.max()) if plan.clip_len.numel() else 0
+    return replace(plan, block_budget=budget, capacity=capacity,
+                   max_clip_len=min(max_block_len, capacity))
+
+
+def block_owner(sel: Selection, plan: SelectionPlan) -> torch.Tensor:
+    """int64 [B, Hkv, capacity]: the block each of sel.positions belongs to (sel made under
+    plan), NB for the sink, the recent window and padding: lay_out_blocks' arithmetic on the
+    kept blocks. Static shapes, no host read."""
+    b, hkv, _ = sel.order.shape
+    nb, cap, width = sel.nblocks, plan.capacity, plan.max_clip_len
+    owner = torch.full((b, hkv, cap + 1), nb, dtype=torch.long, device=sel.order.device)
+    if width > 0 and sel.order.shape[-1] > 0:
+        fill = torch.cumsum(sel.kept_len, dim=-1)
+        front = sel.counts - sel.kept_len.sum(-1)
+        t = torch.arange(width, device=owner.device)
+        dst = torch.where(t < sel.kept_len[..., None],
+                          (front[..., None] + fill - sel.kept_len)[..., None] + t, cap)
+        owner.scatter_(2, dst.flatten(2),
+                       sel.order[..., None].expand(-1, -1, -1, width).flatten(2))
+    return owner[..., :cap]
+
+
+def exact_block_scores(q: torch.Tensor, k_pool: torch.Tensor, token_slots: torch.Tensor,
+                       cand: Selection, cand_plan: SelectionPlan) -> torch.Tensor:
+    """float32 [B, Hkv, NB]: for each block `cand` kept (under cand_plan), the largest q·k over
+    its attended keys and the query heads of the KV group; -inf for every other block.
+    q: [B, Hq, D]; k_pool: [S, Hkv, D]; token_slots: [B, T]. Reads the candidates' keys only:
+    the summary estimate errs, the exact maxima of a few blocks do not."""
+    b, hq, d = q.shape
+    hkv, nb = k_pool.shape[1], cand.nblocks
+    slots = positions_to_slots(cand.positions, token_slots).clamp(min=0)
+    keys = k_pool[slots, torch.arange(hkv, device=slots.device)[None, :, None]]  # [B, Hkv, N, D]
+    logit = torch.einsum("bhgd,bhnd->bhgn", q.float().view(b, hkv, hq // hkv, d),
+                         keys.float()).amax(dim=2)
+    owner = block_owner(cand, cand_plan)
+    logit = logit.masked_fill(owner == nb, float("-inf"))
+    best = torch.full((b, hkv, nb + 1), float("-inf"), device=q.device)
+    return best.scatter_reduce_(2, owner, logit, "amax")[..., :nb]
+
+
+def select_refined(scores: torch.Tensor, plan: SelectionPlan, cand_plan: SelectionPlan,
+                   q: torch.Tensor, k_pool: torch.Tensor, token_slots: torch.Tensor) -> Selection:
+    """Two-stage selection: `scores` (the summary estimate) pick candidate blocks for
+    cand_plan's budget (candidate_plan), their exact max q·k picks plan's budget among them."""
+    cand = select(scores, cand_plan)
+    return select(exact_block_scores(q, k_pool, token_slots, cand, cand_plan), plan)
 
 
 def positions_to_slots(positions: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:

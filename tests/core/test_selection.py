@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynsplit_sglang.core import (
-    BlockTable, DynSplitConfig, block_summaries, contiguous_slots, plan_selection,
+    BlockTable, DynSplitConfig, block_summaries, candidate_plan, contiguous_slots, plan_selection,
     positions_to_slots, score_blocks, score_blocks_ragged, segment, select, select_positions,
+    select_refined,
     summarize, summarize_ragged,
 )
 
@@ -195,3 +196,82 @@ def test_capacity_is_what_the_batch_can_attend_not_the_largest_budget():
     assert sel.counts[0].tolist() == [100, 100] and sel.counts[2].tolist() == [40, 40]
     assert sel.positions[0, 0].tolist() == list(range(100))
     assert int(sel.counts[1].max()) <= 64
+
+
+def _refined_reference(scores, plan, q, k, token_slots, factor, starts, lens):
+    """Two-stage selection written out per (request, KV head) with Python lists: candidates =
+    the greedy prefix of the estimate's order within factor x the block budget; each scored by
+    the max q·k over its attended (clipped) positions and the group's query heads; then the
+    greedy prefix of that order within the block budget."""
+    b, hkv, nb = scores.shape
+    g = q.shape[1] // hkv
+    kept = torch.zeros(b, hkv, nb, dtype=torch.bool)
+    for i in range(b):
+        if bool(plan.dense[i]):
+            continue
+        clen, cst = plan.clip_len[i].tolist(), plan.clip_start[i].tolist()
+        room = int(plan.block_budget[i])
+        for h in range(hkv):
+            def greedy(score, cap):
+                order = sorted((j for j in range(nb) if clen[j] > 0 and math.isfinite(score[j])),
+                               key=lambda j: (-score[j], j))
+                out, used = [], 0
+                for j in order:
+                    if used + clen[j] > cap:
+                        break
+                    out.append(j)
+                    used += clen[j]
+                return out
+            cand = greedy(scores[i, h].tolist(), math.floor(room * factor))
+            exact = [-math.inf] * nb
+            for j in cand:
+                pos = range(cst[j], cst[j] + clen[j])
+                ks = k[token_slots[i, list(pos)], h]  # [n, D]
+                exact[j] = float((q[i, h * g:(h + 1) * g] @ ks.T).max())
+            for j in greedy(exact, room):
+                kept[i, h, j] = True
+    return kept
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5, 2.0, 4.0, 100.0])
+def test_two_stage_selection_equals_a_per_head_reference(factor):
+    """select_refined: the estimate's candidates for factor x the budget, re-ranked by their
+    exact max q·k over the attended keys (gathered through the slot map), against a loop; at a
+    factor that makes every block a candidate it is the exact (oracle) selection, and its
+    positions stay within the real plan's budget."""
+    torch.manual_seed(3)
+    cfg = DynSplitConfig()
+    seq_lens = [300, 171, 40]  # the last runs dense at this budget
+    table = _table(seq_lens, cfg, seed=5)
+    hq, hkv, d = 8, 2, 16
+    pool = 700
+    k = torch.randn(pool, hkv, d)
+    token_slots = torch.stack([torch.randperm(pool)[:300] for _ in seq_lens])
+    q = torch.randn(len(seq_lens), hq, d)
+    keys = torch.stack([k[token_slots[i]] for i in range(len(seq_lens))])  # [B, T, Hkv, D]
+    center, radius = summarize(keys, table, cfg.max_block_len, 1.5)
+    nb = table.capacity
+    index = torch.arange(len(seq_lens) * nb).view(len(seq_lens), nb)
+    index = index.masked_fill(table.lens == 0, -1)
+    scores = score_blocks(q, center.flatten(0, 1), radius.flatten(0, 1), index, True)
+    plan = plan_selection(table, torch.tensor(seq_lens), 64, 4, 16)
+    cand = candidate_plan(plan, factor)
+    sel = select_refined(scores, plan, cand, q, k, token_slots)
+    want = _refined_reference(scores, plan, q, k, token_slots, factor,
+                              table.starts, table.lens)
+    assert torch.equal(sel.blocks, want)
+    assert bool((sel.counts <= torch.tensor(seq_lens).clamp(max=64)[:, None]).all())
+    assert int(sel.counts[2].min()) == 40  # dense request: every position
+
+
+def test_candidate_plan_rejects_factors_below_one_and_grows_capacity():
+    table = _table([300], DynSplitConfig())
+    plan = plan_selection(table, torch.tensor([300]), 64, 4, 16)
+    cand = candidate_plan(plan, 2)
+    assert int(cand.block_budget[0]) == 2 * int(plan.block_budget[0])
+    assert cand.capacity == plan.capacity + int(plan.block_budget[0])
+    assert candidate_plan(plan, 100).capacity == 300
+    assert candidate_plan(plan, 2, capacity=500, max_block_len=20).capacity == 500
+    for bad in (0.5, -1, float("nan"), True):
+        with pytest.raises(ValueError, match="refine factor"):
+            candidate_plan(plan, bad)
