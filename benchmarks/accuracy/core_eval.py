@@ -40,6 +40,11 @@ class _Request:
     trace: object = None  # optional callback, see generate(trace=...)
     pin: float = 0.0  # experimental, see generate(pin=...)
     pinned: dict = field(default_factory=dict)  # layer -> bool [Hkv, NB]
+    sticky: float = 0.0  # experimental, see generate(sticky=...)
+    last_kept: dict = field(default_factory=dict)  # layer -> bool [Hkv, NB] of the step before
+    neighbor: bool = False  # experimental, see generate(neighbor=...)
+    oracle: bool = False  # diagnostic, see generate(oracle=...)
+    refine: float = 0.0  # experimental, see generate(refine=...)
 
 
 _active: _Request | None = None
@@ -70,15 +75,30 @@ def _core_attention(module, query, key, value, attention_mask, scaling=None, dro
         req.summaries[layer] = (center[0].to(k.dtype), radius[0].to(k.dtype))
     center, radius = req.summaries[layer]
     index = torch.arange(nb)[None].masked_fill(req.table.lens == 0, -1)
-    scores = core.score_blocks(q[None], center, radius, index, cfg.summary_spread is not None)
+    if req.oracle:
+        scores = _true_max(req, q, k)[None]
+    else:
+        scores = core.score_blocks(q[None], center, radius, index,
+                                   cfg.summary_spread is not None)
     plan = core.plan_selection(req.table, torch.tensor([seq]), budget, cfg.sink,
                                cfg.recent_for(budget), capacity=budget,
                                max_block_len=cfg.max_block_len)
+    if req.neighbor:
+        scores = _with_predecessor(scores, plan.clip_len > 0)
     if req.pin > 0:
         if layer not in req.pinned:
             req.pinned[layer] = _pin_blocks(req, q, k, plan)
         scores = torch.where(req.pinned[layer][None], scores + _PIN_BONUS, scores)
-    sel = core.select(scores, plan)
+    if req.sticky > 0 and layer in req.last_kept:
+        held = _greedy_prefix(scores[0], req.last_kept[layer] & (plan.clip_len[0][None] > 0),
+                              req.table.lens[0].long(), req.sticky * int(plan.block_budget[0]))
+        scores = torch.where(held[None], scores + _PIN_BONUS, scores)
+    if req.refine > 0:  # the core's two-stage selection, as the server would run it
+        sel = core.select_refined(scores, plan, core.candidate_plan(plan, req.refine), q[None],
+                                  k, torch.arange(seq)[None])
+    else:
+        sel = core.select(scores, plan)
+    req.last_kept[layer] = sel.blocks[0]
     req.tokens_attended += int(sel.counts.sum())
     req.kept.append(sel.blocks[0])
     slots = core.positions_to_slots(sel.positions, torch.arange(seq)[None])
@@ -99,20 +119,42 @@ def _pin_blocks(req: _Request, q, k, plan) -> torch.Tensor:
     step, in that order while their whole lengths fit req.pin of the block budget.
     Experimental (sweep.py's pin=): a question-aware prior that stays selected at every later
     step, for the steps whose query is diffuse (the separator after a value)."""
+    return _greedy_prefix(_true_max(req, q, k), plan.clip_len[0][None] > 0,
+                          req.table.lens[0].long(),
+                          req.pin * int(plan.block_budget[0]))
+
+
+def _true_max(req: _Request, q, k) -> torch.Tensor:
+    """float32 [Hkv, NB]: per KV head and prompt block, the largest q·k over the block's keys
+    and the group's query heads (the oracle block score; -inf for table padding)."""
     hkv, nb = k.shape[1], req.table.capacity
-    n = req.prompt_len
     logit = torch.einsum("hgd,thd->htg", q.view(hkv, q.shape[0] // hkv, -1).float(),
-                         k[:n].float()).amax(-1)
+                         k[:req.prompt_len].float()).amax(-1)
     lens = req.table.lens[0].long()
     block = torch.repeat_interleave(torch.arange(nb), lens)  # position -> block: blocks tile
-    best = torch.full((hkv, nb), -torch.inf).scatter_reduce(
+    return torch.full((hkv, nb), -torch.inf).scatter_reduce(
         1, block[None].expand(hkv, -1), logit, "amax")
-    best = best.masked_fill(plan.clip_len[0][None] == 0, -torch.inf)
+
+
+def _with_predecessor(scores, selectable) -> torch.Tensor:
+    """[B, Hkv, NB]: each block scores at least as its selectable predecessor, so the block
+    after a matched one (a needle's value after its key phrase) is taken with it."""
+    prev = scores[..., :-1].masked_fill(~selectable[:, None, :-1], -torch.inf)
+    out = scores.clone()
+    out[..., 1:] = torch.maximum(scores[..., 1:], prev)
+    return out
+
+
+def _greedy_prefix(priority, allowed, lens, cap) -> torch.Tensor:
+    """bool [Hkv, NB]: per KV head, the allowed blocks in descending priority while their
+    whole lengths (summed) fit cap tokens."""
+    allowed = allowed.expand_as(priority)
+    best = priority.float().masked_fill(~allowed, -torch.inf)
     order = best.argsort(dim=-1, descending=True, stable=True)
     ok = torch.isfinite(best.gather(1, order))  # a prefix of the order, as fits below
     fill = torch.cumsum(lens[order] * ok, -1)  # a greedy prefix: whole blocks while they fit
-    keep = ok & (fill <= req.pin * int(plan.block_budget[0]))
-    return torch.zeros(hkv, nb, dtype=torch.bool).scatter(1, order, keep)
+    keep = ok & (fill <= cap)
+    return torch.zeros_like(allowed).scatter(1, order, keep)
 
 
 AttentionInterface.register(_ATTN, _core_attention)
@@ -144,7 +186,8 @@ def segmentation(tokenizer, input_ids: list[int], cfg: DynSplitConfig, scores=No
 @torch.inference_mode()
 def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_new_tokens: int,
              prefilled=None, first_token: str = "compressed", trace=None,
-             forced: list[int] | None = None, pin: float = 0.0) -> dict:
+             forced: list[int] | None = None, pin: float = 0.0, sticky: float = 0.0,
+             neighbor: bool = False, oracle: bool = False, refine: float = 0.0) -> dict:
     """Greedy answer of one request under cfg through the pure core.
 
     first_token: "compressed" (as SGLang serves a prompt it holds in its radix cache: the
@@ -162,7 +205,19 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     model's own and return, per forced token, its log-probability and whether it was the argmax
     (a paired, continuous fidelity measure: forced = full KV's own greedy answer).
     pin: experimental, not in the server: this fraction of each layer's block budget goes, at
-    every step, to the blocks the first compressed step's query attends most (_pin_blocks)."""
+    every step, to the blocks the first compressed step's query attends most (_pin_blocks).
+    sticky: experimental, not in the server: at every step after the first, up to this fraction
+    of each layer's block budget goes to the blocks that layer kept at the step before (in this
+    step's score order), so a step whose query is diffuse (the separator after a value) keeps
+    what the steps before it looked at.
+    neighbor: experimental, not in the server: a block scores at least as the block before it
+    (_with_predecessor).
+    oracle: diagnostic, not a method: blocks are scored by their true max q·k (_true_max) at
+    every step, so what a selection at this budget could do at best can be told apart from
+    what the score loses.
+    refine: experimental, not in the server yet: the score picks candidate blocks for refine
+    times the block budget, and their exact max q·k picks the budget among them
+    (core.select_refined)."""
     global _active
     if first_token not in ("compressed", "dense"):
         raise ValueError(f"first_token={first_token!r}: expected 'compressed' or 'dense'")
@@ -174,7 +229,8 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     seg = segmentation(tokenizer, input_ids[:closed], cfg,
                        None if scores is None else scores[:closed])
     table = core.BlockTable.from_ends([seg.ends])
-    req = _Request(cfg, table, closed, trace=trace, pin=pin)
+    req = _Request(cfg, table, closed, trace=trace, pin=pin, sticky=sticky,
+                   neighbor=bool(neighbor), oracle=bool(oracle), refine=refine)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     out = [] if first_token == "compressed" else [int(logits.argmax())]

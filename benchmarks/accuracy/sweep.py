@@ -8,8 +8,8 @@ on paired samples, and a change to the shared selection is measured on `fixed` t
         --variant dyn=dynsplit fix=fixed dyn8=dynsplit,tolerance=8 \\
         --pair dyn:fix dyn8:fix --budget 0.125 --out /tmp/sweep.jsonl
 
-A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field, or pin=F: core_eval's
-experimental prior, not in the server). Rows go to --out as
+A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field, or pin=F / sticky=F /
+neighbor=1 / oracle=1 / refine=R: core_eval's experimental options, not in the server). Rows go to --out as
 JSON lines as they finish; --resume skips the (sample, variant) pairs already there. Only the
 first turn of multi-turn samples is scored. The first answer token is decoded from the
 compressed state (as the server serves a cached prompt).
@@ -35,16 +35,18 @@ from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
 
 
 def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig, dict]:
-    """(label, config, options of core_eval.generate: pin=F, the experimental prior)."""
+    """(label, config, options of core_eval.generate: pin / sticky / neighbor / oracle / refine, its
+    experimental options)."""
     label, _, rest = spec.partition("=")
     strategy, *fields = rest.split(",")
     if not label or not strategy:
         raise SystemExit(f"--variant {spec!r}: expected LABEL=STRATEGY[,FIELD=JSON...]")
     over = {k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)}
-    opts = {k: over.pop(k) for k in ("pin",) if k in over}
-    pin = opts.get("pin", 0)
-    if isinstance(pin, bool) or not isinstance(pin, (int, float)) or not 0 <= pin <= 1:
-        raise SystemExit(f"--variant {spec!r}: pin={pin!r}, expected a fraction in [0, 1]")
+    opts = {k: over.pop(k) for k in ("pin", "sticky", "neighbor", "oracle", "refine") if k in over}
+    for k, f in opts.items():
+        top = 16 if k == "refine" else 1  # refine: a multiple of the block budget
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= top:
+            raise SystemExit(f"--variant {spec!r}: {k}={f!r}, expected a number in [0, {top}]")
     return label, D.method_cfg(strategy, budget, over.pop("score", "gauss"), over), opts
 
 
@@ -80,7 +82,7 @@ def run(args) -> list[dict]:
                 out = core_eval.generate(model, tok, s.input_ids, cfg, s.max_new_tokens,
                                          pre.get(cfg), "compressed", **opts)
                 text = tok.decode(out["output_ids"])
-                row = dict(sample=s.id, task=task, context_len=ctx, variant=lab,
+                row = dict(sample=s.id, model=args.model, task=task, context_len=ctx, variant=lab,
                            score=T.score(text, s.answers), output=text[:120],
                            output_ids=out["output_ids"], tokens_attended=out["tokens_attended"])
                 if lab == "full":

@@ -138,3 +138,118 @@ def test_pinned_blocks_are_the_first_steps_best_and_stay_kept(tiny, sample, stra
             for _, _, kept, plan in steps:  # every step keeps the first step's best blocks
                 assert bool(kept[h, top].all())
                 assert int(plan.clip_len[0, top].sum()) <= room
+
+
+@pytest.mark.parametrize("strategy", ["dynsplit", "fixed"])
+def test_sticky_blocks_are_the_previous_steps_kept_in_this_steps_order(tiny, sample, strategy):
+    """core_eval's experimental sticky=F: at every step after the first, the blocks the layer
+    kept at the step before, taken in this step's score order while their lengths fit F of the
+    block budget, are kept again; the first step is the plain selection."""
+    model, tok = tiny
+    cfg = _cfg(strategy)
+    pre = core_eval.prefill(model, sample.input_ids, cfg)
+    seen = {}
+
+    def trace(step, layer, q, k, scale, scores, kept, plan):
+        seen.setdefault(layer, []).append((scores.clone(), kept.clone(), plan))
+
+    plain = core_eval.generate(model, tok, sample.input_ids, cfg, 6, pre)
+    sticky = core_eval.generate(model, tok, sample.input_ids, cfg, 6, pre, sticky=0.5,
+                                trace=trace)
+    lens = torch.tensor(sticky["block_lens"])
+    held_any = False
+    for layer, steps in seen.items():
+        for (_, kept0, _), (scores, kept, plan) in zip(steps, steps[1:]):
+            room = 0.5 * int(plan.block_budget[0])
+            selectable = plan.clip_len[0] > 0
+            for h in range(kept.shape[0]):
+                # scores carry the bonus: recover this step's order among the held candidates
+                cand = [j for j in scores[h].argsort(descending=True).tolist()
+                        if kept0[h, j] and selectable[j]]
+                used, held = 0, []
+                for j in cand:
+                    if used + int(lens[j]) > room:
+                        break
+                    held.append(j)
+                    used += int(lens[j])
+                held_any |= bool(held)
+                assert bool(kept[h, held].all())
+    assert held_any, "some step must hold blocks of the step before"
+    # The first compressed step of every layer is the plain selection's.
+    n_layers = len(seen)
+    for i in range(n_layers):
+        assert torch.equal(sticky["kept"][i], plain["kept"][i])
+
+
+def test_variant_spec_parses_sticky():
+    _, cfg, opts = sweep.parse_variant("s=dynsplit,sticky=0.5", "0.125")
+    assert opts == {"sticky": 0.5} and cfg.strategy == "dynsplit"
+    with pytest.raises(SystemExit, match="sticky"):
+        sweep.parse_variant("s=dynsplit,sticky=2", "0.125")
+
+
+def test_predecessor_score_is_a_floor_from_selectable_blocks_only():
+    """core_eval's experimental neighbor=1: a block scores at least as the block before it,
+    unless that block is not selectable (the sink's block must not drag its successor in)."""
+    scores = torch.tensor([[[9.0, 1.0, 5.0, 2.0, -1.0]]])
+    selectable = torch.tensor([[False, True, True, True, True]])
+    out = core_eval._with_predecessor(scores, selectable)
+    assert out.tolist() == [[[9.0, 1.0, 5.0, 5.0, 2.0]]]
+    assert scores.tolist() == [[[9.0, 1.0, 5.0, 2.0, -1.0]]]  # the input is left as it was
+    _, _, opts = sweep.parse_variant("n=fixed,neighbor=1", "0.125")
+    assert opts == {"neighbor": 1}
+
+
+def test_oracle_scores_every_block_by_its_true_max(tiny, sample):
+    """core_eval's diagnostic oracle=1: at every step each block scores the largest q·k over its
+    keys and the group's query heads, and the selection takes blocks in that order."""
+    model, tok = tiny
+    cfg = _cfg("dynsplit")
+    pre = core_eval.prefill(model, sample.input_ids, cfg)
+    seen = []
+
+    def trace(step, layer, q, k, scale, scores, kept, plan):
+        seen.append((q.clone(), k.clone(), scores.clone(), kept.clone(), plan))
+
+    out = core_eval.generate(model, tok, sample.input_ids, cfg, 4, pre, oracle=True, trace=trace)
+    starts, lens = (out[key] for key in ("block_starts", "block_lens"))
+    assert seen
+    for q, k, scores, kept, plan in seen:
+        hkv = k.shape[1]
+        logit = torch.einsum("hgd,thd->htg", q.view(hkv, -1, q.shape[-1]), k).amax(-1)
+        for h in range(hkv):
+            want = torch.stack([logit[h, a:a + n].max() for a, n in zip(starts, lens)])
+            assert torch.allclose(scores[h, :len(starts)], want, rtol=1e-5, atol=1e-5)
+            # blocks are taken in score order until one does not fit: a prefix of the order
+            sel = plan.clip_len[0, :len(starts)] > 0
+            row, held = scores[h, :len(starts)], kept[h, :len(starts)]
+            assert bool((held & sel).any()) and bool((~held & sel).any())
+            assert float(row[~held & sel].max()) <= float(row[held & sel].min())
+
+
+def test_refine_one_keeps_the_plain_selection_and_refine_two_runs_the_core_two_stage(tiny,
+                                                                                      sample):
+    """core_eval's refine=R is core.select_refined: at R = 1 the candidates are the plain
+    selection and all of them fit, so every step keeps the same blocks; at R = 2 every step's
+    kept set is select_refined's on the step's own scores."""
+    model, tok = tiny
+    cfg = _cfg("dynsplit")
+    pre = core_eval.prefill(model, sample.input_ids, cfg)
+    plain = core_eval.generate(model, tok, sample.input_ids, cfg, 5, pre)
+    one = core_eval.generate(model, tok, sample.input_ids, cfg, 5, pre, refine=1)
+    assert one["output_ids"] == plain["output_ids"]
+    assert all(torch.equal(a, b) for a, b in zip(one["kept"], plain["kept"]))
+    seen = []
+
+    def trace(step, layer, q, k, scale, scores, kept, plan):
+        seen.append((q.clone(), k.clone(), scores.clone(), kept.clone(), plan))
+
+    core_eval.generate(model, tok, sample.input_ids, cfg, 3, pre, refine=2, trace=trace)
+    from dynsplit_sglang import core
+    changed = 0
+    for q, k, scores, kept, plan in seen:
+        want = core.select_refined(scores[None], plan, core.candidate_plan(plan, 2), q[None], k,
+                                   torch.arange(k.shape[0])[None]).blocks[0]
+        assert torch.equal(kept, want)
+        changed += not torch.equal(kept, core.select(scores[None], plan).blocks[0])
+    assert changed, "the exact re-ranking must change some step's selection"
