@@ -263,6 +263,7 @@ def headline_targets(data: dict) -> str:
                              f"({d - f:+.1f} points; target within 10): "
                              f"**{'met' if d >= f - 10 else 'missed'}**")
         lines += _repetition_lines(data, model)
+        lines += oracle_lines(data, model)
         fb = data.get("fallback_records", {})
         sg = data.get("meta", {}).get("phases", {}).get(model, {}).get("sglang") or {}
         if model in fb:
@@ -272,6 +273,76 @@ def headline_targets(data: dict) -> str:
             lines.append(f"- {model}: dense fallbacks {sg['fallback_rows']} (target 0): "
                          f"**{'met' if not sg['fallback_rows'] else 'missed'}**")
     return "\n".join(lines) + "\n"
+
+
+# The diagnosis replay behind the misses (docs/accuracy.md, "The exact block score"): sweep.py
+# rows of the same prompts through the pure core with the gauss score and with the exact one
+# (oracle=1: every block scored by its true max q·k at every step).
+VARIANT_SWEEP = Path(__file__).resolve().parent / "results" / "variants-smollm2-4k.jsonl"
+
+
+def oracle_lines(data: dict, model: str, path: Path = VARIANT_SWEEP) -> list[str]:
+    """What the exact block score says about the misses: whether the split or the score decides
+    dynsplit − fixed, and, for each headline output that repeats where full KV's does not,
+    whether it still repeats when every block is scored exactly (then the budget, not the
+    selection, made it)."""
+    from repetition import degenerate  # same detector as the headline's count
+
+    if not path.exists():
+        return []
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    recs = [r for r in recs if r.get("model") == model]
+    if not recs:
+        return []
+    by = {(r["sample"], r["variant"]): r for r in recs}
+    out = []
+    for b in sorted({r["variant"].split("@", 1)[1] for r in recs if "@" in r["variant"]},
+                    key=lambda x: _budget_order(float(x))):
+        names = [f"{m}@{b}" for m in ("dynsplit", "fixed", "dynsplit-oracle", "fixed-oracle")]
+        ids = sorted({s for s, v in by if all((s, n) in by for n in names + ["full"])})
+        if not ids:
+            continue
+        acc = {n: 100 * sum(by[s, n]["score"] for s in ids) / len(ids) for n in names + ["full"]}
+        same = sum(by[s, names[2]]["output_ids"] == by[s, names[3]]["output_ids"] for s in ids)
+        out.append(
+            f"- {model}, split or score? The diagnosis replay (`{_repo_rel(path)}`: pure core, "
+            f"{len(ids)} prompts of the suite at {_frac(float(b))}) scores dynsplit "
+            f"{acc[names[0]]:.1f} and fixed {acc[names[1]]:.1f} with the gauss block score; "
+            f"with the exact one (true max q·k per block, every step) dynsplit "
+            f"{acc[names[2]]:.1f} and fixed {acc[names[3]]:.1f} (full KV {acc['full']:.1f}), "
+            f"with token-identical outputs on {same} of {len(ids)} prompts. At this budget the "
+            f"split does not decide the accuracy; the block score's error does."
+            + _refine_clause(by, ids, b))
+        deg = {(d["method"], d["budget"]): d for d in data.get("degenerate", [])
+               if d["model"] == model}
+        looped = sorted({s for (m, _), d in deg.items() if m == "dynsplit"
+                         for s in d["added_samples"]})
+        traced = []
+        for s in looped:
+            if (s, names[2]) not in by:
+                continue
+            still = [m for m, n in (("dynsplit", names[2]), ("fixed", names[3]))
+                     if degenerate(by[s, n]["output"])]
+            traced.append((s, still))
+        if traced:
+            parts = [f"{s}: {'still repeats with the exact score (' + ', '.join(st) + ')' if st else 'no repetition with the exact score'}"
+                     for s, st in traced]
+            bad = [s for s, st in traced if not st]
+            out.append(f"- {model}: the repeating outputs, replayed with the exact block score "
+                       f"at {_frac(float(b))}: " + "; ".join(parts) + ". Traced to the selection's "
+                       f"score: {len(bad)} of {len(traced)} (target 0): "
+                       f"**{'met' if not bad else 'missed'}**")
+    return out
+
+
+def _refine_clause(by: dict, ids: list, b: str) -> str:
+    """The two-stage selection's accuracy on the same prompts, where the replay has it."""
+    names = [f"{m}-refine2@{b}" for m in ("dynsplit", "fixed")]
+    if not all((s, n) in by for s in ids for n in names):
+        return ""
+    d, f = (100 * sum(by[s, n]["score"] for s in ids) / len(ids) for n in names)
+    return (f" Re-ranking the gauss score's candidates for twice the budget by their exact max "
+            f"(core.select_refined, not in the server yet): dynsplit {d:.1f}, fixed {f:.1f}.")
 
 
 def _repetition_lines(data: dict, model: str) -> list[str]:

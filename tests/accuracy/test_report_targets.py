@@ -1,6 +1,7 @@
 """The headline's paired statistics and its done-when checks (benchmarks/accuracy stats.py and
 report.headline_targets), on records whose answers are known."""
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -190,3 +191,61 @@ def test_degenerate_repetition_on_text_and_what_compression_added(tmp_path):
     again = {(d["method"], d["budget"]): d for d in run.Results(tmp_path / "h.json").degenerate()}
     assert again[("dynsplit", 0.125)]["n"] == 4 and again[("dynsplit", 0.125)]["judged"] == 3
     assert again[("dynsplit", 0.125)]["added"] == 1
+
+
+def _sweep_row(sample, variant, score, output, ids):
+    return dict(sample=sample, model=SMOL, task="niah_multivalue", context_len=4096,
+                variant=variant, score=score, output=output, output_ids=ids)
+
+
+def test_the_exact_score_replay_says_whether_split_or_score_decides_and_traces_loops(tmp_path):
+    """oracle_lines: accuracy with the gauss and the exact block score on the replay's prompts,
+    how often the two splits agree with the exact score, and for each headline loop whether it
+    survives the exact score (the budget's) or not (the score's: the target is missed)."""
+    loop = "a: 5111925. 5111925. 5111925. 5111925. 5111925."
+    rows = []
+    for s, (d, f, do, fo), same in (("p-0of2", (0.0, 0.25, 0.25, 0.25), True),
+                                    ("p-1of2", (0.25, 0.25, 0.75, 0.75), False)):
+        rows.append(_sweep_row(s, "full", 0.75, "a: 1, 2, 3", [1, 2, 3]))
+        rows.append(_sweep_row(s, "dynsplit@0.125", d, loop, [9]))
+        rows.append(_sweep_row(s, "fixed@0.125", f, "x", [8]))
+        out = loop if s == "p-0of2" else "a: 1, 2, 3"
+        rows.append(_sweep_row(s, "dynsplit-oracle@0.125", do, out, [1, 2]))
+        rows.append(_sweep_row(s, "fixed-oracle@0.125", fo, out, [1, 2] if same else [1, 3]))
+    path = tmp_path / "oracle.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = {"degenerate": [dict(model=SMOL, method="dynsplit", budget=0.125,
+                                added_samples=["p-0of2", "p-1of2"]),
+                           dict(model=QWEN, method="dynsplit", budget=0.125,
+                                added_samples=["p-1of2"])]}
+    lines = report.oracle_lines(data, SMOL, path)
+    assert len(lines) == 2
+    assert "dynsplit 12.5 and fixed 25.0 with the gauss block score" in lines[0]
+    assert "dynsplit 50.0 and fixed 50.0 (full KV 75.0)" in lines[0]
+    assert "token-identical outputs on 1 of 2 prompts" in lines[0]
+    assert "p-0of2: still repeats with the exact score (dynsplit, fixed)" in lines[1]
+    assert "p-1of2: no repetition with the exact score" in lines[1]
+    assert lines[1].endswith("score: 1 of 2 (target 0): **missed**")
+    # Only the budget's loops left: met. Another model, or no replay file: nothing said.
+    data["degenerate"][0]["added_samples"] = ["p-0of2"]
+    assert report.oracle_lines(data, SMOL, path)[1].endswith("0 of 1 (target 0): **met**")
+    assert report.oracle_lines(data, QWEN, path) == []
+    assert report.oracle_lines(data, SMOL, tmp_path / "none.jsonl") == []
+
+
+def test_the_replay_line_adds_the_two_stage_selection_where_it_was_run(tmp_path):
+    rows = []
+    for i, (d, f) in enumerate(((1.0, 0.5), (0.0, 0.5))):
+        s = f"p-{i}of2"
+        for variant, score in (("full", 1.0), ("dynsplit@0.125", 0.0), ("fixed@0.125", 0.0),
+                               ("dynsplit-oracle@0.125", 1.0), ("fixed-oracle@0.125", 1.0),
+                               ("dynsplit-refine2@0.125", d), ("fixed-refine2@0.125", f)):
+            rows.append(_sweep_row(s, variant, score, "x", [1]))
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (line,) = report.oracle_lines({"degenerate": []}, SMOL, path)
+    assert line.endswith("(core.select_refined, not in the server yet): dynsplit 50.0, "
+                         "fixed 50.0.")
+    path.write_text("\n".join(json.dumps(r) for r in rows if "refine" not in r["variant"]))
+    (line,) = report.oracle_lines({"degenerate": []}, SMOL, path)
+    assert "select_refined" not in line
