@@ -325,8 +325,8 @@ def oracle_lines(data: dict, model: str, path: Path = VARIANT_SWEEP) -> list[str
                      if degenerate(by[s, n]["output"])]
             traced.append((s, still))
         if traced:
-            parts = [f"{s}: {'still repeats with the exact score (' + ', '.join(st) + ')' if st else 'no repetition with the exact score'}"
-                     for s, st in traced]
+            parts = [f"{s}: still repeats with the exact score ({', '.join(st)})" if st else
+                     f"{s}: no repetition with the exact score" for s, st in traced]
             bad = [s for s, st in traced if not st]
             out.append(f"- {model}: the repeating outputs, replayed with the exact block score "
                        f"at {_frac(float(b))}: " + "; ".join(parts) + ". Traced to the selection's "

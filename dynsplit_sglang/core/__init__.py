@@ -41,7 +41,8 @@ __all__ = [
     "exact_block_scores",
     "importance_scores", "ImportanceAccumulator", "key_distinctiveness", "layer_votes",
     "mask_from_texts", "plan_selection", "positions_to_slots", "register", "score_blocks",
-    "score_blocks_ragged", "segment", "Segmentation", "select", "select_positions", "select_refined", "Selection",
+    "score_blocks_ragged", "segment", "Segmentation", "select", "select_positions",
+    "select_refined", "Selection",
     "SelectionPlan", "sparse_decode_attention", "STRATEGIES", "Strategy", "summarize",
     "summarize_ragged", "window_heat",
 ]
