@@ -68,6 +68,10 @@ FIELD_HELP = {
     "spread": "gauss score only: how many expected-maximum deviations above a block's mean key "
               "its score reaches; higher favours blocks whose keys vary more. Number in "
               "(0, 16]. Default {default}.",
+    "refine": "Two-stage block selection: the block score picks candidate blocks for this "
+              "many times the budget, then their keys are read and their exact max q·k picks "
+              "the budget among them (1 = the score alone; 2 reads one extra budget of keys "
+              "per step). Number in [1, 64]. Default {default}.",
     "min_sparse_len": "Decode attends densely while a request's context is shorter than this "
                       "many tokens, where a compressed step would cost more time than the keys "
                       "it skips (0 = compress whenever the context exceeds the budget). Integer "

@@ -303,14 +303,22 @@ class DecodeStep:
     caches cold after the model's matmuls, which at short contexts is most of a compressed
     layer's time). `select` and `attend` run the stages apart (three C calls). Results equal
     the unplanned path's.
+
+    cand: the candidate plan of a two-stage selection (core.selection.candidate_plan; None: the
+    score alone): the score picks candidates under it, their exact max q·k over the pool's keys
+    picks the blocks under `plan` (core.selection.select_refined), in the same fused call.
     """
 
     def __init__(self, plan: _selection.SelectionPlan, summary_index: torch.Tensor,
                  token_slots: torch.Tensor, hkv: int, l2, max_kept: int | None = None,
-                 scratch: Scratch | None = None) -> None:
+                 scratch: Scratch | None = None,
+                 cand: _selection.SelectionPlan | None = None) -> None:
         b, nb = plan.clip_len.shape
         dev = plan.clip_len.device
         self.plan, self.hkv, self.nb = plan, hkv, nb
+        self.cand, self.token_slots = cand, token_slots
+        # the most candidates a list can keep (host read: plan time only)
+        self.max_cand = None if cand is None else min(max_kept_blocks(cand), nb)
         self.scratch = scratch or Scratch()
         self.native = _native.load()  # fused kernels (native.c), or None: torch ops below
         # Runs of summary rows (host reads: plan time only) serve the torch scorer alone; with
@@ -345,12 +353,24 @@ class DecodeStep:
             self.slot_ok = ok_slots.expand(b, hkv, -1).contiguous()
         self._layers = {}  # (Hq, D, Dv) -> native.Layer: the whole layer in one fused call
 
-    def select(self, q, center, radius) -> _selection.Selection:
-        if self.native is not None and _native.supports(q, center, radius):
+    def select(self, q, center, radius, k_buffer=None) -> _selection.Selection:
+        """k_buffer: the layer's key pool [S, Hkv, D], read by a two-stage selection alone."""
+        if self.cand is not None and k_buffer is None:
+            raise ValueError("DecodeStep.select: a two-stage selection reads the keys: give "
+                             "k_buffer")
+        refine = self.cand is not None
+        if self.native is not None and _native.supports(q, center, radius, *(
+                (k_buffer,) if refine else ())):
             # score and block choice in one fused call
             layer = self._layer(q, None)
-            return _selection.Selection(*layer.select(q, center, radius), self.nb)
-        return self.keep(self.score(q, center, radius))
+            k_rows = k_buffer.view(-1, k_buffer.shape[2]) if refine else None
+            return _selection.Selection(*layer.select(q, center, radius, k_rows), self.nb)
+        scores = self.score(q, center, radius)
+        if refine:
+            cand = select(scores, self.cand, self.max_cand)
+            scores = _selection.exact_block_scores(q, k_buffer, self.token_slots, cand,
+                                                   self.cand)
+        return self.keep(scores)
 
     def _layer(self, q, v_buffer):
         """The fused layer call bound to this step for these shapes (v_buffer None: for the
@@ -369,7 +389,9 @@ class DecodeStep:
                 clen=self.clen, cstart=self.cstart, budget=self.plan.block_budget, fixed=out,
                 front=front, pool_rows=self.pool_rows, rows_top=self.rows_top,
                 slot_ok=self.slot_ok, take=lambda n, shape, dt: self.scratch.take(n, shape, dt,
-                                                                                  dev))
+                                                                                  dev),
+                cbudget=None if self.cand is None else self.cand.block_budget.contiguous(),
+                kc=self.max_cand or 0)
         return layer
 
     def layer_set(self, center, radius, counts, hq: int, dv: int, pools: dict):
@@ -424,7 +446,8 @@ class DecodeStep:
             return _selection.Selection(pos, counts, order, kept, self.nb)
         order = _top_blocks(scores, self.max_kept, self.ties)
         plan = self.plan
-        return _selection.lay_out_blocks(order, torch.gather(self.clen, 2, order), self.cstart,
+        lens = torch.gather(self.clen, 2, order) * torch.isfinite(torch.gather(scores, 2, order))
+        return _selection.lay_out_blocks(order, lens, self.cstart,
                                          self.budget, self.fixed, plan.capacity,
                                          plan.max_clip_len, self.nb)
 

@@ -305,6 +305,34 @@ static inline void sift_down(int64_t *heap, int64_t n, int64_t i) { /* min-heap 
     }
 }
 
+/* The first K blocks of one score order (descending, ties to the lower block index) into ord,
+ * by a min-heap of K keys (heap: K int64 of work). */
+static void top_blocks(const float *s, int64_t NB, int64_t K, int64_t *heap, int64_t *ord) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < NB && K > 0; j++) { /* the K largest keys */
+        int64_t key = order_key(s[j], j, NB);
+        if (n < K) {
+            heap[n++] = key;
+            if (n == K)
+                for (int64_t i = K / 2 - 1; i >= 0; i--) sift_down(heap, K, i);
+        } else if (key > heap[0]) {
+            heap[0] = key;
+            sift_down(heap, K, 0);
+        }
+    }
+    for (int64_t i = K - 1; i >= 0; i--) { /* pop ascending: fill the order from its end */
+        ord[i] = NB - 1 - (int64_t)((uint64_t)heap[0] & 0xFFFFFFFFu);
+        heap[0] = heap[i];
+        sift_down(heap, i, 0);
+    }
+}
+
+/* A block's tokens that a selection may keep: its clipped length, 0 where its score is not
+ * finite (core.selection.select keeps no block scored -inf). */
+static inline int64_t selectable_len(float score, int64_t clen) {
+    return isfinite(score) ? clen : 0;
+}
+
 /* core.selection.select for a planned step (kernels/cpu.py DecodeStep.keep): per (request b,
  * KV head h) the first K blocks of the score order (descending, ties to the lower index), kept
  * while their clipped lengths fit the block budget (stopping at the first that does not), laid
@@ -318,28 +346,12 @@ static void keep_list(const float *scores, const int64_t *clen, const int64_t *c
                       int64_t *heap, int64_t bh, int64_t Hkv, int64_t NB, int64_t K, int64_t cap) {
     int64_t b = bh / Hkv;
     const float *s = scores + bh * NB;
-    int64_t n = 0;
-    for (int64_t j = 0; j < NB && K > 0; j++) { /* the K largest keys */
-        int64_t key = order_key(s[j], j, NB);
-        if (n < K) {
-            heap[n++] = key;
-            if (n == K)
-                for (int64_t i = K / 2 - 1; i >= 0; i--) sift_down(heap, K, i);
-        } else if (key > heap[0]) {
-            heap[0] = key;
-            sift_down(heap, K, 0);
-        }
-    }
     int64_t *ord = order + bh * K, *kl = kept + bh * K, *pos = positions + bh * cap;
-    for (int64_t i = K - 1; i >= 0; i--) { /* pop ascending: fill the order from its end */
-        ord[i] = NB - 1 - (int64_t)((uint64_t)heap[0] & 0xFFFFFFFFu);
-        heap[0] = heap[i];
-        sift_down(heap, i, 0);
-    }
+    top_blocks(s, NB, K, heap, ord);
     memcpy(pos, fixed + bh * (cap + 1), sizeof(int64_t) * cap);
     int64_t fill = 0, total = front[b];
     for (int64_t i = 0; i < K; i++) {
-        int64_t len = clen[bh * NB + ord[i]];
+        int64_t len = selectable_len(s[ord[i]], clen[bh * NB + ord[i]]);
         fill += len;
         kl[i] = fill <= budget[b] ? len : 0;
         int64_t at = front[b] + fill - len, start = cstart[bh * NB + ord[i]];
@@ -348,6 +360,43 @@ static void keep_list(const float *scores, const int64_t *clen, const int64_t *c
         total += kl[i];
     }
     counts[bh] = total;
+}
+
+/* The first stage of core.selection.select_refined for list bh: the estimate's candidates for
+ * the block budget cbudget[b] (the first Kc blocks of its order while they fit), each scored
+ * by its largest exact q·k over its held keys and the G query heads of the group; every other
+ * block -inf. scores, exact: [B, Hkv, NB]; q: [B, Hkv, G, D]; k: the pool as rows [R, D];
+ * pool_rows, slot_ok: as ds_layer's; work: 2 * Kc int64. */
+static void exact_scores(const float *scores, const float *q, const float *k,
+                         const int64_t *clen, const int64_t *cstart, const int64_t *cbudget,
+                         const int64_t *pool_rows, const uint8_t *slot_ok, float *exact,
+                         int64_t *work, int64_t bh, int64_t Hkv, int64_t G, int64_t D,
+                         int64_t NB, int64_t Kc, int64_t P) {
+    const float *s = scores + bh * NB, *qg = q + bh * G * D;
+    const int64_t *pr = pool_rows + bh * P;
+    const uint8_t *held = slot_ok ? slot_ok + bh * P : NULL;
+    float *ex = exact + bh * NB;
+    int64_t *ord = work + Kc;
+    for (int64_t j = 0; j < NB; j++) ex[j] = -INFINITY;
+    top_blocks(s, NB, Kc, work, ord);
+    int64_t fill = 0;
+    for (int64_t i = 0; i < Kc; i++) {
+        int64_t j = ord[i], len = selectable_len(s[j], clen[bh * NB + j]);
+        fill += len;
+        if (fill > cbudget[bh / Hkv]) break; /* the greedy prefix ends at the first misfit */
+        float best = -INFINITY;
+        for (int64_t t = 0; t < len; t++) {
+            int64_t col = cstart[bh * NB + j] + t + 1;
+            if (col < 1 || col >= P || (held && !held[col])) continue;
+            const float *kr = k + pr[col] * D;
+            for (int64_t g0 = 0; g0 < G; g0 += 4) {
+                float e[4];
+                dot4(qg, kr, D, g0, G, PLAIN, e);
+                for (int c = 0; c < 4 && g0 + c < G; c++) best = e[c] > best ? e[c] : best;
+            }
+        }
+        ex[j] = best;
+    }
 }
 
 void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
@@ -367,7 +416,11 @@ void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
  * the outputs change per layer. Shapes as in the three calls above; pool_rows, slot_ok:
  * [B, Hkv, P] (position p at column p + 1; slot_ok NULL: every slot is held); rows, valid:
  * [B, Hkv, cap] of work; scores [B, Hkv, NB]; heaps T * K; work as ds_attend's.
- * attend == 0: the selection alone (score, keep), for SparseDecodeWrapper.select. */
+ * attend == 0: the selection alone (score, keep), for SparseDecodeWrapper.select.
+ * cbudget non-NULL: two-stage selection (core.selection.select_refined): the score's
+ * candidates for cbudget [B] (the first Kc blocks of its order) are ranked by exact_scores
+ * into exact [B, Hkv, NB] (k is read, also when attend == 0), and keep runs on those; cheaps:
+ * T * 2 * Kc int64 of work. */
 typedef struct {
     const float *q, *center, *radius, *k, *v;
     float *out, *lse;
@@ -380,8 +433,11 @@ typedef struct {
     float *scores, *work;
     int64_t *heaps, *rows;
     uint8_t *valid;
+    const int64_t *cbudget;
+    float *exact;
+    int64_t *cheaps;
     float scale;
-    int64_t B, Hkv, G, D, Dv, NB, K, cap, P, S, T;
+    int64_t B, Hkv, G, D, Dv, NB, K, cap, P, S, T, Kc;
     int64_t attend; /* 0: the selection only (q, summaries and the selection's outputs) */
 } ds_layer_args;
 
@@ -396,7 +452,14 @@ void ds_layer(const ds_layer_args *a) {
                              j, Hkv, a->G, a->D, NB);
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * Hkv; bh++) {
-            keep_list(a->scores, a->clen, a->cstart, a->budget, a->fixed, a->front,
+            const float *keyed = a->scores;
+            if (a->cbudget) {
+                exact_scores(a->scores, a->q, a->k, a->clen, a->cstart, a->cbudget,
+                             a->pool_rows, a->slot_ok, a->exact, a->cheaps + THREAD() * 2 * a->Kc,
+                             bh, Hkv, a->G, a->D, NB, a->Kc, P);
+                keyed = a->exact;
+            }
+            keep_list(keyed, a->clen, a->cstart, a->budget, a->fixed, a->front,
                       a->positions, a->counts, a->order, a->kept, a->heaps + THREAD() * a->K, bh,
                       Hkv, NB, a->K, cap);
             if (!a->attend) continue;

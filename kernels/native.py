@@ -232,8 +232,9 @@ def keep(lib, scores, clen, cstart, budget, fixed, front, k: int, heap: torch.Te
 
 _POINTERS = ("q", "center", "radius", "k", "v", "out", "lse", "positions", "counts", "order",
              "kept", "index", "l2", "bias", "clen", "cstart", "budget", "fixed", "front",
-             "pool_rows", "slot_ok", "scores", "work", "heaps", "rows", "valid")
-_SIZES = ("B", "Hkv", "G", "D", "Dv", "NB", "K", "cap", "P", "S", "T", "attend")
+             "pool_rows", "slot_ok", "scores", "work", "heaps", "rows", "valid", "cbudget", "exact",
+             "cheaps")
+_SIZES = ("B", "Hkv", "G", "D", "Dv", "NB", "K", "cap", "P", "S", "T", "Kc", "attend")
 
 
 class LayerArgs(ctypes.Structure):
@@ -251,10 +252,14 @@ class Layer:
     index, l2, bias [B, NB] (0 / -inf), clen, cstart [B, Hkv, NB], budget, front [B], fixed
     [B, Hkv, cap + 1], pool_rows [B, Hkv, P] (position p's pool row at column p + 1), slot_ok
     (bool [B, Hkv, P] or None), index_top / rows_top: the largest summary / pool row they name
-    (plan time). take(name, shape, dtype): work buffers (kernels/cpu.py Scratch.take)."""
+    (plan time). take(name, shape, dtype): work buffers (kernels/cpu.py Scratch.take).
+    cbudget (int64 [B]) and kc: two-stage selection (core.selection.select_refined): the
+    candidates' block budget and the most candidates it can keep (max_kept_blocks of the
+    candidate plan); the selection then reads the pool's keys, so select() takes k_rows."""
 
     def __init__(self, lib, *, hq: int, d: int, dv: int, k: int, index, index_top: int, l2, bias,
-                 clen, cstart, budget, fixed, front, pool_rows, rows_top: int, slot_ok, take):
+                 clen, cstart, budget, fixed, front, pool_rows, rows_top: int, slot_ok, take,
+                 cbudget=None, kc: int = 0):
         b, hkv, nb = clen.shape
         cap, p = fixed.shape[2] - 1, pool_rows.shape[2]
         i64 = torch.int64
@@ -267,8 +272,9 @@ class Layer:
                                          and slot_ok.dtype == torch.bool
                                          and slot_ok.is_contiguous()))
                 and l2.is_contiguous() and l2.device.type == "cpu"
+                and (cbudget is None or (cbudget.shape == (b,) and 0 <= kc <= nb))
                 and all(t.dtype == i64 and t.is_contiguous() and t.device.type == "cpu"
-                        for t in ints)):
+                        for t in ints + (() if cbudget is None else (cbudget,)))):
             raise ValueError("dynsplit native layer: unsupported plan shapes, dtypes or layout")
         self.lib, self.hq, self.d, self.dv = lib, hq, d, dv
         self.shape = (b, hkv, nb, cap)
@@ -287,9 +293,15 @@ class Layer:
         ptrs = dict(index=index, l2=l2, bias=bias, clen=clen, cstart=cstart, budget=budget,
                     fixed=fixed, front=front, pool_rows=pool_rows, scores=scores, work=work,
                     heaps=heaps, rows=rows, valid=valid)
+        self.refine = cbudget is not None
+        if self.refine:
+            self.keep_alive += [cbudget, take("layer_exact", (b, hkv, nb), torch.float32),
+                                take("layer_cheaps", (t * 2 * max(kc, 1),), i64)]
+            ptrs.update(zip(("cbudget", "exact", "cheaps"), self.keep_alive[-3:]))
         self.args = LayerArgs(**{n: _ptr(x) for n, x in ptrs.items()},
                               slot_ok=None if slot_ok is None else _ptr(slot_ok),
-                              B=b, Hkv=hkv, G=g, D=d, Dv=dv, NB=nb, K=k, cap=cap, P=p, S=s, T=t)
+                              B=b, Hkv=hkv, G=g, D=d, Dv=dv, NB=nb, K=k, cap=cap, P=p, S=s, T=t,
+                              Kc=kc if self.refine else 0)
 
     def __call__(self, q, center, radius, k_rows, v_rows, scale: float):
         """(out [B, Hq, Dv], lse [B, Hq], positions [B, Hkv, cap], counts [B, Hkv], order and
@@ -317,16 +329,21 @@ class Layer:
         a.scale, a.attend = scale, 1
         return (out, lse, *self._select(q, center, radius))
 
-    def select(self, q, center, radius):
+    def select(self, q, center, radius, k_rows=None):
         """(positions, counts, order, kept) alone: the layer's score and block choice in one
-        call (no pool read)."""
+        call (no pool read, but for the keys [R, D] a two-stage selection reads)."""
         b, hkv, nb, cap = self.shape
         if not (supports(q, center, radius) and q.shape == (b, self.hq, self.d)
-                and center.shape == radius.shape and center.shape[1:] == (hkv, self.d)):
+                and center.shape == radius.shape and center.shape[1:] == (hkv, self.d)
+                and (not self.refine or (k_rows is not None and supports(k_rows)
+                                         and k_rows.dim() == 2 and k_rows.shape[1] == self.d))):
             raise ValueError("dynsplit native layer: unsupported shapes, dtypes or layout")
         _check_rows(self.index_top, center.shape[0], "summary")
         a = self.args
         a.k = a.v = a.out = a.lse = None
+        if self.refine:
+            _check_rows(self.rows_top, k_rows.shape[0], "pool row")
+            a.k = k_rows.data_ptr()
         a.attend = 0
         return self._select(q, center, radius)
 

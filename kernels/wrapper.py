@@ -10,7 +10,9 @@ the summary rows and the token slots. From them it builds the attention plan: th
 and the split workspace (Triton side) or the top-k bound (torch side), sized for the plan's
 fixed per-request capacity. ``run`` is then called once per layer and does
 score → select → positions_to_slots → attention with device ops only (no .item(), .cpu(),
-.tolist(); every shape fixed by the plan), so it can be captured in a CUDA graph.
+.tolist(); every shape fixed by the plan), so it can be captured in a CUDA graph. With a
+candidate plan (``refine``: core.selection.candidate_plan), select is two-stage: the score picks
+candidates, their exact max q·k over the layer's keys picks the blocks (select_refined).
 
 Split count (Triton path): flash-decoding's rule on the static capacity — enough
 (request x KV head x split) programs for about two per SM, splits of at least two key tiles,
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from dynsplit_sglang.core.selection import Selection, SelectionPlan, positions_to_slots, select
+from dynsplit_sglang.core.selection import (
+    Selection, SelectionPlan, exact_block_scores, positions_to_slots, select,
+)
 
 from .dispatch import implementation
 
@@ -45,6 +49,8 @@ class SparseDecodeWrapper:
         self.selection_plan: SelectionPlan | None = None
         self.last_selection: Selection | None = None
         self._summary_index = self._token_slots = None
+        self.candidates: SelectionPlan | None = None  # two-stage selection's first stage
+        self._max_cand = None  # CPU top-k bound of the candidate stage
         self._l2 = False
         self._mid = None  # Triton split workspace (outputs, LSEs) for the planned shapes
         self._max_kept = None  # CPU top-k selection bound for the planned batch
@@ -57,25 +63,30 @@ class SparseDecodeWrapper:
         self._pools: dict = {}  # the layers' pools, checked once (kernels.native.LayerSet)
 
     def plan(self, selection: SelectionPlan, summary_index: torch.Tensor,
-             token_slots: torch.Tensor, l2=False, summaries=None) -> None:
+             token_slots: torch.Tensor, l2=False, summaries=None,
+             refine: SelectionPlan | None = None) -> None:
         """selection: the step's SelectionPlan (core.plan_selection); summary_index: [B, NB]
         summary rows of the plan's blocks (-1 = none); token_slots: [B, T] position → KV slot;
         l2: the score's radius norm (core.selection.score_blocks), one bool or a [B] tensor;
         summaries: (center, radius) [L, M, Hkv, D], every compressed layer's block summaries,
-        fixed for the step: then run_layer(li, ...) runs layer li (and counts its tokens)."""
+        fixed for the step: then run_layer(li, ...) runs layer li (and counts its tokens);
+        refine: the candidate plan of a two-stage selection (core.selection.candidate_plan of
+        `selection`), None for the score alone."""
         side = self.kernels.side
         if side == "triton" and isinstance(l2, bool):  # the kernel reads a per-request flag
             l2 = torch.full((selection.seq_lens.shape[0],), int(l2), dtype=torch.int32,
                             device=token_slots.device)
-        self._install(selection, summary_index, token_slots, l2)
+        self._install(selection, summary_index, token_slots, l2, refine)
         if side == "torch":
             from . import cpu
             self._max_kept = cpu.max_kept_blocks(selection)  # host read: plan time only
+            if refine is not None:
+                self._max_cand = cpu.max_kept_blocks(refine)
             if self.num_kv_heads is not None:
                 self._scratch = self._scratch or cpu.Scratch()
                 self._step = cpu.DecodeStep(selection, summary_index, token_slots,
                                             self.num_kv_heads, l2, self._max_kept,
-                                            self._scratch)
+                                            self._scratch, cand=refine)
         if summaries is not None:
             center, radius = self._summaries = summaries
             self.layer_counts = torch.zeros(center.shape[0], selection.seq_lens.shape[0],
@@ -87,14 +98,18 @@ class SparseDecodeWrapper:
                     self.head_dim_v or center.shape[3], self._pools)
 
     def plan_static(self, selection: SelectionPlan, summary_index: torch.Tensor,
-                    token_slots: torch.Tensor, l2: torch.Tensor) -> None:
+                    token_slots: torch.Tensor, l2: torch.Tensor,
+                    refine: SelectionPlan | None = None) -> None:
         """Use a plan whose tensors the caller keeps and refreshes in place (a captured CUDA
         graph reads them by address: runtime/graphs.py), the per-request radius norm included
-        (l2: bool [B]). No host read; the selection is the core's on every side."""
-        self._install(selection, summary_index, token_slots, l2)
+        (l2: bool [B]) and the candidate plan (refine, with a static capacity). No host read;
+        the selection is the core's on every side."""
+        self._install(selection, summary_index, token_slots, l2, refine)
 
-    def _install(self, selection, summary_index, token_slots, l2) -> None:
+    def _install(self, selection, summary_index, token_slots, l2, refine=None) -> None:
         self.selection_plan = selection
+        self.candidates = refine
+        self._max_cand = None
         self._summary_index = summary_index
         self._token_slots = token_slots
         self._l2 = l2
@@ -136,21 +151,30 @@ class SparseDecodeWrapper:
     def num_splits(self) -> int:
         return 1 if self._mid is None else self._mid[1].shape[2]
 
-    def select(self, q, center, radius) -> Selection:
-        """Score the blocks and pick the positions each (request, KV head) attends to."""
+    def select(self, q, center, radius, k_buffer=None) -> Selection:
+        """Score the blocks and pick the positions each (request, KV head) attends to.
+        k_buffer: the layer's key pool [S, Hkv, D], which a two-stage selection reads."""
         if self.selection_plan is None:
             raise RuntimeError("SparseDecodeWrapper: plan() first")
+        if self.candidates is not None and k_buffer is None:
+            raise ValueError("SparseDecodeWrapper: a two-stage selection (refine) reads the "
+                             "keys: give k_buffer")
         if self._step is not None:
-            self.last_selection = sel = self._step.select(q, center, radius)
+            self.last_selection = sel = self._step.select(q, center, radius, k_buffer)
             return sel
         scores = self.kernels.score_blocks(q, center, radius, self._summary_index, self._l2)
-        if self._max_kept is not None:
-            from . import cpu  # top-k select: the same result for a fraction of the CPU time
-            sel = cpu.select(scores, self.selection_plan, self._max_kept)
-        else:
-            sel = select(scores, self.selection_plan)
-        self.last_selection = sel
+        if self.candidates is not None:
+            cand = self._keep(scores, self.candidates, self._max_cand)
+            scores = exact_block_scores(q, k_buffer, self._token_slots, cand, self.candidates)
+        self.last_selection = sel = self._keep(scores, self.selection_plan, self._max_kept)
         return sel
+
+    @staticmethod
+    def _keep(scores, plan: SelectionPlan, max_kept: int | None) -> Selection:
+        if max_kept is not None:
+            from . import cpu  # top-k select: the same result for a fraction of the CPU time
+            return cpu.select(scores, plan, max_kept)
+        return select(scores, plan)
 
     def run(self, q, k_buffer, v_buffer, center, radius, scale=None, return_lse=False):
         """q: [B, Hq, D]; k_buffer/v_buffer: the layer's pool [S, Hkv, D(v)]; center/radius:
@@ -161,7 +185,7 @@ class SparseDecodeWrapper:
             if fused is not None:
                 out, self.last_selection = fused
                 return out
-        sel = self.select(q, center, radius)
+        sel = self.select(q, center, radius, k_buffer)
         if self._step is not None:
             return self._step.attend(q, k_buffer, v_buffer, sel, scale, return_lse)
         slots = positions_to_slots(sel.positions, self._token_slots)

@@ -26,6 +26,9 @@ BASE = DynSplitConfig(budget=64, recent=16, block_size=8, tolerance=2)
     ({"spread": 0}, "custom_params.dynsplit.spread=0 is invalid; expected a finite number in "
                     "(0, 16]"),
     ({"spread": "wide"}, "custom_params.dynsplit.spread='wide' is invalid"),
+    ({"refine": 0.9}, "custom_params.dynsplit.refine=0.9 is invalid; expected a number in [1, 64]"),
+    ({"refine": float("inf")}, "custom_params.dynsplit.refine=inf is invalid"),
+    ({"refine": True}, "custom_params.dynsplit.refine=True is invalid"),
     ({"candidates": ["punct"]}, "custom_params.dynsplit: values must be numbers or strings"),
     ({"budget": 100, "budget_fraction": 0.5}, "custom_params.dynsplit: give at most one of"),
     ({"budget": None}, "custom_params.dynsplit.budget is null; give a value or leave it out"),
@@ -68,6 +71,13 @@ def test_block_score_is_a_per_request_choice():
     assert overrides.parse_request_id(rid, BASE) == BASE.replace(score="bound", spread=2.5)
     with pytest.raises(ConfigError, match=r"rid dynsplit:spread='x' is not a valid value"):
         overrides.parse_request_id("dynsplit:spread=x:y", BASE)
+
+
+def test_refine_is_a_per_request_choice():
+    assert overrides.check({"refine": 1}, BASE).refine == 1
+    assert overrides.check({"refine": 3.5}, BASE).refine == 3.5
+    rid = overrides.request_id(refine=1.5)
+    assert overrides.parse_request_id(rid, BASE) == BASE.replace(refine=1.5)
 
 
 def test_strategy_none_attends_to_the_whole_context_without_a_huge_budget():

@@ -25,6 +25,13 @@ def test_block_score_flags():
     assert s.config.summary_spread is None  # bound: the min/max box
 
 
+def test_refine_flag():
+    _, s = strip_and_parse(["--kv-compression", "fixed", "--dynsplit-refine", "1.5"])
+    assert s.config.refine == 1.5
+    _, s = strip_and_parse(["--kv-compression", "dynsplit"])
+    assert s.config.refine == 2.0  # two-stage selection is the default
+
+
 def test_json_config_and_flag_precedence():
     _, s = strip_and_parse(["--kv-compression", "fixed", "--dynsplit-config",
                             json.dumps({"budget_fraction": 0.25, "recent": 32}),
@@ -90,6 +97,9 @@ def test_flag_errors_name_the_flag_not_the_config_field():
         (["--dynsplit-score", "max"], "argument --dynsplit-score: invalid choice: 'max'"),
         (["--dynsplit-spread", "0"], "--dynsplit-spread 0.0 is invalid; expected a finite number "
                                      "in (0, 16]"),
+        (["--dynsplit-refine", "0.5"], "--dynsplit-refine 0.5 is invalid; expected a number in "
+                                       "[1, 64] (1 = the block score alone)"),
+        (["--dynsplit-refine", "x"], "argument --dynsplit-refine: invalid float value: 'x'"),
     ]:
         with pytest.raises(ConfigError) as e:
             strip_and_parse(["--kv-compression", "dynsplit", *argv])

@@ -44,7 +44,7 @@ class _Request:
     last_kept: dict = field(default_factory=dict)  # layer -> bool [Hkv, NB] of the step before
     neighbor: bool = False  # experimental, see generate(neighbor=...)
     oracle: bool = False  # diagnostic, see generate(oracle=...)
-    refine: float = 0.0  # experimental, see generate(refine=...)
+    refine: float = 1.0  # see generate(refine=...)
 
 
 _active: _Request | None = None
@@ -93,11 +93,12 @@ def _core_attention(module, query, key, value, attention_mask, scaling=None, dro
         held = _greedy_prefix(scores[0], req.last_kept[layer] & (plan.clip_len[0][None] > 0),
                               req.table.lens[0].long(), req.sticky * int(plan.block_budget[0]))
         scores = torch.where(held[None], scores + _PIN_BONUS, scores)
-    if req.refine > 0:  # the core's two-stage selection, as the server would run it
-        sel = core.select_refined(scores, plan, core.candidate_plan(plan, req.refine), q[None],
-                                  k, torch.arange(seq)[None])
-    else:
-        sel = core.select(scores, plan)
+    if req.refine > 1:  # the core's two-stage selection (core.select_refined), as served:
+        # the kept blocks are then chosen by their exact scores, which the trace shows
+        cand_plan = core.candidate_plan(plan, req.refine)
+        scores = core.exact_block_scores(q[None], k, torch.arange(seq)[None],
+                                         core.select(scores, cand_plan), cand_plan)
+    sel = core.select(scores, plan)
     req.last_kept[layer] = sel.blocks[0]
     req.tokens_attended += int(sel.counts.sum())
     req.kept.append(sel.blocks[0])
@@ -187,7 +188,7 @@ def segmentation(tokenizer, input_ids: list[int], cfg: DynSplitConfig, scores=No
 def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_new_tokens: int,
              prefilled=None, first_token: str = "compressed", trace=None,
              forced: list[int] | None = None, pin: float = 0.0, sticky: float = 0.0,
-             neighbor: bool = False, oracle: bool = False, refine: float = 0.0) -> dict:
+             neighbor: bool = False, oracle: bool = False, refine: float | None = None) -> dict:
     """Greedy answer of one request under cfg through the pure core.
 
     first_token: "compressed" (as SGLang serves a prompt it holds in its radix cache: the
@@ -199,8 +200,9 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     votes; they come from every prompt query, as the server's prefill of the prompt votes).
     trace: called at every compressed decode step of every compressed layer with step (the
     decode forward's index, 0 first), layer, q [Hq, D], k [T, Hkv, D] (every key, the current
-    token's included), scale, scores [Hkv, NB], kept [Hkv, NB] and the SelectionPlan; for
-    inspection only (benchmarks/accuracy/diagnose.py), results are the same with or without.
+    token's included), scale, scores [Hkv, NB] (those the kept blocks were chosen by: with
+    refine > 1 the candidates' exact max q·k, -inf for the other blocks), kept [Hkv, NB] and
+    the SelectionPlan; for inspection only (benchmarks/accuracy/diagnose.py), results are the same with or without.
     forced: teacher forcing (benchmarks/accuracy/sweep.py): feed these tokens instead of the
     model's own and return, per forced token, its log-probability and whether it was the argmax
     (a paired, continuous fidelity measure: forced = full KV's own greedy answer).
@@ -215,9 +217,9 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
     oracle: diagnostic, not a method: blocks are scored by their true max q·k (_true_max) at
     every step, so what a selection at this budget could do at best can be told apart from
     what the score loses.
-    refine: experimental, not in the server yet: the score picks candidate blocks for refine
-    times the block budget, and their exact max q·k picks the budget among them
-    (core.select_refined)."""
+    refine: cfg.refine unless given (the server's two-stage selection: the score picks
+    candidate blocks for refine times the block budget, and their exact max q·k picks the
+    budget among them, core.select_refined; 1 = the score alone)."""
     global _active
     if first_token not in ("compressed", "dense"):
         raise ValueError(f"first_token={first_token!r}: expected 'compressed' or 'dense'")
@@ -230,7 +232,8 @@ def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_ne
                        None if scores is None else scores[:closed])
     table = core.BlockTable.from_ends([seg.ends])
     req = _Request(cfg, table, closed, trace=trace, pin=pin, sticky=sticky,
-                   neighbor=bool(neighbor), oracle=bool(oracle), refine=refine)
+                   neighbor=bool(neighbor), oracle=bool(oracle),
+                   refine=cfg.refine if refine is None else refine)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     out = [] if first_token == "compressed" else [int(logits.argmax())]

@@ -146,9 +146,11 @@ class Tracer:
     def _record(step, layer, h, a, blocks, occ_blocks, L, head) -> dict:
         ok, rank, above = L["ok"][h], L["rank"][h], L["above"][h]
         sel = [j for j in blocks if ok[j]]
-        # The block budget that keeps an occurrence: its worst-ranked block's cost plus length.
+        # The block budget that keeps an occurrence: its worst-ranked block's cost plus length;
+        # None where a block of every occurrence is out of the race (refine: not a candidate).
+        reach = [b for b in occ_blocks if all(ok[j] or L["clip"][j] == 0 for j in b)]
         need = min((max([above[j] + L["clip"][j] for j in b if ok[j]], default=0)
-                    for b in occ_blocks), default=0)
+                    for b in reach), default=None if occ_blocks else 0)
         return dict(
             step=step, layer=layer, head=h, answer=a, blocks=blocks,
             ranks=[rank[j] if ok[j] else None for j in blocks],

@@ -8,8 +8,9 @@ on paired samples, and a change to the shared selection is measured on `fixed` t
         --variant dyn=dynsplit fix=fixed dyn8=dynsplit,tolerance=8 \\
         --pair dyn:fix dyn8:fix --budget 0.125 --out /tmp/sweep.jsonl
 
-A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field, or pin=F / sticky=F /
-neighbor=1 / oracle=1 / refine=R: core_eval's experimental options, not in the server). Rows go to --out as
+A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field, refine=R included, or
+pin=F / sticky=F / neighbor=1 / oracle=1: core_eval's experimental options, not in the server;
+refine=1 is the score alone, the selection before two-stage selection shipped). Rows go to --out as
 JSON lines as they finish; --resume skips the (sample, variant) pairs already there. Only the
 first turn of multi-turn samples is scored. The first answer token is decoded from the
 compressed state (as the server serves a cached prompt).
@@ -35,18 +36,17 @@ from dynsplit_sglang.core import DynSplitConfig  # noqa: E402
 
 
 def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig, dict]:
-    """(label, config, options of core_eval.generate: pin / sticky / neighbor / oracle / refine, its
-    experimental options)."""
+    """(label, config, options of core_eval.generate: pin / sticky / neighbor / oracle, its
+    experimental options; refine is a config field)."""
     label, _, rest = spec.partition("=")
     strategy, *fields = rest.split(",")
     if not label or not strategy:
         raise SystemExit(f"--variant {spec!r}: expected LABEL=STRATEGY[,FIELD=JSON...]")
     over = {k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)}
-    opts = {k: over.pop(k) for k in ("pin", "sticky", "neighbor", "oracle", "refine") if k in over}
+    opts = {k: over.pop(k) for k in ("pin", "sticky", "neighbor", "oracle") if k in over}
     for k, f in opts.items():
-        top = 16 if k == "refine" else 1  # refine: a multiple of the block budget
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= top:
-            raise SystemExit(f"--variant {spec!r}: {k}={f!r}, expected a number in [0, {top}]")
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise SystemExit(f"--variant {spec!r}: {k}={f!r}, expected a number in [0, 1]")
     return label, D.method_cfg(strategy, budget, over.pop("score", "gauss"), over), opts
 
 

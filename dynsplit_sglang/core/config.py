@@ -77,6 +77,10 @@ class DynSplitConfig:
     # (mean + spread·sqrt(2 ln n)·std along q); "bound" is Quest's min/max upper bound.
     score: str = "gauss"
     spread: float = 1.5  # gauss only: how many expected-maximum deviations above the mean
+    # Two-stage selection: the score picks candidate blocks for `refine` times the block budget,
+    # and their exact max q·k (their keys read) picks the budget among them; 1 = the score
+    # alone. The estimate's error, not the split, is what loses accuracy (docs/accuracy.md).
+    refine: float = 2.0
     # Decode attends densely while the context is shorter than this: below it a compressed
     # step costs more than the keys it skips (docs/design.md, "When compression pays").
     min_sparse_len: int = 0
@@ -123,6 +127,8 @@ class DynSplitConfig:
         _require(self.score in SCORES, "score", self.score, f"one of {SCORES}")
         _require(_is_number(self.spread) and 0 < self.spread <= 16, "spread", self.spread,
                  "a finite number in (0, 16]")
+        _require(_is_number(self.refine) and 1 <= self.refine <= 64, "refine", self.refine,
+                 "a number in [1, 64] (1 = the block score alone)")
         _require(_is_int(self.min_sparse_len) and 0 <= self.min_sparse_len <= 1 << 24,
                  "min_sparse_len", self.min_sparse_len, "an integer in [0, 16777216]")
         _require(not (self.evict and not self.strategy_impl.has_blocks), "evict", self.evict,

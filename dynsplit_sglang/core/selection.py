@@ -196,13 +196,19 @@ def select_positions(
     return select(scores, plan_selection(table, seq_lens, budget, sink, recent, capacity))
 
 
-def candidate_plan(plan: SelectionPlan, factor: float, capacity: int | None = None,
+def candidate_plan(plan: SelectionPlan, factor, capacity: int | None = None,
                    max_block_len: int | None = None) -> SelectionPlan:
-    """The first stage of a two-stage selection: the same plan with `factor` (>= 1) times each
-    request's block budget. capacity / max_block_len as in plan_selection (static values for a
-    captured graph); the defaults read the host (plan time only): the plan's capacity grown by
-    the largest extra budget (at most the longest sequence), and the longest selectable block."""
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+    """The first stage of a two-stage selection: the same plan with `factor` (>= 1; a number,
+    or one per request as a [B] tensor) times each request's block budget. capacity /
+    max_block_len as in plan_selection (static values for a captured graph); the defaults read
+    the host (plan time only): the plan's capacity grown by the largest extra budget (at most
+    the longest sequence), and the longest selectable block."""
+    if isinstance(factor, torch.Tensor):
+        factor = factor.to(plan.block_budget.device, torch.float64)
+        if factor.shape not in ((), plan.block_budget.shape) or not bool((factor >= 1).all()):
+            raise ValueError(f"refine factors {factor.tolist()!r}: expected numbers >= 1, one "
+                             f"per request")
+    elif isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
         raise ValueError(f"refine factor {factor!r}: expected a number >= 1")
     budget = (plan.block_budget.double() * factor).floor().long()
     if capacity is None:  # no request attends more than its sequence, whatever the factor
@@ -237,16 +243,17 @@ def exact_block_scores(q: torch.Tensor, k_pool: torch.Tensor, token_slots: torch
                        cand: Selection, cand_plan: SelectionPlan) -> torch.Tensor:
     """float32 [B, Hkv, NB]: for each block `cand` kept (under cand_plan), the largest q·k over
     its attended keys and the query heads of the KV group; -inf for every other block.
-    q: [B, Hq, D]; k_pool: [S, Hkv, D]; token_slots: [B, T]. Reads the candidates' keys only:
-    the summary estimate errs, the exact maxima of a few blocks do not."""
+    q: [B, Hq, D]; k_pool: [S, Hkv, D]; token_slots: [B, T] (a slot < 0, evicted, is no key).
+    Reads the candidates' keys only: the summary estimate errs, the exact maxima of a few
+    blocks do not."""
     b, hq, d = q.shape
     hkv, nb = k_pool.shape[1], cand.nblocks
-    slots = positions_to_slots(cand.positions, token_slots).clamp(min=0)
-    keys = k_pool[slots, torch.arange(hkv, device=slots.device)[None, :, None]]  # [B, Hkv, N, D]
+    slots = positions_to_slots(cand.positions, token_slots)
+    keys = k_pool[slots.clamp(min=0), torch.arange(hkv, device=slots.device)[None, :, None]]
     logit = torch.einsum("bhgd,bhnd->bhgn", q.float().view(b, hkv, hq // hkv, d),
-                         keys.float()).amax(dim=2)
+                         keys.float()).amax(dim=2)  # [B, Hkv, N]
     owner = block_owner(cand, cand_plan)
-    logit = logit.masked_fill(owner == nb, float("-inf"))
+    logit = logit.masked_fill((owner == nb) | (slots < 0), float("-inf"))
     best = torch.full((b, hkv, nb + 1), float("-inf"), device=q.device)
     return best.scatter_reduce_(2, owner, logit, "amax")[..., :nb]
 

@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 
-from ..core import BlockTable, DynSplitConfig, causal_lse, layer_votes, plan_selection
+from ..core import (
+    BlockTable, DynSplitConfig, candidate_plan, causal_lse, layer_votes, plan_selection,
+)
 from ..kernels.wrapper import SparseDecodeWrapper
 from .eviction import Evictor
 from .report import Reporter, warn_counted
@@ -281,9 +283,15 @@ class Compressor:
             max_block_len=max(st.cfg.max_block_len for st in states),
         )
         l2 = [st.cfg.summary_spread is not None for st in states]
+        refine = [st.cfg.refine for st in states]
+        cand = None
+        if max(refine) > 1:  # two-stage selection (core.select_refined) for the batch
+            cand = candidate_plan(selection, refine[0] if len(set(refine)) == 1 else
+                                  torch.tensor(refine, dtype=torch.float64, device=dev))
+            self.stats["refined_steps"] += 1
         self.wrapper.plan(selection, summary_index, token_slots,
                           l2[0] if len(set(l2)) == 1 else to_device([l2], dev)[0].bool(),
-                          summaries=(self.store.center, self.store.radius))
+                          summaries=(self.store.center, self.store.radius), refine=cand)
         step.counts_table = self.wrapper.layer_counts
         return True
 

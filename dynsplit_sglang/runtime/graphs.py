@@ -18,16 +18,20 @@ outside the graph:
 
 Every compressed layer takes the sparse path under a graph, dense requests included (their plan
 attends to all their positions), so a graph never bakes in a capture-time "dense" decision.
-``fits`` says whether a batch fits these shapes (budget ≤ capacity, blocks ≤ C + Δ, no
-eviction); SGLang then runs the others eagerly (``patches/graphs.py``).
+``fits`` says whether a batch fits these shapes (budget ≤ capacity, blocks ≤ C + Δ, refine ≤
+the server's, no eviction); SGLang then runs the others eagerly (``patches/graphs.py``). The
+two-stage selection's candidate plan (``refine``) shares the plan's buffers but its block
+budget, with a static capacity sized for the server's refine factor.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core import BlockTable, plan_selection
-from ..core.selection import SelectionPlan
+from ..core.selection import SelectionPlan, candidate_plan
 from ..kernels.wrapper import SparseDecodeWrapper
 
 _PLAN_FIELDS = ("clip_start", "clip_len", "seq_lens", "recent_start", "block_budget", "dense")
@@ -48,6 +52,12 @@ class GraphDecode:
         self.buf = {name: torch.zeros(max_bs, self.nb, **i64) for name in _PLAN_FIELDS[:2]}
         self.buf.update({name: torch.zeros(max_bs, **i64) for name in _PLAN_FIELDS[2:5]})
         self.buf["dense"] = torch.ones(max_bs, dtype=torch.bool, device=dev)
+        # Two-stage selection: each row's candidate block budget, under a capacity that holds
+        # the server's factor (a row asking for more runs eagerly: fits).
+        self.refine = cfg.refine
+        self.cand_budget = torch.zeros(max_bs, **i64)
+        extra = math.ceil((self.refine - 1) * self.capacity)
+        self.cand_capacity = min(self.width, self.capacity + extra)
         self.summary_index = torch.full((max_bs, self.nb), -1, **i64)
         self.token_slots = torch.zeros(max_bs, self.width, dtype=comp.req_to_token.dtype,
                                        device=dev)
@@ -70,6 +80,15 @@ class GraphDecode:
                              sink=self.comp.cfg.sink, capacity=self.capacity,
                              max_clip_len=self.max_block_len)
 
+    def candidates(self, bs: int) -> SelectionPlan | None:
+        """The candidate plan of a batch of `bs` (views of the buffers), None without refine."""
+        if self.refine <= 1:
+            return None
+        return SelectionPlan(**{k: self.buf[k][:bs] for k in _PLAN_FIELDS if k != "block_budget"},
+                             block_budget=self.cand_budget[:bs], sink=self.comp.cfg.sink,
+                             capacity=self.cand_capacity,
+                             max_clip_len=min(self.max_block_len, self.cand_capacity))
+
     def fits(self, rows: list[int], seq_lens: list[int]) -> bool:
         """Whether these decode requests fit the captured shapes."""
         comp = self.comp
@@ -79,20 +98,21 @@ class GraphDecode:
             st = comp.rows.get(row)
             cfg = st.cfg if st is not None else comp.cfg
             budget = n if st is not None and st.fallback else cfg.decode_budget(n)
-            if budget > self.capacity or cfg.max_block_len > self.max_block_len:
+            if budget > self.capacity or cfg.max_block_len > self.max_block_len \
+                    or cfg.refine > self.refine:
                 return False
         return True
 
     def capture(self, bs: int) -> None:
-        self._fill(bs, [], [], [], [], [])
+        self._fill(bs, [], [], [], [], [], [])
         self.wrapper.plan_static(self.plan(bs), self.summary_index[:bs], self.token_slots[:bs],
-                                 self.l2[:bs])
+                                 self.l2[:bs], refine=self.candidates(bs))
         self.active = True
 
     def replay(self, view, bs: int) -> None:
         """view: the real requests (BatchView, decode) of a replay padded to `bs`; None if none."""
         comp = self.comp
-        rows, seqs, budgets, recents, l2 = [], [], [], [], []
+        rows, seqs, budgets, recents, l2, refine = [], [], [], [], [], []
         if view is not None:
             comp.begin_forward(view, plan=False)
             for row, n in zip(view.rows, view.seq_lens):
@@ -103,13 +123,14 @@ class GraphDecode:
                 budgets.append(budget)
                 recents.append(st.cfg.recent_for(budget))
                 l2.append(st.cfg.summary_spread is not None)
+                refine.append(st.cfg.refine)
             comp.stats["graph_steps"] += 1
             comp.stats["tokens_dense"] += sum(seqs) * comp.kv_heads * self.layers
             comp.stats["sparse_layer_steps"] += len(rows) * self.layers
-        self._fill(bs, rows, seqs, budgets, recents, l2)
+        self._fill(bs, rows, seqs, budgets, recents, l2, refine)
         self.active = True
 
-    def _fill(self, bs, rows, seqs, budgets, recents, l2) -> None:
+    def _fill(self, bs, rows, seqs, budgets, recents, l2, refine=()) -> None:
         """Write the plan of these requests, padded to `bs`, into the buffers (in place)."""
         pad = bs - len(rows)
         comp, store = self.comp, self.comp.store
@@ -123,6 +144,11 @@ class GraphDecode:
                            capacity=self.capacity, max_block_len=self.max_block_len)
         for name in _PLAN_FIELDS:
             self.buf[name][:bs].copy_(getattr(p, name))
+        if self.refine > 1:
+            factor = torch.tensor(list(refine) + [1.0] * (bs - len(refine)), dtype=torch.float64,
+                                  device=dev)
+            self.cand_budget[:bs].copy_(candidate_plan(p, factor, self.cand_capacity,
+                                                       self.max_block_len).block_budget)
         index = store.row_entry[r, :self.nb]
         self.summary_index[:bs].copy_(torch.where(table.lens == 0, -1, index))
         self.token_slots[:bs].copy_(comp.req_to_token[r])

@@ -30,8 +30,10 @@ def sample(tiny):
     return T.generate("passkey", tiny[1], 1024, 1, seed=5)[0]
 
 
-def _cfg(strategy):
-    return DynSplitConfig(strategy=strategy, budget_fraction=0.25, dense_layers=0)
+def _cfg(strategy, refine=1):
+    """refine=1 (the score alone) unless asked: the experimental options (pin, sticky, oracle)
+    were measured on top of the plain selection, and their tests read its scores."""
+    return DynSplitConfig(strategy=strategy, budget_fraction=0.25, dense_layers=0, refine=refine)
 
 
 @pytest.mark.parametrize("strategy", ["dynsplit", "fixed"])
@@ -229,27 +231,40 @@ def test_oracle_scores_every_block_by_its_true_max(tiny, sample):
 
 def test_refine_one_keeps_the_plain_selection_and_refine_two_runs_the_core_two_stage(tiny,
                                                                                       sample):
-    """core_eval's refine=R is core.select_refined: at R = 1 the candidates are the plain
-    selection and all of them fit, so every step keeps the same blocks; at R = 2 every step's
-    kept set is select_refined's on the step's own scores."""
+    """core_eval's refine (cfg.refine unless given, as the server) is core.select_refined: at
+    R = 1 every step keeps the greedy prefix of the gauss scores; at the default R = 2 the trace
+    shows the scores the blocks were kept by, each finite one a candidate's exact max q·k over
+    its keys and the KV group's query heads, and the kept set differs from the score's alone."""
+    from dynsplit_sglang import core
     model, tok = tiny
-    cfg = _cfg("dynsplit")
+    cfg = _cfg("dynsplit", refine=DynSplitConfig().refine)
+    assert cfg.refine == 2
     pre = core_eval.prefill(model, sample.input_ids, cfg)
-    plain = core_eval.generate(model, tok, sample.input_ids, cfg, 5, pre)
+    plain = core_eval.generate(model, tok, sample.input_ids, cfg.replace(refine=1), 5, pre)
     one = core_eval.generate(model, tok, sample.input_ids, cfg, 5, pre, refine=1)
     assert one["output_ids"] == plain["output_ids"]
     assert all(torch.equal(a, b) for a, b in zip(one["kept"], plain["kept"]))
-    seen = []
+    seen = {1: [], 2: []}
 
-    def trace(step, layer, q, k, scale, scores, kept, plan):
-        seen.append((q.clone(), k.clone(), scores.clone(), kept.clone(), plan))
+    def tracer(r):
+        def trace(step, layer, q, k, scale, scores, kept, plan):
+            assert torch.equal(kept, core.select(scores[None], plan).blocks[0])
+            seen[r].append((step, layer, q.clone(), k.clone(), scores.clone(), kept.clone(),
+                            plan))
+        return trace
 
-    core_eval.generate(model, tok, sample.input_ids, cfg, 3, pre, refine=2, trace=trace)
-    from dynsplit_sglang import core
-    changed = 0
-    for q, k, scores, kept, plan in seen:
-        want = core.select_refined(scores[None], plan, core.candidate_plan(plan, 2), q[None], k,
-                                   torch.arange(k.shape[0])[None]).blocks[0]
-        assert torch.equal(kept, want)
-        changed += not torch.equal(kept, core.select(scores[None], plan).blocks[0])
-    assert changed, "the exact re-ranking must change some step's selection"
+    for r in (1, 2):
+        core_eval.generate(model, tok, sample.input_ids, cfg.replace(refine=r), 3, pre,
+                           trace=tracer(r))
+    plain_first = {layer: kept for step, layer, *_, kept, _ in seen[1] if step == 0}
+    changed = finite = 0
+    for step, layer, q, k, scores, kept, plan in seen[2]:
+        hkv = k.shape[1]
+        g = q.shape[0] // hkv
+        for h, j in (scores > float("-inf")).nonzero().tolist():
+            lo, n = int(plan.clip_start[0, j]), int(plan.clip_len[0, j])
+            want = (q[h * g:(h + 1) * g] @ k[lo:lo + n, h].T).max()
+            torch.testing.assert_close(scores[h, j], want, rtol=1e-5, atol=1e-4)
+            finite += 1
+        changed += step == 0 and not torch.equal(kept, plain_first[layer])
+    assert finite and changed, "the exact re-ranking must change some step's selection"

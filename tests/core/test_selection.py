@@ -202,7 +202,8 @@ def _refined_reference(scores, plan, q, k, token_slots, factor, starts, lens):
     """Two-stage selection written out per (request, KV head) with Python lists: candidates =
     the greedy prefix of the estimate's order within factor x the block budget; each scored by
     the max q·k over its attended (clipped) positions and the group's query heads; then the
-    greedy prefix of that order within the block budget."""
+    greedy prefix of that order within the block budget. factor: a number or one per request;
+    an evicted slot (< 0) is no key."""
     b, hkv, nb = scores.shape
     g = q.shape[1] // hkv
     kept = torch.zeros(b, hkv, nb, dtype=torch.bool)
@@ -222,23 +223,27 @@ def _refined_reference(scores, plan, q, k, token_slots, factor, starts, lens):
                     out.append(j)
                     used += clen[j]
                 return out
-            cand = greedy(scores[i, h].tolist(), math.floor(room * factor))
+            f = factor[i] if isinstance(factor, (list, tuple)) else factor
+            cand = greedy(scores[i, h].tolist(), math.floor(room * f))
             exact = [-math.inf] * nb
             for j in cand:
-                pos = range(cst[j], cst[j] + clen[j])
-                ks = k[token_slots[i, list(pos)], h]  # [n, D]
-                exact[j] = float((q[i, h * g:(h + 1) * g] @ ks.T).max())
+                held = [s for s in token_slots[i, cst[j]:cst[j] + clen[j]].tolist() if s >= 0]
+                if held:
+                    ks = k[held, h]  # [n, D]
+                    exact[j] = float((q[i, h * g:(h + 1) * g] @ ks.T).max())
             for j in greedy(exact, room):
                 kept[i, h, j] = True
     return kept
 
 
-@pytest.mark.parametrize("factor", [1.0, 1.5, 2.0, 4.0, 100.0])
-def test_two_stage_selection_equals_a_per_head_reference(factor):
+@pytest.mark.parametrize("factor", [1.0, 1.5, 2.0, 4.0, 100.0, (1.5, 3.0, 2.0)])
+@pytest.mark.parametrize("evicted", [False, True])
+def test_two_stage_selection_equals_a_per_head_reference(factor, evicted):
     """select_refined: the estimate's candidates for factor x the budget, re-ranked by their
     exact max q·k over the attended keys (gathered through the slot map), against a loop; at a
     factor that makes every block a candidate it is the exact (oracle) selection, and its
-    positions stay within the real plan's budget."""
+    positions stay within the real plan's budget. A factor per request (a tensor) and evicted
+    slots (-1: no key, a block of them all is out of the race) too."""
     torch.manual_seed(3)
     cfg = DynSplitConfig()
     seq_lens = [300, 171, 40]  # the last runs dense at this budget
@@ -255,7 +260,9 @@ def test_two_stage_selection_equals_a_per_head_reference(factor):
     index = index.masked_fill(table.lens == 0, -1)
     scores = score_blocks(q, center.flatten(0, 1), radius.flatten(0, 1), index, True)
     plan = plan_selection(table, torch.tensor(seq_lens), 64, 4, 16)
-    cand = candidate_plan(plan, factor)
+    if evicted:
+        token_slots[0, 50:120] = -1
+    cand = candidate_plan(plan, torch.tensor(factor) if isinstance(factor, tuple) else factor)
     sel = select_refined(scores, plan, cand, q, k, token_slots)
     want = _refined_reference(scores, plan, q, k, token_slots, factor,
                               table.starts, table.lens)
@@ -272,6 +279,6 @@ def test_candidate_plan_rejects_factors_below_one_and_grows_capacity():
     assert cand.capacity == plan.capacity + int(plan.block_budget[0])
     assert candidate_plan(plan, 100).capacity == 300
     assert candidate_plan(plan, 2, capacity=500, max_block_len=20).capacity == 500
-    for bad in (0.5, -1, float("nan"), True):
+    for bad in (0.5, -1, float("nan"), True, torch.tensor([0.5]), torch.tensor([2.0, 2.0])):
         with pytest.raises(ValueError, match="refine factor"):
             candidate_plan(plan, bad)

@@ -134,8 +134,11 @@ def test_sglang_and_core_select_alike_and_answer_alike(default_server, samples, 
         flush(default_server)  # no prefix from another prompt: this prompt alone,
         _warm(default_server, s)  # put in the cache by a dense request, as the suite does
         ref = core_eval.generate(hf_model, tok, s.input_ids, cfg, s.max_new_tokens)
+        refined = _stats(default_server).get("refined_steps", 0)
         got, attended, cached = _serve(default_server, s, method)
         assert cached >= len(s.input_ids) - 1
+        if cfg.strategy_impl.has_blocks and cfg.refine > 1:  # two-stage selection served
+            assert _stats(default_server).get("refined_steps", 0) > refined
         got, want = _strip_eos(got, eos), _strip_eos(ref["output_ids"], eos)
         if got != want or abs(attended - ref["tokens_attended"]) > _tolerance(method, ref):
             mismatches.append(
