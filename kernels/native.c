@@ -135,18 +135,26 @@ void ds_score(const float *q, const float *center,
 #define USABLE(n) (ok[n] && rw[n] >= 0) /* an entry is attended: valid, and names a pool row */
 
 /* Entries [lo, hi) of one list, per query head g: mx[g] (the largest logit), sum[g] and
- * acc[g, :] = sum of exp(logit - mx[g]) * V row (not normalised). logit: G * (hi - lo). */
+ * acc[g, :] = sum of exp(logit - mx[g]) * V row (not normalised). logit: G * (hi - lo).
+ * pre, has (NULL: none): entry n's q·k for the G heads at pre[n * G] where has[n], computed by
+ * the selection (exact_scores), so its K row is not read again. */
 static void attend_part(const float *qg, const float *k, const float *v, const int64_t *rw,
-                        const uint8_t *ok, float scale, int64_t G, int64_t D, int64_t Dv,
-                        int64_t lo, int64_t hi, float *logit, float *acc, float *mx, float *sum) {
+                        const uint8_t *ok, const float *pre, const uint8_t *has, float scale,
+                        int64_t G, int64_t D, int64_t Dv, int64_t lo, int64_t hi, float *logit,
+                        float *acc, float *mx, float *sum) {
     const int64_t L = hi > lo ? hi - lo : 0;
     for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY, sum[g] = 0.f;
     memset(acc, 0, sizeof(float) * G * Dv);
     for (int64_t n = lo; n < lo + L; n++) {
-        if (n + AHEAD < hi && USABLE(n + AHEAD)) prefetch_row(k + rw[n + AHEAD] * D, D);
+        const int known = has && has[n]; /* q·k already computed (two-stage selection) */
+        if (n + AHEAD < hi && USABLE(n + AHEAD) && !(has && has[n + AHEAD]))
+            prefetch_row(k + rw[n + AHEAD] * D, D);
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
             float e[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-            if (USABLE(n)) dot4(qg, k + rw[n] * D, D, g0, G, PLAIN, e);
+            if (USABLE(n) && known)
+                for (int j = 0; j < 4 && g0 + j < G; j++) e[j] = pre[n * G + g0 + j];
+            else if (USABLE(n))
+                dot4(qg, k + rw[n] * D, D, g0, G, PLAIN, e);
             for (int j = 0; j < 4 && g0 + j < G; j++) {
                 float x = USABLE(n) ? scale * e[j] : -INFINITY;
                 logit[(g0 + j) * L + n - lo] = x;
@@ -239,17 +247,18 @@ static void normalise(float *acc, const float *mx, const float *sum, int64_t G, 
 
 /* Part u of ds_attend's B * Hkv * S parts (a list when S == 1, normalised then). */
 static void attend_unit(const float *q, const float *k, const float *v, const int64_t *rows,
-                        const uint8_t *valid, float *out, float *lse, float *work, float scale,
-                        int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S, int64_t T,
-                        int64_t u) {
+                        const uint8_t *valid, const float *pre, const uint8_t *has, float *out,
+                        float *lse, float *work, float scale, int64_t G, int64_t D, int64_t Dv,
+                        int64_t N, int64_t S, int64_t T, int64_t u) {
     const int64_t chunk = (N + S - 1) / S, bh = u / S, lo = (u % S) * chunk;
     const int64_t hi = lo + chunk < N ? lo + chunk : N;
     float *logit = work + THREAD() * G * (chunk + 2);
     float *part = work + T * G * (chunk + 2) + u * G * (Dv + 2);
     float *acc = S == 1 ? out + bh * G * Dv : part;
     float *mx = S == 1 ? logit + G * chunk : acc + G * Dv;
-    attend_part(q + bh * G * D, k, v, rows + bh * N, valid + bh * N, scale, G, D, Dv, lo, hi,
-                logit, acc, mx, mx + G);
+    attend_part(q + bh * G * D, k, v, rows + bh * N, valid + bh * N,
+                pre ? pre + bh * N * G : NULL, has ? has + bh * N : NULL, scale, G, D, Dv, lo,
+                hi, logit, acc, mx, mx + G);
     if (S == 1) normalise(acc, mx, mx + G, G, Dv, lse + bh * G);
 }
 
@@ -263,12 +272,12 @@ static inline void merge_list(const float *work, float *out, float *lse, int64_t
 /* The attention of all L = B * Hkv lists: their parts, then the merges. Called inside a
  * parallel region (its loops are shared among the region's threads) or outside one. */
 static void attend_lists(const float *q, const float *k, const float *v, const int64_t *rows,
-                         const uint8_t *valid, float *out, float *lse, float *work, float scale,
-                         int64_t L, int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S,
-                         int64_t T) {
+                         const uint8_t *valid, const float *pre, const uint8_t *has, float *out,
+                         float *lse, float *work, float scale, int64_t L, int64_t G, int64_t D,
+                         int64_t Dv, int64_t N, int64_t S, int64_t T) {
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < L * S; u++)
-        attend_unit(q, k, v, rows, valid, out, lse, work, scale, G, D, Dv, N, S, T, u);
+        attend_unit(q, k, v, rows, valid, pre, has, out, lse, work, scale, G, D, Dv, N, S, T, u);
     if (S > 1) {
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < L; bh++) merge_list(work, out, lse, G, Dv, N, S, T, bh);
@@ -280,7 +289,8 @@ void ds_attend(const float *q, const float *k, const float *v, const int64_t *ro
                int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t Dv, int64_t N, int64_t S,
                int64_t T) {
 #pragma omp parallel num_threads(T) if (T > 1 && B * Hkv * S > 1)
-    attend_lists(q, k, v, rows, valid, out, lse, work, scale, B * Hkv, G, D, Dv, N, S, T);
+    attend_lists(q, k, v, rows, valid, NULL, NULL, out, lse, work, scale, B * Hkv, G, D, Dv, N,
+                 S, T);
 }
 
 /* The keys of core.selection's order: the score's order-preserving int32 image in the high
@@ -366,36 +376,71 @@ static void keep_list(const float *scores, const int64_t *clen, const int64_t *c
  * the block budget cbudget[b] (the first Kc blocks of its order while they fit), each scored
  * by its largest exact q·k over its held keys and the G query heads of the group; every other
  * block -inf. scores, exact: [B, Hkv, NB]; q: [B, Hkv, G, D]; k: the pool as rows [R, D];
- * pool_rows, slot_ok: as ds_layer's; work: 2 * Kc int64. */
+ * pool_rows, slot_ok: as ds_layer's; work: 2 * Kc int64. The q·k of the candidates' tokens go
+ * to clog [B, Hkv, CL, G] (CL >= every cbudget), block j's first at coff[B, Hkv, NB] (-1: not a
+ * candidate), for the attention to reuse (reuse_logits). */
 static void exact_scores(const float *scores, const float *q, const float *k,
                          const int64_t *clen, const int64_t *cstart, const int64_t *cbudget,
                          const int64_t *pool_rows, const uint8_t *slot_ok, float *exact,
-                         int64_t *work, int64_t bh, int64_t Hkv, int64_t G, int64_t D,
-                         int64_t NB, int64_t Kc, int64_t P) {
+                         float *clog, int64_t *coff, int64_t *work, int64_t bh, int64_t Hkv,
+                         int64_t G, int64_t D, int64_t NB, int64_t Kc, int64_t P, int64_t CL) {
     const float *s = scores + bh * NB, *qg = q + bh * G * D;
     const int64_t *pr = pool_rows + bh * P;
     const uint8_t *held = slot_ok ? slot_ok + bh * P : NULL;
-    float *ex = exact + bh * NB;
-    int64_t *ord = work + Kc;
-    for (int64_t j = 0; j < NB; j++) ex[j] = -INFINITY;
+    float *ex = exact + bh * NB, *lg = clog + bh * CL * G;
+    int64_t *ord = work + Kc, *off = coff + bh * NB;
+    for (int64_t j = 0; j < NB; j++) ex[j] = -INFINITY, off[j] = -1;
     top_blocks(s, NB, Kc, work, ord);
     int64_t fill = 0;
     for (int64_t i = 0; i < Kc; i++) {
         int64_t j = ord[i], len = selectable_len(s[j], clen[bh * NB + j]);
         fill += len;
-        if (fill > cbudget[bh / Hkv]) break; /* the greedy prefix ends at the first misfit */
+        if (fill > cbudget[bh / Hkv] || fill > CL) break; /* the greedy prefix ends here */
         float best = -INFINITY;
+        off[j] = fill - len;
         for (int64_t t = 0; t < len; t++) {
             int64_t col = cstart[bh * NB + j] + t + 1;
-            if (col < 1 || col >= P || (held && !held[col])) continue;
+            float *e = lg + (fill - len + t) * G;
+            if (col < 1 || col >= P || (held && !held[col])) {
+                for (int64_t g = 0; g < G; g++) e[g] = -INFINITY;
+                continue;
+            }
             const float *kr = k + pr[col] * D;
+            if (t + 1 < len) prefetch_row(k + pr[col + 1] * D, D);
             for (int64_t g0 = 0; g0 < G; g0 += 4) {
-                float e[4];
-                dot4(qg, kr, D, g0, G, PLAIN, e);
-                for (int c = 0; c < 4 && g0 + c < G; c++) best = e[c] > best ? e[c] : best;
+                float e4[4];
+                dot4(qg, kr, D, g0, G, PLAIN, e4);
+                for (int c = 0; c < 4 && g0 + c < G; c++) {
+                    e[g0 + c] = e4[c];
+                    best = e4[c] > best ? e4[c] : best;
+                }
             }
         }
         ex[j] = best;
+    }
+}
+
+/* After keep_list on the exact scores of list bh: the kept blocks' q·k from clog, laid out as
+ * their positions are (pre [B, Hkv, cap, G], has [B, Hkv, cap]: 1 where pre holds the entry's
+ * q·k), so the attention reads no kept key twice. */
+static void reuse_logits(const int64_t *order, const int64_t *kept, const int64_t *front,
+                         const float *clog, const int64_t *coff, float *pre, uint8_t *has,
+                         int64_t bh, int64_t Hkv, int64_t NB, int64_t K, int64_t cap, int64_t G,
+                         int64_t CL) {
+    const int64_t *ord = order + bh * K, *kl = kept + bh * K, *off = coff + bh * NB;
+    const float *lg = clog + bh * CL * G;
+    float *pl = pre + bh * cap * G;
+    uint8_t *hl = has + bh * cap;
+    memset(hl, 0, (size_t)cap);
+    int64_t at = front[bh / Hkv];
+    for (int64_t i = 0; i < K && kl[i] > 0; i++) {
+        const int64_t o = off[ord[i]];
+        for (int64_t t = 0; t < kl[i] && at + t < cap; t++) {
+            if (o < 0 || at + t < 0) continue;
+            memcpy(pl + (at + t) * G, lg + (o + t) * G, sizeof(float) * G);
+            hl[at + t] = 1;
+        }
+        at += kl[i];
     }
 }
 
@@ -420,7 +465,8 @@ void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
  * cbudget non-NULL: two-stage selection (core.selection.select_refined): the score's
  * candidates for cbudget [B] (the first Kc blocks of its order) are ranked by exact_scores
  * into exact [B, Hkv, NB] (k is read, also when attend == 0), and keep runs on those; cheaps:
- * T * 2 * Kc int64 of work. */
+ * T * 2 * Kc int64 of work; clog, coff, pre, has: exact_scores' and reuse_logits' buffers (CL:
+ * the largest candidate budget), through which the attention reuses the kept keys' q·k. */
 typedef struct {
     const float *q, *center, *radius, *k, *v;
     float *out, *lse;
@@ -434,10 +480,11 @@ typedef struct {
     int64_t *heaps, *rows;
     uint8_t *valid;
     const int64_t *cbudget;
-    float *exact;
-    int64_t *cheaps;
+    float *exact, *clog, *pre;
+    int64_t *cheaps, *coff;
+    uint8_t *has;
     float scale;
-    int64_t B, Hkv, G, D, Dv, NB, K, cap, P, S, T, Kc;
+    int64_t B, Hkv, G, D, Dv, NB, K, cap, P, S, T, Kc, CL;
     int64_t attend; /* 0: the selection only (q, summaries and the selection's outputs) */
 } ds_layer_args;
 
@@ -455,14 +502,18 @@ void ds_layer(const ds_layer_args *a) {
             const float *keyed = a->scores;
             if (a->cbudget) {
                 exact_scores(a->scores, a->q, a->k, a->clen, a->cstart, a->cbudget,
-                             a->pool_rows, a->slot_ok, a->exact, a->cheaps + THREAD() * 2 * a->Kc,
-                             bh, Hkv, a->G, a->D, NB, a->Kc, P);
+                             a->pool_rows, a->slot_ok, a->exact, a->clog, a->coff,
+                             a->cheaps + THREAD() * 2 * a->Kc, bh, Hkv, a->G, a->D, NB, a->Kc,
+                             P, a->CL);
                 keyed = a->exact;
             }
             keep_list(keyed, a->clen, a->cstart, a->budget, a->fixed, a->front,
                       a->positions, a->counts, a->order, a->kept, a->heaps + THREAD() * a->K, bh,
                       Hkv, NB, a->K, cap);
             if (!a->attend) continue;
+            if (a->cbudget)
+                reuse_logits(a->order, a->kept, a->front, a->clog, a->coff, a->pre, a->has, bh,
+                             Hkv, NB, a->K, cap, a->G, a->CL);
             const int64_t *pos = a->positions + bh * cap, *pr = a->pool_rows + bh * P;
             const uint8_t *held = a->slot_ok ? a->slot_ok + bh * P : NULL;
             for (int64_t n = 0; n < cap; n++) { /* position -> pool row (-1: padding) */
@@ -473,7 +524,8 @@ void ds_layer(const ds_layer_args *a) {
             }
         }
         if (a->attend)
-            attend_lists(a->q, a->k, a->v, a->rows, a->valid, a->out, a->lse, a->work,
-                         a->scale, B * Hkv, a->G, a->D, a->Dv, cap, a->S, T);
+            attend_lists(a->q, a->k, a->v, a->rows, a->valid, a->cbudget ? a->pre : NULL,
+                         a->cbudget ? a->has : NULL, a->out, a->lse, a->work, a->scale, B * Hkv,
+                         a->G, a->D, a->Dv, cap, a->S, T);
     }
 }

@@ -233,8 +233,8 @@ def keep(lib, scores, clen, cstart, budget, fixed, front, k: int, heap: torch.Te
 _POINTERS = ("q", "center", "radius", "k", "v", "out", "lse", "positions", "counts", "order",
              "kept", "index", "l2", "bias", "clen", "cstart", "budget", "fixed", "front",
              "pool_rows", "slot_ok", "scores", "work", "heaps", "rows", "valid", "cbudget", "exact",
-             "cheaps")
-_SIZES = ("B", "Hkv", "G", "D", "Dv", "NB", "K", "cap", "P", "S", "T", "Kc", "attend")
+             "clog", "pre", "cheaps", "coff", "has")
+_SIZES = ("B", "Hkv", "G", "D", "Dv", "NB", "K", "cap", "P", "S", "T", "Kc", "CL", "attend")
 
 
 class LayerArgs(ctypes.Structure):
@@ -294,14 +294,21 @@ class Layer:
                     fixed=fixed, front=front, pool_rows=pool_rows, scores=scores, work=work,
                     heaps=heaps, rows=rows, valid=valid)
         self.refine = cbudget is not None
-        if self.refine:
-            self.keep_alive += [cbudget, take("layer_exact", (b, hkv, nb), torch.float32),
-                                take("layer_cheaps", (t * 2 * max(kc, 1),), i64)]
-            ptrs.update(zip(("cbudget", "exact", "cheaps"), self.keep_alive[-3:]))
+        cl = max(int(cbudget.max()), 1) if self.refine and cbudget.numel() else 1  # plan time
+        if self.refine:  # the candidate stage's buffers (native.c exact_scores, reuse_logits)
+            f32 = torch.float32
+            self.keep_alive += [cbudget, take("layer_exact", (b, hkv, nb), f32),
+                                take("layer_clog", (b, hkv, cl, g), f32),
+                                take("layer_pre", (b, hkv, cap, g), f32),
+                                take("layer_cheaps", (t * 2 * max(kc, 1),), i64),
+                                take("layer_coff", (b, hkv, nb), i64),
+                                take("layer_has", (b, hkv, cap), torch.uint8)]
+            ptrs.update(zip(("cbudget", "exact", "clog", "pre", "cheaps", "coff", "has"),
+                            self.keep_alive[-7:]))
         self.args = LayerArgs(**{n: _ptr(x) for n, x in ptrs.items()},
                               slot_ok=None if slot_ok is None else _ptr(slot_ok),
                               B=b, Hkv=hkv, G=g, D=d, Dv=dv, NB=nb, K=k, cap=cap, P=p, S=s, T=t,
-                              Kc=kc if self.refine else 0)
+                              Kc=kc if self.refine else 0, CL=cl)
 
     def __call__(self, q, center, radius, k_rows, v_rows, scale: float):
         """(out [B, Hq, Dv], lse [B, Hq], positions [B, Hkv, cap], counts [B, Hkv], order and

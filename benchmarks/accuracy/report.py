@@ -55,7 +55,18 @@ def _method_order(m: str) -> tuple:
 
 
 def load(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """The results JSON, with the path of its per-output records (run.py's <stem>.samples.jsonl)
+    under "samples_path" where they are beside it."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    records = path.with_name(path.stem + ".samples.jsonl")
+    if records.exists():
+        data["samples_path"] = str(records)
+    return data
+
+
+def _records(path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 def _index(rows):
@@ -263,6 +274,7 @@ def headline_targets(data: dict) -> str:
                              f"({d - f:+.1f} points; target within 10): "
                              f"**{'met' if d >= f - 10 else 'missed'}**")
         lines += _repetition_lines(data, model)
+        lines += score_only_lines(data, model)
         lines += oracle_lines(data, model)
         fb = data.get("fallback_records", {})
         sg = data.get("meta", {}).get("phases", {}).get(model, {}).get("sglang") or {}
@@ -273,6 +285,40 @@ def headline_targets(data: dict) -> str:
             lines.append(f"- {model}: dense fallbacks {sg['fallback_rows']} (target 0): "
                          f"**{'met' if not sg['fallback_rows'] else 'missed'}**")
     return "\n".join(lines) + "\n"
+
+
+# The headline as served before two-stage selection (refine = 1: the gauss score alone), on the
+# same prompts: what refine = 2 changed, paired sample for sample.
+SCORE_ONLY = Path(__file__).resolve().parent / "results" / "headline-score-only.samples.jsonl"
+
+
+def score_only_lines(data: dict, model: str, path: Path = SCORE_ONLY) -> list[str]:
+    """Per budget: dynsplit and fixed with two-stage selection (this run) against the same
+    methods served with the score alone (the earlier run's records at `path`), paired on the
+    prompts both answered, and dynsplit − fixed before and after."""
+    if not path.exists() or not data.get("samples_path"):
+        return []
+    from stats import paired_summary
+
+    old = [dict(r, method=r["method"] + "@score") for r in _records(path)
+           if r["model"] == model]
+    recs = [r for r in _records(data["samples_path"]) if r["model"] == model] + old
+    out = []
+    for b in sorted({r["budget"] for r in old if r["budget"] != 1}, key=_budget_order):
+        parts = []
+        for m in ("dynsplit", "fixed"):
+            p = paired_summary(recs, model, b, m, m + "@score")
+            if p["n"]:
+                parts.append(f"{m} {p['mean']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}] "
+                             f"({p['wins']} won / {p['losses']} lost, n = {p['n']})")
+        if len(parts) < 2:
+            continue
+        new = paired_summary(recs, model, b, "dynsplit", "fixed")
+        was = paired_summary(recs, model, b, "dynsplit@score", "fixed@score")
+        out.append(f"- {model} at {_frac(b)}: two-stage selection (refine = 2) against the "
+                   f"score alone on the same prompts: " + "; ".join(parts)
+                   + f"; dynsplit − fixed {was['mean']:+.1f} → {new['mean']:+.1f}")
+    return out
 
 
 # The diagnosis replay behind the misses (docs/accuracy.md, "The exact block score"): sweep.py
@@ -290,7 +336,7 @@ def oracle_lines(data: dict, model: str, path: Path = VARIANT_SWEEP) -> list[str
 
     if not path.exists():
         return []
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    recs = _records(path)
     recs = [r for r in recs if r.get("model") == model]
     if not recs:
         return []
@@ -342,7 +388,7 @@ def _refine_clause(by: dict, ids: list, b: str) -> str:
         return ""
     d, f = (100 * sum(by[s, n]["score"] for s in ids) / len(ids) for n in names)
     return (f" Re-ranking the gauss score's candidates for twice the budget by their exact max "
-            f"(core.select_refined, not in the server yet): dynsplit {d:.1f}, fixed {f:.1f}.")
+            f"(core.select_refined, the server's default since): dynsplit {d:.1f}, fixed {f:.1f}.")
 
 
 def _repetition_lines(data: dict, model: str) -> list[str]:

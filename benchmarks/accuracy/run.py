@@ -101,6 +101,27 @@ MODES = {
 }
 
 
+def _sample_ids(path: Path, model: str) -> set:
+    """The prompt ids an earlier run's <stem>.samples.jsonl holds for this model with full KV
+    (method none: the prompts its comparisons pair on)."""
+    with open(path) as f:
+        return {r["sample"] for r in map(json.loads, filter(str.strip, f))
+                if r["model"] == model and r["method"] == "none"}
+
+
+def _generate_named(task: str, tok, ctx: int, seed: int, ids: set) -> list:
+    """The prompts of this (task, context, seed) whose ids are in `ids`, each generated with its
+    own n (an id says `<i>of<n>`; a cwe id `<i>` does not depend on n): --same-samples, so a
+    re-run pairs with an earlier run on exactly its prompts."""
+    head = f"{task}-{ctx}-{seed}-"
+    tails = [i[len(head):] for i in ids if i.startswith(head)]
+    ns = {int(t.split("of")[1]) if "of" in t else int(t) + 1 for t in tails}
+    out = {}
+    for n in sorted(ns):
+        out.update({s.id: s for s in T.generate(task, tok, ctx, n, seed=seed) if s.id in ids})
+    return list(out.values())
+
+
 def budget_kind(budget) -> str:
     """A budget above 1 counts tokens attended per step; up to 1 it is a fraction of the
     context (1.0 = full KV)."""
@@ -672,6 +693,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full-every", type=int, default=3,
                     help="kvpress runner: full-KV HF decode (the cross-check of SGLang's full "
                          "KV) on every k-th prompt; 0 = never")
+    ap.add_argument("--same-samples", type=Path, default=None,
+                    help="run exactly the prompts an earlier run's <stem>.samples.jsonl ran "
+                         "with full KV for each model (of the asked tasks and contexts; each "
+                         "generated with its own n), so that the two runs pair sample for sample")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra launch_server flag (repeat; e.g. --server-arg=--dynsplit-sink=4)")
     args = ap.parse_args(argv)
@@ -752,10 +777,14 @@ def main(argv=None) -> int:
         path = model_dir(model)
         tok = AutoTokenizer.from_pretrained(path)
         samples = []
+        same = None if args.same_samples is None else _sample_ids(args.same_samples, model)
         for task in task_names:
             ts = []
             for ctx in contexts_of[model]:
-                ts += T.generate(task, tok, ctx, n_of(model), seed=args.seed)
+                if same is None:
+                    ts += T.generate(task, tok, ctx, n_of(model), seed=args.seed)
+                else:
+                    ts += _generate_named(task, tok, ctx, args.seed, same)
             samples += sorted(ts, key=lambda s: (-s.needle_pos, s.context_len, s.id))
         plan.append((model, path, tok, samples))
 

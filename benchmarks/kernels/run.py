@@ -24,6 +24,11 @@ torch_native and Python-loop references on their own, with fewer repeats); speed
 clock, which keeps other processes on a shared host out of the numbers (--threads, --clock), and
 every CPU call starts with cold caches.
 
+`dynsplit-refine2` is the same step with two-stage selection (refine = 2, the server's default:
+the score's candidates for twice the budget, their keys' exact max picks the budget), against
+its own ideal N / (B + N/C + (R − 1)·B/2) (the candidates' keys the budget does not keep are
+read once more).
+
 ideal_speedup = N / (B + N/C): N context tokens, B the token budget, C the mean block length.
 A block costs its two summary vectors (center and radius, D each per KV head), which are the
 bytes of one token's K + V, so the block overhead is N/C tokens' worth of K/V (at 1/16 and
@@ -53,7 +58,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dynsplit_sglang.core import (
-    BlockTable, DynSplitConfig, plan_selection, score_blocks_ragged, segment, select,
+    BlockTable, DynSplitConfig, candidate_plan, plan_selection, score_blocks_ragged, segment,
+    select,
 )
 from dynsplit_sglang.kernels import SparseDecodeWrapper, implementation, native
 
@@ -202,9 +208,13 @@ def make_case(batch, ctx, hq, hkv, d, dtype, device, seed=0) -> Case:
                 offsets, index, q)
 
 
-def ideal_speedup(ctx, budget, mean_len) -> float:
-    """N / (B + N/C): a block's two summary vectors cost the bytes of one token's K + V."""
-    return ctx / (budget + ctx / mean_len)
+def ideal_speedup(ctx, budget, mean_len, refine: float = 1.0) -> float:
+    """N / (B + N/C): a block's two summary vectors cost the bytes of one token's K + V; with
+    two-stage selection + (R − 1)·B/2, the keys (half of K + V) of the candidates not kept."""
+    return ctx / (budget + ctx / mean_len + (refine - 1) * budget / 2)
+
+
+REFINE = 2.0  # the dynsplit-refine2 rows' factor (DynSplitConfig's default)
 
 
 def moved_bytes(case: Case, tokens_attended: int) -> int:
@@ -507,12 +517,18 @@ def bench_case(case: Case, budgets, device, repeats, warmup, copy, loop_ref: boo
     fns = {"copy": copy[0], **{name: graph(fn) for name, fn in cands.items()}}
     wrappers, rplans = {}, {}
     for budget in budgets:
+        plan = plan_selection(case.table, case.seq_lens, budget, SINK, RECENT,
+                              max_block_len=CFG.max_block_len)
         w = SparseDecodeWrapper(case.hq, case.hkv, case.d, device=case.q.device)
-        w.plan(plan_selection(case.table, case.seq_lens, budget, SINK, RECENT,
-                              max_block_len=CFG.max_block_len), case.index, case.token_slots, L2)
+        w.plan(plan, case.index, case.token_slots, L2)
         wrappers[budget] = w
         fns[("dynsplit", budget)] = graph(
             lambda w=w: w.run(case.q, case.k, case.v, case.center, case.radius))
+        wr = SparseDecodeWrapper(case.hq, case.hkv, case.d, device=case.q.device)
+        wr.plan(plan, case.index, case.token_slots, L2, refine=candidate_plan(plan, REFINE))
+        wrappers[("refine", budget)] = wr
+        fns[("dynsplit-refine2", budget)] = graph(
+            lambda w=wr: w.run(case.q, case.k, case.v, case.center, case.radius))
         fns[("select-uniform", budget)] = graph(
             lambda w=w: w.select(case.q, case.center, case.radius))
         rp = plan_ragged(case.ends, [case.ctx] * case.batch, budget, SINK, RECENT, L2,
@@ -560,17 +576,23 @@ def bench_case(case: Case, budgets, device, repeats, warmup, copy, loop_ref: boo
             row["candidates_max_abs_diff"] = dense_err
         rows.append(row)
     for budget in budgets:
-        ideal = ideal_speedup(case.ctx, budget, case.mean_block_len)
-        for name in ("dynsplit", "select-uniform", "select-ragged", "select-ragged-loop"):
+        for name in ("dynsplit", "dynsplit-refine2", "select-uniform", "select-ragged",
+                     "select-ragged-loop"):
             if (name, budget) not in med:
                 continue
+            refined = name == "dynsplit-refine2"
+            ideal = ideal_speedup(case.ctx, budget, case.mean_block_len,
+                                  REFINE if refined else 1.0)
             ms = med[(name, budget)]
             row = dict(base, budget=budget, method=name, median_ms=ms, ideal_speedup=ideal,
                        speedup=dense / ms)
-            if name == "dynsplit":
-                attended = int(wrappers[budget].tokens_attended().sum())
+            if name.startswith("dynsplit"):
+                w = wrappers[("refine", budget) if refined else budget]
+                attended = int(w.tokens_attended().sum())
                 row["tokens_attended"] = attended
-                row["bandwidth_fraction"] = moved_bytes(case, attended) / ms / 1e6 / bw
+                # refine: the candidates' keys beyond the kept ones, (R - 1)/2 tokens' K + V each
+                read = attended * (1 + (REFINE - 1) / 2) if refined else attended
+                row["bandwidth_fraction"] = moved_bytes(case, read) / ms / 1e6 / bw
                 row["fraction_of_ideal"] = row["speedup"] / ideal
             rows.append(row)
     if not cuda and budgets:  # where the compressed step spends its time (first budget)

@@ -153,3 +153,29 @@ def test_a_sample_id_names_one_prompt(task):
         assert prompts.setdefault(s.id, s.input_ids) == s.input_ids, s.id
     if task != "cwe":  # its samples do not depend on n
         assert any(a.input_ids != b.input_ids for a, b in zip(of3, of5))
+
+
+def test_same_samples_regenerates_exactly_the_named_prompts(tmp_path):
+    """run.py --same-samples: the prompts an earlier run ran with full KV, each generated with
+    its own n (ids `<i>of<n>`; cwe's `<i>` does not depend on n), and no other."""
+    import json
+
+    import run
+
+    first = T.generate("niah_single", TOK, 2000, 3, seed=0)[1:]  # 1of3, 2of3
+    later = T.generate("niah_single", TOK, 2000, 5, seed=0)[3:]  # 3of5, 4of5
+    cwe = T.generate("cwe", TOK, 2000, 4, seed=0)[2:3]
+    recs = [dict(model="m", sample=s.id, method="none") for s in first + later + cwe]
+    recs += [dict(model="m", sample="niah_single-2000-0-0of3", method="fixed"),  # not full KV
+             dict(model="other", sample="niah_single-2000-0-0of5", method="none")]
+    path = tmp_path / "h.samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ids = run._sample_ids(path, "m")
+    assert ids == {s.id for s in first + later + cwe}
+    got = run._generate_named("niah_single", TOK, 2000, 0, ids)
+    assert sorted(s.id for s in got) == sorted(s.id for s in first + later)
+    by = {s.id: s for s in first + later}
+    assert all(s.input_ids == by[s.id].input_ids for s in got)
+    (c,) = run._generate_named("cwe", TOK, 2000, 0, ids)
+    assert c.id == cwe[0].id and c.input_ids == cwe[0].input_ids
+    assert run._generate_named("vt", TOK, 2000, 0, ids) == []

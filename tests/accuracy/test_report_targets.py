@@ -244,8 +244,48 @@ def test_the_replay_line_adds_the_two_stage_selection_where_it_was_run(tmp_path)
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (line,) = report.oracle_lines({"degenerate": []}, SMOL, path)
-    assert line.endswith("(core.select_refined, not in the server yet): dynsplit 50.0, "
+    assert line.endswith("(core.select_refined, the server's default since): dynsplit 50.0, "
                          "fixed 50.0.")
     path.write_text("\n".join(json.dumps(r) for r in rows if "refine" not in r["variant"]))
     (line,) = report.oracle_lines({"degenerate": []}, SMOL, path)
     assert "select_refined" not in line
+
+
+def _record(sample, method, budget, score, model=SMOL):
+    return dict(model=model, sample=sample, method=method, budget=budget, score=score)
+
+
+def test_two_stage_selection_is_paired_against_the_score_alone_on_the_same_prompts(tmp_path):
+    """score_only_lines: per budget, dynsplit and fixed of this run (refine = 2) minus the same
+    method served with the score alone (the archived records), on the prompts both answered,
+    and dynsplit − fixed before → after; nothing without the archive or this run's records."""
+    new, old = [], []
+    for i in range(4):
+        s = f"p-{i}of4"
+        new += [_record(s, "dynsplit", 0.125, 1.0), _record(s, "fixed", 0.125, 1.0 if i else 0.0),
+                _record(s, "none", 1.0, 1.0)]
+        old += [_record(s, "dynsplit", 0.125, 0.0 if i < 2 else 1.0),
+                _record(s, "fixed", 0.125, 1.0), _record(s, "none", 1.0, 1.0)]
+    old.append(_record("p-9of9", "dynsplit", 0.125, 1.0))  # not in this run: unpaired
+    old.append(_record("p-0of4", "dynsplit", 0.125, 1.0, model=QWEN))  # another model
+    run, archive = tmp_path / "h.samples.jsonl", tmp_path / "s.samples.jsonl"
+    run.write_text("\n".join(json.dumps(r) for r in new) + "\n")
+    archive.write_text("\n".join(json.dumps(r) for r in old) + "\n")
+    data = {"samples_path": str(run)}
+    (line,) = report.score_only_lines(data, SMOL, archive)
+    assert line.startswith(f"- {SMOL} at 1/8: two-stage selection (refine = 2) against the "
+                           "score alone on the same prompts: dynsplit +50.0 [")
+    assert "(2 won / 0 lost, n = 4)" in line and "fixed -25.0 [" in line
+    assert "(0 won / 1 lost, n = 4)" in line
+    assert line.endswith("dynsplit − fixed -50.0 → +25.0")
+    assert report.score_only_lines(data, QWEN, archive) == []  # no fixed pair there
+    assert report.score_only_lines({}, SMOL, archive) == []
+    assert report.score_only_lines(data, SMOL, tmp_path / "none.jsonl") == []
+
+
+def test_load_finds_the_per_output_records_beside_the_results(tmp_path):
+    path = tmp_path / "headline.json"
+    path.write_text(json.dumps({"rows": []}))
+    assert "samples_path" not in report.load(path)
+    (tmp_path / "headline.samples.jsonl").write_text("")
+    assert report.load(path)["samples_path"] == str(tmp_path / "headline.samples.jsonl")
