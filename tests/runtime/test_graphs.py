@@ -204,3 +204,45 @@ def test_rows_scored_their_own_way_replay_like_the_eager_path():
     wrong = [o[:1].clone() for o in cap.out]
     assert any(not torch.allclose(wrong[layer], want[layer], rtol=1e-5, atol=1e-5)
                for layer in range(CFG.dense_layers, LAYERS))
+
+
+def test_rows_refined_their_own_way_replay_like_the_eager_path():
+    # Two-stage selection: the server's refine (2) sizes the candidate plan's capacity; row 2
+    # asks for the score alone (refine 1); each row's candidate budget is written in place per
+    # replay. A row asking for more than the server's factor does not fit the captured shapes.
+    assert CFG.refine == 2
+    configs = {2: CFG.replace(refine=1)}
+    requests = {1: _tokens(300, 31), 2: _tokens(420, 32), 3: _tokens(360, 33)}
+    pools = []
+    for _ in range(2):
+        pool = SimPool(CFG, slots=4096, rows=8, max_ctx=1024)
+        _with_configs(pool, configs)
+        for row, toks in requests.items():
+            pool.new_row(row)
+            pool.prefill(row, toks)
+        pools.append(pool)
+    eager, graphed = pools
+    cap = Captured(graphed, MAX_BS)
+    assert cap.tape.violations == []
+    assert cap.graph.cand_capacity == min(cap.graph.width, 2 * cap.graph.capacity)
+    budget_ptr = cap.graph.cand_budget.data_ptr()
+    seqs = {r: list(t) for r, t in requests.items()}
+    scale = 1 / math.sqrt(D)
+    for step, rows in enumerate([[1, 2, 3], [2, 3], [3, 2, 1]] * 3):
+        for r in rows:
+            seqs[r].append((3 * step + r) % VOCAB)
+        v_e, q_e = _decode_inputs(eager, rows, [seqs[r] for r in rows])
+        v_g, q_g = _decode_inputs(graphed, rows, [seqs[r] for r in rows])
+        eager.comp.begin_forward(v_e)
+        want = [eager.comp.decode_layer(layer, q_e[layer], eager.k[layer], eager.v[layer], scale)
+                for layer in range(LAYERS)]
+        got = cap.step(v_g, q_g)
+        plain = cap.graph.buf["block_budget"][:len(rows)].tolist()
+        assert cap.graph.cand_budget[:len(rows)].tolist() == [
+            b if r == 2 else 2 * b for r, b in zip(rows, plain)]
+        for layer in range(CFG.dense_layers, LAYERS):
+            torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)
+    assert cap.graph.cand_budget.data_ptr() == budget_ptr
+    assert eager.comp.stats["refined_steps"] > 0
+    graphed.comp.rows[1].cfg = CFG.replace(refine=3)
+    assert not cap.graph.fits([1], [len(seqs[1])])
