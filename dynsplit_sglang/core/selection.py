@@ -199,16 +199,23 @@ def select_positions(
 def candidate_plan(plan: SelectionPlan, factor, capacity: int | None = None,
                    max_block_len: int | None = None) -> SelectionPlan:
     """The first stage of a two-stage selection: the same plan with `factor` (>= 1; a number,
-    or one per request as a [B] tensor) times each request's block budget. capacity /
-    max_block_len as in plan_selection (static values for a captured graph); the defaults read
-    the host (plan time only): the plan's capacity grown by the largest extra budget (at most
-    the longest sequence), and the longest selectable block."""
-    if isinstance(factor, torch.Tensor):
+    or one per request: a list of numbers, checked on the host, or a [B] tensor, checked with a
+    device read) times each request's block budget. capacity / max_block_len as in
+    plan_selection (static values for a captured graph); the defaults read the device (plan
+    time only): the plan's capacity grown by the largest extra budget (at most the longest
+    sequence), and the longest selectable block."""
+    if isinstance(factor, (list, tuple)):
+        if len(factor) != plan.block_budget.shape[0] or not all(
+                _is_factor(f) for f in factor):
+            raise ValueError(f"refine factors {list(factor)!r}: expected numbers >= 1, one per "
+                             f"request")
+        factor = torch.tensor(factor, dtype=torch.float64, device=plan.block_budget.device)
+    elif isinstance(factor, torch.Tensor):
         factor = factor.to(plan.block_budget.device, torch.float64)
         if factor.shape not in ((), plan.block_budget.shape) or not bool((factor >= 1).all()):
             raise ValueError(f"refine factors {factor.tolist()!r}: expected numbers >= 1, one "
                              f"per request")
-    elif isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+    elif not _is_factor(factor):
         raise ValueError(f"refine factor {factor!r}: expected a number >= 1")
     budget = (plan.block_budget.double() * factor).floor().long()
     if capacity is None:  # no request attends more than its sequence, whatever the factor
@@ -219,6 +226,10 @@ def candidate_plan(plan: SelectionPlan, factor, capacity: int | None = None,
         max_block_len = int(plan.clip_len.max()) if plan.clip_len.numel() else 0
     return replace(plan, block_budget=budget, capacity=capacity,
                    max_clip_len=min(max_block_len, capacity))
+
+
+def _is_factor(f) -> bool:
+    return not isinstance(f, bool) and isinstance(f, (int, float)) and f >= 1
 
 
 def block_owner(sel: Selection, plan: SelectionPlan) -> torch.Tensor:

@@ -9,6 +9,7 @@ kernels' plan/run wrapper.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from typing import Callable
@@ -286,8 +287,12 @@ class Compressor:
         refine = [st.cfg.refine for st in states]
         cand = None
         if max(refine) > 1:  # two-stage selection (core.select_refined) for the batch
-            cand = candidate_plan(selection, refine[0] if len(set(refine)) == 1 else
-                                  torch.tensor(refine, dtype=torch.float64, device=dev))
+            # Sized from the host's lists (no device read): a request's extra candidate tokens
+            # are at most (R - 1) x what it attends.
+            extra = max(math.ceil((r - 1) * min(bud, n)) for r, bud, n in zip(refine, budgets, seq))
+            cand = candidate_plan(selection, refine[0] if len(set(refine)) == 1 else refine,
+                                  capacity=min(selection.capacity + extra, max(seq)),
+                                  max_block_len=max(st.cfg.max_block_len for st in states))
             self.stats["refined_steps"] += 1
         self.wrapper.plan(selection, summary_index, token_slots,
                           l2[0] if len(set(l2)) == 1 else to_device([l2], dev)[0].bool(),

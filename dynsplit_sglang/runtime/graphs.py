@@ -145,8 +145,7 @@ class GraphDecode:
         for name in _PLAN_FIELDS:
             self.buf[name][:bs].copy_(getattr(p, name))
         if self.refine > 1:
-            factor = torch.tensor(list(refine) + [1.0] * (bs - len(refine)), dtype=torch.float64,
-                                  device=dev)
+            factor = list(refine) + [1.0] * (bs - len(refine))
             self.cand_budget[:bs].copy_(candidate_plan(p, factor, self.cand_capacity,
                                                        self.max_block_len).block_budget)
         index = store.row_entry[r, :self.nb]

@@ -262,7 +262,7 @@ def test_two_stage_selection_equals_a_per_head_reference(factor, evicted):
     plan = plan_selection(table, torch.tensor(seq_lens), 64, 4, 16)
     if evicted:
         token_slots[0, 50:120] = -1
-    cand = candidate_plan(plan, torch.tensor(factor) if isinstance(factor, tuple) else factor)
+    cand = candidate_plan(plan, list(factor) if isinstance(factor, tuple) else factor)
     sel = select_refined(scores, plan, cand, q, k, token_slots)
     want = _refined_reference(scores, plan, q, k, token_slots, factor,
                               table.starts, table.lens)
@@ -279,6 +279,9 @@ def test_candidate_plan_rejects_factors_below_one_and_grows_capacity():
     assert cand.capacity == plan.capacity + int(plan.block_budget[0])
     assert candidate_plan(plan, 100).capacity == 300
     assert candidate_plan(plan, 2, capacity=500, max_block_len=20).capacity == 500
-    for bad in (0.5, -1, float("nan"), True, torch.tensor([0.5]), torch.tensor([2.0, 2.0])):
+    assert torch.equal(candidate_plan(plan, [1.5]).block_budget,
+                       candidate_plan(plan, torch.tensor([1.5])).block_budget)
+    for bad in (0.5, -1, float("nan"), True, torch.tensor([0.5]), torch.tensor([2.0, 2.0]),
+                [0.5], [2, 2], [True]):
         with pytest.raises(ValueError, match="refine factor"):
             candidate_plan(plan, bad)
