@@ -263,3 +263,10 @@ def test_protocol_line_says_which_server_started_first():
     line = report.protocol_line({**meta, "start_order": ["dynsplit@1/8", "none"]})
     assert "started in the order dynsplit@1/8, none" in line and "baseline last" in line
     assert "dense baseline's server was started first" in report.protocol_line(meta)
+
+
+def test_each_run_says_which_block_selection_its_servers_ran():
+    note = _report().selection_note
+    assert note({"dynsplit_refine": 2.0}) == "block selection: two-stage, refine = 2"
+    assert note({"dynsplit_refine": 1.0}) == "block selection: the summary score alone (refine = 1)"
+    assert "recorded before two-stage selection" in note({})  # runs that predate the field

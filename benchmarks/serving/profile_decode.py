@@ -477,7 +477,7 @@ def main(argv=None) -> int:
         f"head_dim {D}, fp32", "threads": torch.get_num_threads(), "budgets": args.budgets,
         "steps": args.steps, "load_avg_1m": [load0, load1], "wall_s": time.monotonic() - t0,
         "attention": attn, "rest": rest, "reporter_ms": rep_ms, "step": step,
-        "server_profile": live,
+        "server_profile": live, "dynsplit_refine": DynSplitConfig().refine,
         "findings": findings, **native.describe(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

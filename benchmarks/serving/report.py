@@ -315,6 +315,17 @@ def bench_serving_table(b: dict, path: Path) -> list[str]:
     return lines
 
 
+def selection_note(meta: dict) -> str:
+    """Which block selection the run's compressed servers ran (runs before two-stage selection
+    record no refine: the score alone)."""
+    r = meta.get("dynsplit_refine")
+    if r is None:
+        return ("block selection: the summary score alone (refine = 1; recorded before two-stage "
+                "selection became the default)")
+    return f"block selection: two-stage, refine = {r:g}" if r > 1 else \
+        "block selection: the summary score alone (refine = 1)"
+
+
 def long_context_lines(long, long_path: Path) -> list[str]:
     """The decode probe of a second run at the contexts the default model cannot take (16k,
     32k with a 32k-context model), same protocol and table."""
@@ -325,7 +336,7 @@ def long_context_lines(long, long_path: Path) -> list[str]:
     return [f"**Long contexts** (`{_rel(long_path)}`): model {m['model']}, the same server "
             f"options and protocol ({m['protocol']['decode_repeats']} interleaved rounds); "
             f"whole run {m['wall_s'] / 60:.1f} min, 1-min load average {_fmt(la.get('min'))}–"
-            f"{_fmt(la.get('max'))}.", "", "```bash", cmd, "```", ""] + decode_table(long["decode"]) + (
+            f"{_fmt(la.get('max'))}; {selection_note(m)}.", "", "```bash", cmd, "```", ""] + decode_table(long["decode"]) + (
         [f"![{plot.stem}]({_rel(plot)})", ""] if plot.exists() else [])
 
 
@@ -340,7 +351,7 @@ def section(data, profile, pngs, json_path: Path, bench=None, bench_path=None,
         f"Serving benchmark (`benchmarks/serving/`, generated from `{_rel(json_path)}` by "
         "`report.py`): SGLang 0.5.23 on "
         f"{m['machine']} ({m['device']}, `{m['attention_backend']}`, {m['dtype']}), "
-        f"model {m['model']}; one server per configuration. "
+        f"model {m['model']}; one server per configuration; {selection_note(m)}. "
         f"Whole run: {m['wall_s'] / 60:.1f} min, 1-min load average "
         f"{_fmt(la.get('min'))}–{_fmt(la.get('max'))} (median {_fmt(la.get('median'))}; the "
         "host is shared, timings are only comparable at a similar load).",
@@ -401,7 +412,8 @@ def radix_lines(rows) -> list[str]:
 
 def profile_section(p) -> list[str]:
     lines = [f"**Where decode time goes at {p['context_len']} tokens** "
-             f"(`profile_decode.py`, {p['layout']}, {p['threads']} threads, one request):", ""]
+             f"(`profile_decode.py`, {p['layout']}, {p['threads']} threads, one request; "
+             f"{selection_note(p)}):", ""]
     step = p.get("step") or {}
     if step:
         lines += ["| per decode step | dense | " + " | ".join(

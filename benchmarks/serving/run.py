@@ -498,7 +498,11 @@ def run_meta(args, configs, t_start: float, load_stats: dict) -> dict:
     """What every result file records about the run (host, load, model, servers)."""
     import torch
 
+    from dynsplit_sglang.core import DynSplitConfig
+
     return {
+        # the block selection every dynsplit server ran (its configs set no other refine)
+        "dynsplit_refine": DynSplitConfig().refine,
         "wall_s": time.monotonic() - t_start, "load_avg_1m": load_stats,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
         "device": args.device, "attention_backend": args.attention_backend,
