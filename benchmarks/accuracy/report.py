@@ -481,6 +481,17 @@ def _repo_rel(p: Path) -> str:
         return str(p)
 
 
+def _selection_sentence(defaults: dict) -> str:
+    """Which block selection the run's block strategies used (runs before two-stage selection
+    record no refine: the score alone)."""
+    r = defaults.get("refine", 1)
+    if r > 1:
+        return (f"Block selection: two-stage (refine = {r:g}: the summary score nominates "
+                f"blocks for {r:g}x the budget, their keys' exact max q·k picks the budget), for "
+                "dynsplit, fixed and delimiter alike.")
+    return "Block selection: the summary score alone (refine = 1)."
+
+
 def header(data: dict) -> str:
     meta = data.get("meta", {})
     v = meta.get("versions", {})
@@ -501,7 +512,8 @@ def header(data: dict) -> str:
         f"context (sink + recent included; the first {cfg.get('dynsplit_defaults', {}).get('dense_layers')} "
         "layers stay dense on both sides). DynSplit and the rigid baselines run through one "
         "SGLang server (per-request overrides, each prompt prefilled once); kvpress presses "
-        "compress the whole prompt (context + question) after one shared dense prefill.",
+        "compress the whole prompt (context + question) after one shared dense prefill. "
+        + _selection_sentence(cfg.get("dynsplit_defaults", {})),
     ]
     for model, ph in phases.items():
         sg = ph.get("sglang") or {}

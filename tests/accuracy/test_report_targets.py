@@ -289,3 +289,10 @@ def test_load_finds_the_per_output_records_beside_the_results(tmp_path):
     assert "samples_path" not in report.load(path)
     (tmp_path / "headline.samples.jsonl").write_text("")
     assert report.load(path)["samples_path"] == str(tmp_path / "headline.samples.jsonl")
+
+
+def test_the_header_names_the_block_selection_of_the_run():
+    data = {"meta": {"config": {"dynsplit_defaults": {"refine": 2.0, "dense_layers": 2}}}}
+    assert "Block selection: two-stage (refine = 2" in report.header(data)
+    data["meta"]["config"]["dynsplit_defaults"] = {"dense_layers": 2}  # a run before the field
+    assert "Block selection: the summary score alone (refine = 1)." in report.header(data)
