@@ -166,11 +166,8 @@ def _with_configs(pool, configs):
     pool.comp.begin_forward = with_configs
 
 
-def test_rows_scored_their_own_way_replay_like_the_eager_path():
-    # Row 2 asks for Quest's bound (box summaries, L1 radius), row 3 for a wider gauss spread:
-    # the graph carries each row's radius norm in a persistent buffer, refreshed per replay.
-    configs = {2: CFG.replace(score="bound"), 3: CFG.replace(spread=3.0)}
-    requests = {1: _tokens(300, 21), 2: _tokens(420, 22), 3: _tokens(360, 23)}
+def _pools_with_configs(configs, requests):
+    """(eager, graphed, capture) over the same rows, each row with its own settings."""
     pools = []
     for _ in range(2):
         pool = SimPool(CFG, slots=4096, rows=8, max_ctx=1024)
@@ -182,18 +179,32 @@ def test_rows_scored_their_own_way_replay_like_the_eager_path():
     eager, graphed = pools
     cap = Captured(graphed, MAX_BS)
     assert cap.tape.violations == []
+    return eager, graphed, cap
+
+
+def _step_both(eager, graphed, cap, rows, seqs):
+    """One decode step of `rows` on both pools: (graph outputs, eager outputs) per layer."""
+    v_e, q_e = _decode_inputs(eager, rows, [seqs[r] for r in rows])
+    v_g, q_g = _decode_inputs(graphed, rows, [seqs[r] for r in rows])
+    eager.comp.begin_forward(v_e)
+    scale = 1 / math.sqrt(D)
+    want = [eager.comp.decode_layer(layer, q_e[layer], eager.k[layer], eager.v[layer], scale)
+            for layer in range(LAYERS)]
+    return cap.step(v_g, q_g), want
+
+
+def test_rows_scored_their_own_way_replay_like_the_eager_path():
+    # Row 2 asks for Quest's bound (box summaries, L1 radius), row 3 for a wider gauss spread:
+    # the graph carries each row's radius norm in a persistent buffer, refreshed per replay.
+    configs = {2: CFG.replace(score="bound"), 3: CFG.replace(spread=3.0)}
+    requests = {1: _tokens(300, 21), 2: _tokens(420, 22), 3: _tokens(360, 23)}
+    eager, graphed, cap = _pools_with_configs(configs, requests)
     l2_ptr = cap.graph.l2.data_ptr()
     seqs = {r: list(t) for r, t in requests.items()}
-    scale = 1 / math.sqrt(D)
     for step, rows in enumerate([[1, 2, 3], [2, 3], [3, 2, 1], [2]] * 3):
         for r in rows:
             seqs[r].append((5 * step + r) % VOCAB)
-        v_e, q_e = _decode_inputs(eager, rows, [seqs[r] for r in rows])
-        v_g, q_g = _decode_inputs(graphed, rows, [seqs[r] for r in rows])
-        eager.comp.begin_forward(v_e)
-        want = [eager.comp.decode_layer(layer, q_e[layer], eager.k[layer], eager.v[layer], scale)
-                for layer in range(LAYERS)]
-        got = cap.step(v_g, q_g)
+        got, want = _step_both(eager, graphed, cap, rows, seqs)
         assert cap.graph.l2[:len(rows)].tolist() == [r != 2 for r in rows]
         for layer in range(CFG.dense_layers, LAYERS):
             torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-5)
@@ -213,30 +224,14 @@ def test_rows_refined_their_own_way_replay_like_the_eager_path():
     assert CFG.refine == 2
     configs = {2: CFG.replace(refine=1)}
     requests = {1: _tokens(300, 31), 2: _tokens(420, 32), 3: _tokens(360, 33)}
-    pools = []
-    for _ in range(2):
-        pool = SimPool(CFG, slots=4096, rows=8, max_ctx=1024)
-        _with_configs(pool, configs)
-        for row, toks in requests.items():
-            pool.new_row(row)
-            pool.prefill(row, toks)
-        pools.append(pool)
-    eager, graphed = pools
-    cap = Captured(graphed, MAX_BS)
-    assert cap.tape.violations == []
+    eager, graphed, cap = _pools_with_configs(configs, requests)
     assert cap.graph.cand_capacity == min(cap.graph.width, 2 * cap.graph.capacity)
     budget_ptr = cap.graph.cand_budget.data_ptr()
     seqs = {r: list(t) for r, t in requests.items()}
-    scale = 1 / math.sqrt(D)
     for step, rows in enumerate([[1, 2, 3], [2, 3], [3, 2, 1]] * 3):
         for r in rows:
             seqs[r].append((3 * step + r) % VOCAB)
-        v_e, q_e = _decode_inputs(eager, rows, [seqs[r] for r in rows])
-        v_g, q_g = _decode_inputs(graphed, rows, [seqs[r] for r in rows])
-        eager.comp.begin_forward(v_e)
-        want = [eager.comp.decode_layer(layer, q_e[layer], eager.k[layer], eager.v[layer], scale)
-                for layer in range(LAYERS)]
-        got = cap.step(v_g, q_g)
+        got, want = _step_both(eager, graphed, cap, rows, seqs)
         plain = cap.graph.buf["block_budget"][:len(rows)].tolist()
         assert cap.graph.cand_budget[:len(rows)].tolist() == [
             b if r == 2 else 2 * b for r, b in zip(rows, plain)]
