@@ -14,6 +14,8 @@ data (``torch.tensor(list)``).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -57,12 +59,16 @@ class GraphTape(TorchDispatchMode):
         return out
 
     def __enter__(self):
+        # Only the capturing thread's reads count: the counters' writer thread (runtime/report.py)
+        # reads its own snapshot whenever it runs, outside any capture.
+        capturing = threading.get_ident()
         for name in ("tolist", "numpy"):
             original = getattr(torch.Tensor, name)
             self._saved[name] = original
 
             def flagged(t, *a, _name=name, _original=original, **k):
-                self.violations.append(f"Tensor.{_name}")
+                if threading.get_ident() == capturing:
+                    self.violations.append(f"Tensor.{_name}")
                 return _original(t, *a, **k)
 
             setattr(torch.Tensor, name, flagged)
