@@ -312,13 +312,16 @@ class DecodeStep:
     def __init__(self, plan: _selection.SelectionPlan, summary_index: torch.Tensor,
                  token_slots: torch.Tensor, hkv: int, l2, max_kept: int | None = None,
                  scratch: Scratch | None = None,
-                 cand: _selection.SelectionPlan | None = None) -> None:
+                 cand: _selection.SelectionPlan | None = None,
+                 max_cand: int | None = None) -> None:
         b, nb = plan.clip_len.shape
         dev = plan.clip_len.device
         self.plan, self.hkv, self.nb = plan, hkv, nb
         self.cand, self.token_slots = cand, token_slots
-        # the most candidates a list can keep (host read: plan time only)
-        self.max_cand = None if cand is None else min(max_kept_blocks(cand), nb)
+        # the most candidates a list can keep (host read: plan time only, unless given)
+        if cand is not None and max_cand is None:
+            max_cand = max_kept_blocks(cand)
+        self.max_cand = None if cand is None else min(max_cand, nb)
         self.scratch = scratch or Scratch()
         self.native = _native.load()  # fused kernels (native.c), or None: torch ops below
         # Runs of summary rows (host reads: plan time only) serve the torch scorer alone; with

@@ -86,7 +86,8 @@ class SparseDecodeWrapper:
                 self._scratch = self._scratch or cpu.Scratch()
                 self._step = cpu.DecodeStep(selection, summary_index, token_slots,
                                             self.num_kv_heads, l2, self._max_kept,
-                                            self._scratch, cand=refine)
+                                            self._scratch, cand=refine,
+                                            max_cand=self._max_cand)
         if summaries is not None:
             center, radius = self._summaries = summaries
             self.layer_counts = torch.zeros(center.shape[0], selection.seq_lens.shape[0],
