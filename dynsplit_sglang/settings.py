@@ -93,6 +93,12 @@ FIELD_HELP = {
                   "a client marks what other requests will share, e.g. an agent's system and "
                   "tool prompt, before anyone has matched it). Integer in [0, 16777216]. "
                   "Default {default}.",
+    "evict_hold": "--dynsplit-evict-scope prompt: 0 keeps the whole prompt until it is in (the "
+                  "peak of a request is its prompt); h >= 1 bounds the peak: after every "
+                  "prefill chunk the request's own part keeps at most h times its budget at the "
+                  "length so far (blocks ranked by key distinctiveness), and the prompt's "
+                  "end decides the rest with the question. Peak per request: about h x budget "
+                  "+ one chunk. 0 or a number in [1, 64]. Default {default}.",
     "evict_pool": "--dynsplit-evict-scope prompt: the window's attention is max-pooled over "
                   "this many neighbouring positions before blocks are ranked. Odd integer in "
                   "[1, 255]. Default {default}.",

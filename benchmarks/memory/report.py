@@ -76,6 +76,29 @@ def _acc(a) -> str:
     return "—" if a is None else f"{a:.1f}"
 
 
+def target_lines(method, rows, table, targets) -> list[str]:
+    """The issue's targets for one eviction method: peak slots per request and accuracy
+    against the best of the kvpress SnapKV settings and ChunkKV, per kept budget."""
+    out = []
+    for b, want in sorted(targets.items(), reverse=True):
+        ev = [r for r in rows if r["method"] == method and r["budget"] == b]
+        if not ev:
+            continue
+        got = ", ".join(f"{r['peak_reduction_vs_full']:.2f}x at {r['context_len']}" for r in ev)
+        ok = all(r["peak_reduction_vs_full"] >= want for r in ev)
+        out.append(f"- {method}: peak slots ≥ {want}x fewer at 1/{round(1 / b)}: "
+                   f"**{'met' if ok else 'missed'}** ({got}).")
+        mine = table.get((method, b))
+        peers = {m: a for (m, bb), a in table.items() if bb == b and m.startswith("kvpress-")
+                 and m != "kvpress-streamingllm"}
+        if mine is not None and peers:
+            best = max(peers, key=peers.get)
+            out.append(f"- {method}: accuracy ≥ the best of SnapKV / ChunkKV at "
+                       f"1/{round(1 / b)} kept: **{'met' if mine >= peers[best] else 'missed'}**"
+                       f" ({mine:.1f} vs {best} {peers[best]:.1f}).")
+    return out
+
+
 def section(data, png: str) -> str:
     meta, rows = data["meta"], data["rows"]
     targets = {float(k): v for k, v in meta["targets"].items()}
@@ -91,8 +114,12 @@ def section(data, png: str) -> str:
         "before eviction, and at every decode step). Kept: slots it holds once its prompt is "
         "in. Concurrent: the largest decode batch when more prompts than fit (sharing no "
         "prefix) arrive at once. `dynsplit-evict` decides once the whole prompt (question "
-        "included) is in; `dynsplit-evict-chunk` after every prefill chunk, before the "
-        "question (query-agnostic)." + (f" Note: {meta['note']}." if meta.get("note") else ""),
+        "included) is in; `dynsplit-evict-hold` (`--dynsplit-evict-hold 1`) does too, but "
+        "until then holds the prompt's own part to its budget at the length so far after every "
+        "chunk (blocks ranked by that chunk's last 32 queries), so the question decides among "
+        "what was held plus the last chunk; `dynsplit-evict-chunk` decides after every prefill "
+        "chunk among its new tokens, before the question (query-agnostic)."
+        + (f" Note: {meta['note']}." if meta.get("note") else ""),
         "",
         "| context | method | kept budget | peak KV slots / request | vs full KV | kept after "
         "prefill | concurrent requests | retractions |",
@@ -121,31 +148,18 @@ def section(data, png: str) -> str:
         out.append(f"| {t['method']} | {_frac(t['budget'])} | {t['n']} | {_acc(t['accuracy'])} |")
     pairs = data.get("paired", [])
     if pairs:
-        out += ["", "Paired, dynsplit-evict − other (points, 95% bootstrap CI over samples):", "",
-                "| kept budget | other | n | mean | 95% CI | won / lost |",
-                "|---|---|---|---|---|---|"]
+        out += ["", "Paired, eviction − other (points, 95% bootstrap CI over samples):", "",
+                "| eviction | kept budget | other | n | mean | 95% CI | won / lost |",
+                "|---|---|---|---|---|---|---|"]
         for p in pairs:
-            out.append(f"| {_frac(p['budget'])} | {p['b']} | {p['n']} | {p['mean']:+.1f} "
+            out.append(f"| {p['a']} | {_frac(p['budget'])} | {p['b']} | {p['n']} "
+                       f"| {p['mean']:+.1f} "
                        f"| [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}] | {p['wins']} / "
                        f"{p['losses']} |")
     out += ["", "Targets:"]
     table = {(t["method"], t["budget"]): t["accuracy"] for t in data.get("accuracy", [])}
-    for b, want in sorted(targets.items(), reverse=True):
-        ev = [r for r in rows if r["method"] == "dynsplit-evict" and r["budget"] == b]
-        if not ev:
-            continue
-        got = ", ".join(f"{r['peak_reduction_vs_full']:.2f}x at {r['context_len']}" for r in ev)
-        ok = all(r["peak_reduction_vs_full"] >= want for r in ev)
-        out.append(f"- peak slots ≥ {want}x fewer at 1/{round(1 / b)}: "
-                   f"**{'met' if ok else 'missed'}** ({got}).")
-        mine = table.get(("dynsplit-evict", b))
-        peers = {m: a for (m, bb), a in table.items() if bb == b and m.startswith("kvpress-")
-                 and m != "kvpress-streamingllm"}
-        if mine is not None and peers:
-            best = max(peers, key=peers.get)
-            out.append(f"- accuracy ≥ the best of SnapKV / ChunkKV at 1/{round(1 / b)} kept: "
-                       f"**{'met' if mine >= peers[best] else 'missed'}** ({mine:.1f} vs "
-                       f"{best} {peers[best]:.1f}).")
+    for method in ("dynsplit-evict", "dynsplit-evict-hold"):
+        out += target_lines(method, rows, table, targets)
     full_kept = {r["context_len"]: r["kv_slots_after_prefill"] for r in rows
                  if r["method"] == "none"}
     kept = [f"{r['kv_slots_after_prefill']} at 1/{round(1 / r['budget'])} "
@@ -159,8 +173,10 @@ def section(data, png: str) -> str:
         "as with full KV. SGLang admits a request only if its whole prompt fits in free + "
         "evictable slots either way, so what sets concurrency is what each request keeps once "
         f"its prompt is in: {', '.join(kept) or '—'} slots per request against full KV. "
-        "`dynsplit-evict-chunk` keeps the peak at the kept tokens plus one chunk by deciding "
-        "before the question, and pays for it in accuracy.",
+        "`dynsplit-evict-hold` bounds the peak at about the budget plus one chunk: every chunk "
+        "before the last is decided by its own last queries, and the question decides only "
+        "among what they held; `dynsplit-evict-chunk` decides every chunk among its own new "
+        "tokens, query-agnostic.",
         "",
         f"![memory]({png})", ""]
     return "\n".join(out)

@@ -50,11 +50,15 @@ TARGETS = {0.25: 2.6, 0.125: 4.0}  # peak-slot reduction vs full KV (the issue's
 
 
 # Server configurations: selection only, eviction decided over the whole prompt (the default
-# scope) and eviction decided per prefill chunk (query-agnostic).
+# scope), the same with the prompt held to its budget chunk by chunk until the question decides
+# (--dynsplit-evict-hold 1: a peak of about the budget plus one chunk) and eviction decided per
+# prefill chunk among its new tokens (query-agnostic).
 METHOD_FLAGS = {"dynsplit": [], "dynsplit-evict": ["--dynsplit-evict"],
+                "dynsplit-evict-hold": ["--dynsplit-evict", "--dynsplit-evict-hold", "1"],
                 "dynsplit-evict-chunk": ["--dynsplit-evict", "--dynsplit-evict-scope", "chunk"]}
 METHODS = ("none", *METHOD_FLAGS)
-DEFAULT_METHODS = ["none", "dynsplit-evict", "dynsplit-evict-chunk"]
+EVICTING = [m for m in METHOD_FLAGS if m.startswith("dynsplit-evict")]
+DEFAULT_METHODS = ["none", "dynsplit-evict", "dynsplit-evict-hold", "dynsplit-evict-chunk"]
 # Peers that evict once and for good (kvpress, through the accuracy suite's runner on the same
 # samples): SnapKV with kvpress's defaults and with its paper's window 32 / max-pool 7, ChunkKV,
 # StreamingLLM.
@@ -266,21 +270,26 @@ def accuracy_table(recs, budgets) -> list[dict]:
 
 
 def paired(recs, budgets, model) -> list[dict]:
-    """dynsplit-evict against every other method at each kept budget, paired per sample."""
+    """Each eviction of this package against the peers and the evictions listed before it (so
+    dynsplit-evict-hold against dynsplit-evict: what holding costs), at each kept budget,
+    paired per sample."""
     from stats import paired_summary
 
-    methods = sorted({r["method"] for r in recs} - {"dynsplit-evict", "none"})
+    present = {r["method"] for r in recs}
     out = []
-    for b in budgets:
-        for other in methods:
-            p = paired_summary(recs, model, b, "dynsplit-evict", other)
+    for mine in [m for m in EVICTING if m in present]:
+        earlier = [m for m in EVICTING[:EVICTING.index(mine)] if m in present]
+        others = earlier + sorted(present - set(EVICTING) - {"none"})
+        for b in budgets:
+            for other in others:
+                p = paired_summary(recs, model, b, mine, other)
+                if p["n"]:
+                    out.append(p)
+            full = [dict(r, budget=b) for r in recs if r["method"] == "none"]
+            p = paired_summary([r for r in recs if r["budget"] == b] + full, model, b, mine,
+                               "none")
             if p["n"]:
                 out.append(p)
-        full = [dict(r, budget=b) for r in recs if r["method"] == "none"]
-        p = paired_summary([r for r in recs if r["budget"] == b] + full, model, b,
-                           "dynsplit-evict", "none")
-        if p["n"]:
-            out.append(p)
     return out
 
 

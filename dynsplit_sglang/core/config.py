@@ -73,6 +73,11 @@ class DynSplitConfig:
     # Scope "prompt": the first evict_keep positions of a prompt stay whole, as a shared prefix
     # does (a client marks what other requests will share, e.g. an agent's system and tools).
     evict_keep: int = 0
+    # Scope "prompt": 0 holds the whole prompt until it is in (the peak of a request alone is its
+    # prompt). h >= 1 bounds it while the prompt is prefilled: after every chunk the own part
+    # keeps at most h times its budget at the length so far, ranked by key distinctiveness
+    # (query-agnostic); the prompt's end still decides the rest with the question's window.
+    evict_hold: float = 0.0
     # Block score: "gauss" estimates a block's largest q·k from its keys' mean and spread
     # (mean + spread·sqrt(2 ln n)·std along q); "bound" is Quest's min/max upper bound.
     score: str = "gauss"
@@ -124,6 +129,12 @@ class DynSplitConfig:
                  "an odd integer in [1, 255]")
         _require(_is_int(self.evict_keep) and 0 <= self.evict_keep <= 1 << 24, "evict_keep",
                  self.evict_keep, "an integer in [0, 16777216]")
+        _require(_is_number(self.evict_hold) and (self.evict_hold == 0 or
+                 1 <= self.evict_hold <= 64), "evict_hold", self.evict_hold,
+                 "0 (hold the whole prompt) or a number in [1, 64]")
+        _require(not (self.evict_hold and self.evict_scope != "prompt"), "evict_hold",
+                 self.evict_hold, f"0 with evict_scope={self.evict_scope} (it applies to scope "
+                 "prompt)")
         _require(self.score in SCORES, "score", self.score, f"one of {SCORES}")
         _require(_is_number(self.spread) and 0 < self.spread <= 16, "spread", self.spread,
                  "a finite number in (0, 16]")

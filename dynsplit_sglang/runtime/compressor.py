@@ -142,14 +142,17 @@ class Compressor:
             n, p = b.seq_lens[i] - b.prefix_lens[i], b.prefix_lens[i]
             votes = st.cfg.strategy_impl.needs_votes and not st.prompt_done and n > 0
             evicting = self.evictor is not None and not st.prompt_done and n > 0
-            keyheat = evicting and st.cfg.evict_scope == "chunk"
-            window = evicting and st.cfg.evict_scope == "prompt" and b.final is not None \
-                and b.final[i]
+            prompt = evicting and st.cfg.evict_scope == "prompt" and b.final is not None
+            # Distinctiveness: the chunk scope's ranking, and a held prompt's before its end.
+            keyheat = evicting and st.cfg.evict_scope == "chunk" or \
+                prompt and not b.final[i] and st.cfg.evict_hold > 0
+            window = prompt and b.final[i]
             if votes or keyheat or window:
                 slots = self.req_to_token[b.rows[i], : b.seq_lens[i]].long()
                 keys, lse = k_buffer[slots], None
                 if keyheat:  # importance of this extend's own keys, for eviction
                     self.evictor.note_keys(slots, keys, max(p, st.shared_len))
+                    step.noted_keys = True
                 if window:  # the prompt's last queries: what its question attends to
                     step.window[i] = self.evictor.window(step.window.get(i), q[off:off + n],
                                                         keys, p, slots, scale, st.cfg)
@@ -180,7 +183,7 @@ class Compressor:
     def _evict(self, step: StepState, tp: bool) -> None:
         b = step.batch
         if tp:  # every rank must evict alike: heat averaged over the ranks' KV heads
-            if self.cfg.evict_scope == "chunk":  # key heat is only scored for that scope
+            if step.noted_keys:  # key heat: the chunk scope, or a prompt held before its end
                 self.evictor.average_over_ranks(b.out_cache_loc, self.all_reduce, self.tp_size)
             for i in sorted(step.window):
                 step.window[i] = self.all_reduce(step.window[i]) / self.tp_size
@@ -188,14 +191,20 @@ class Compressor:
         for i, st in enumerate(step.rows):
             if st.prompt_done:
                 continue
+            held = self.req_to_token[b.rows[i], : b.seq_lens[i]] != 0
+            st.peak_held = max(st.peak_held, int(held.sum()))
+            held_early = b.final is not None and not b.final[i] and st.cfg.evict_hold > 0
             if st.cfg.evict_scope == "chunk":
                 self.evictor.evict(st, b.rows[i], b.prefix_lens[i], b.seq_lens[i])
-            elif i in step.window:
+            elif i in step.window or held_early:
                 # Unknown ownership: only this extend's tokens are surely the request's own.
                 own = b.owned_from[i] if b.owned_from is not None else b.prefix_lens[i]
                 own = max(own, st.cfg.evict_keep)  # what the client marked as shared
-                first = self.evictor.evict_prompt(st, b.rows[i], own, b.seq_lens[i],
-                                                  step.window[i])
+                if held_early:  # before the question: bound the peak, by key distinctiveness
+                    first = self.evictor.hold_prompt(st, b.rows[i], own, b.seq_lens[i])
+                else:
+                    first = self.evictor.evict_prompt(st, b.rows[i], own, b.seq_lens[i],
+                                                      step.window[i])
                 if first is not None and first < b.prefix_lens[i]:
                     step.revised.append(i)  # the radix tree holds a copy of those positions
             elif b.final is None and not st.evict_unknown:

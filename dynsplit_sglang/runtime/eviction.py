@@ -6,6 +6,10 @@ Two scopes (``DynSplitConfig.evict_scope``):
   (past what other requests hold in the radix tree) compete together, ranked by the attention
   the prompt's last queries pay them (core.window_heat: SnapKV's observation window, so the
   question takes part), least attention per kept token first.
+  With ``evict_hold`` h > 0 the prompt is also bounded while it is prefilled: after every
+  chunk that does not end it, its own part keeps at most h times its budget at the length so
+  far, blocks ranked by their most distinctive key (the question is not in yet), so a request
+  alone peaks at about h x its budget plus one chunk instead of its whole prompt.
 * ``chunk``: after every prefill chunk, among the chunk's new tokens, by the most distinctive of
   a block's keys (core.key_distinctiveness: query-agnostic, decided before the question exists,
   a lower peak).
@@ -95,7 +99,8 @@ class Evictor:
         else can reference them yet, and the tree stores them as they are after this forward
         (SGLang inserts a chunk once it has run). A shared prefix was thereby decided once, by
         its owner, from the prefix alone; earlier chunks are not revisited."""
-        picked = self._candidates(st, row, max(cached, st.shared_len), length)
+        picked = self._candidates(st, row, max(cached, st.shared_len), length,
+                                  st.cfg.token_budget(length))
         if picked is None:
             return
         cand, starts, lens, slots, excess = picked
@@ -103,10 +108,12 @@ class Evictor:
         self._drop(row, cand[pick_victims(heat, lens[cand], excess)], starts, lens, slots)
 
     def evict_prompt(self, st: RowState, row: int, owned_from: int, length: int,
-                     heat: torch.Tensor) -> int | None:
+                     heat: torch.Tensor, hold: float = 1.0, mean: bool = True) -> int | None:
         """Scope "prompt", at the end of the prompt: free the blocks of the request's own part
         ([owned_from, length), sink and recent window excepted) with the least window attention
-        per token until the row fits its budget. Returns the first position freed (None: none).
+        per token (`heat` per position; mean=False: a block's most important token) until the
+        row fits `hold` times its budget at this length. Returns the first position freed
+        (None: none).
 
         Earlier chunks of this prompt are in the radix tree already, in nodes only this request
         holds (owned_from is past every node another holder locks): the tree's copy of them is
@@ -115,27 +122,39 @@ class Evictor:
         # The shared part is stored once for all its holders: the own part is allowed at least
         # its own budget, as if it stood alone (else a long system prompt would leave nothing).
         own_len = length - lo
-        picked = self._candidates(st, row, lo, length,
-                                  floor=st.cfg.token_budget(own_len) if own_len > 0 else 0)
+        budget = lambda n: int(hold * st.cfg.token_budget(n))  # noqa: E731
+        picked = self._candidates(st, row, lo, length, budget(length),
+                                  floor=budget(own_len) if own_len > 0 else 0)
         if picked is None:
             return None
         cand, starts, lens, slots, excess = picked
-        score = block_heat(heat, starts[cand], lens[cand], mean=True)
+        score = block_heat(heat, starts[cand], lens[cand], mean=mean)
         victims = cand[pick_victims(score, lens[cand], excess)]
         first = int(starts[victims].min())
         self._drop(row, victims, starts, lens, slots)
         return first
 
-    def _candidates(self, st: RowState, row: int, lo: int, length: int, floor: int = 0):
+    def hold_prompt(self, st: RowState, row: int, owned_from: int, length: int) -> int | None:
+        """Scope "prompt" with evict_hold, at the end of a chunk before the prompt's: the own
+        part so far keeps at most evict_hold times its budget at this length, blocks ranked by
+        their most distinctive key (noted per chunk, query-agnostic: the question is not in
+        yet; the chunk's own last queries, tried instead, lost the needles, docs/design.md).
+        The prompt's end then decides among what is held with the question's window."""
+        heat = self.store.heat[self.req_to_token[row, :length].long()]
+        return self.evict_prompt(st, row, owned_from, length, heat, st.cfg.evict_hold,
+                                 mean=False)
+
+    def _candidates(self, st: RowState, row: int, lo: int, length: int, keep: int,
+                    floor: int = 0):
         """The row's whole blocks in [lo, length - recent) past the sink, if it keeps more than
-        its budget (and its part from lo more than `floor`): (candidate block indices, starts,
+        `keep` slots (and its part from lo more than `floor`): (candidate block indices, starts,
         lens, the row's slots, excess tokens)."""
         cfg, s = st.cfg, self.store
         if st.fallback or st.nblocks == 0:
             return None
         slots = self.req_to_token[row, :length]
         live = slots != 0
-        excess = int(live.sum()) - cfg.token_budget(length)
+        excess = int(live.sum()) - keep
         if floor:
             excess = min(excess, int(live[lo:].sum()) - floor)
         if excess <= 0:

@@ -43,6 +43,7 @@ class RequestCompression:
         ("tokens_attended", "tokens_dense", "decode_steps", "sparse_steps"), 0))
     blocks_built: int = 0
     blocks_reused: int = 0
+    prefill_peak_slots: int = 0  # eviction only (RowState.peak_held)
     fallback: bool = False
     # Tokens attended, still on the device: one 0-dim view per decode forward (indexing makes
     # no kernel); read once, when the report is built (no host sync per step).
@@ -79,6 +80,8 @@ class RequestCompression:
         out = {"strategy": strategy, "budget": cfg.budget, "budget_fraction": cfg.budget_fraction,
                "source": self.source, **self.counts, "blocks_built": self.blocks_built,
                "blocks_reused": self.blocks_reused, "dense_fallback": self.fallback}
+        if self.prefill_peak_slots:
+            out["prefill_peak_slots"] = self.prefill_peak_slots
         if self.error:
             out["error"] = self.error
         return out
@@ -121,6 +124,7 @@ def account(compressor, view, requests: list[RequestCompression]) -> None:
             continue
         req.blocks_reused = st.reused
         req.blocks_built = st.nblocks - st.reused
+        req.prefill_peak_slots = st.peak_held
         req.fallback = st.fallback
         if dense is not None:
             c = req.counts

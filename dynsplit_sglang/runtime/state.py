@@ -46,6 +46,9 @@ class RowState:
     fallback: bool = False  # metadata did not fit: attend densely
     evict_unknown: bool = False  # whole-prompt eviction could not run: its Req was not known
     reused: int = 0  # blocks adopted from the radix-shared prefix
+    # Eviction: the most slots the row referenced at the end of a prefill chunk, before that
+    # chunk's eviction (its shared prefix included): the request's peak while it prefills.
+    peak_held: int = 0
     local: list[int] = field(default_factory=list)  # entries only this row references
 
 
@@ -60,6 +63,7 @@ class StepState:
     decode_like: bool = False  # an extend of one token per request over a cached prompt
     kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eviction: slots that still hold K/V
     window: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index -> window heat
+    noted_keys: bool = False  # some row scored its new keys' distinctiveness (store.heat)
     revised: list[int] = field(default_factory=list)  # batch indices that evicted tree positions
     # Tokens attended, on the device, summed when read (once or twice per forward): per layer
     # as the layers give them ([B, Hkv] each: eviction's path), or all the layers at once

@@ -56,7 +56,9 @@ def test_section_says_met_and_missed_from_the_numbers():
             dict(_row("dynsplit-evict", 0.25, [1, 1, 1, 0], peak=4097, kept=1026),
                  peak_reduction_vs_full=1.0),
             dict(_row("dynsplit-evict", 0.125, [1, 0, 0, 0], peak=1000, kept=513),
-                 peak_reduction_vs_full=4.1)]
+                 peak_reduction_vs_full=4.1),
+            dict(_row("dynsplit-evict-hold", 0.25, [1, 1, 0, 0], peak=1400, kept=1020),
+                 peak_reduction_vs_full=2.93)]
     rows[0]["peak_reduction_vs_full"] = 1.0
     peers = _peer("kvpress-chunkkv", 0.25, [1, 1, 0, 0]) + _peer("kvpress-snapkv", 0.125,
                                                                   [1, 1, 0, 0])
@@ -68,10 +70,22 @@ def test_section_says_met_and_missed_from_the_numbers():
                 rows=rows, accuracy=run.accuracy_table(recs, [0.25, 0.125]),
                 paired=run.paired(recs, [0.25, 0.125], MODEL))
     text = report.section(data, "x.png")
-    assert "- peak slots ≥ 2.6x fewer at 1/4: **missed** (1.00x at 4096)." in text
-    assert "- peak slots ≥ 4.0x fewer at 1/8: **met** (4.10x at 4096)." in text
-    assert ("- accuracy ≥ the best of SnapKV / ChunkKV at 1/4 kept: **met** (75.0 vs "
-            "kvpress-chunkkv 50.0).") in text
-    assert ("- accuracy ≥ the best of SnapKV / ChunkKV at 1/8 kept: **missed** (25.0 vs "
-            "kvpress-snapkv 50.0).") in text
+    assert "- dynsplit-evict: peak slots ≥ 2.6x fewer at 1/4: **missed** (1.00x at 4096)." in text
+    assert "- dynsplit-evict: peak slots ≥ 4.0x fewer at 1/8: **met** (4.10x at 4096)." in text
+    assert ("- dynsplit-evict: accuracy ≥ the best of SnapKV / ChunkKV at 1/4 kept: **met** "
+            "(75.0 vs kvpress-chunkkv 50.0).") in text
+    assert ("- dynsplit-evict: accuracy ≥ the best of SnapKV / ChunkKV at 1/8 kept: **missed** "
+            "(25.0 vs kvpress-snapkv 50.0).") in text
+    # Each eviction is held to the targets on its own row, and paired on its own samples.
+    assert "- dynsplit-evict-hold: peak slots ≥ 2.6x fewer at 1/4: **met** (2.93x at 4096)." in text
+    assert ("- dynsplit-evict-hold: accuracy ≥ the best of SnapKV / ChunkKV at 1/4 kept: **met** "
+            "(50.0 vs kvpress-chunkkv 50.0).") in text
+    assert "dynsplit-evict-hold: peak slots ≥ 4.0x" not in text  # no 1/8 row measured
+    pairs = {(p["a"], p["b"], p["budget"]): p for p in data["paired"]}
+    hold = pairs[("dynsplit-evict-hold", "kvpress-chunkkv", 0.25)]
+    assert (hold["n"], hold["mean"], hold["wins"], hold["losses"]) == (4, 0.0, 0, 0)
+    # What holding the prompt costs: against the eviction decided by the question alone.
+    cost = pairs[("dynsplit-evict-hold", "dynsplit-evict", 0.25)]
+    assert (cost["n"], cost["mean"], cost["losses"]) == (4, -25.0, 1)
+    assert ("dynsplit-evict", "dynsplit-evict-hold", 0.25) not in pairs  # each pair once
     assert "1026 at 1/4 (4.0x fewer), 513 at 1/8 (8.0x fewer)" in text

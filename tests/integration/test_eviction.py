@@ -299,6 +299,43 @@ def test_a_frontend_conversation_extends_its_compressed_turn(server, tokenizer):
     _assert_healthy(server)
 
 
+def _generate_held(server, ids, hold):
+    params = {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+    if hold:
+        params["custom_params"] = {"dynsplit": {"evict_hold": hold}}
+    out = post_json(server.base_url + "/generate", {"input_ids": ids, "sampling_params": params})
+    return out["text"], out["meta_info"]
+
+
+def test_holding_the_prompt_bounds_its_peak_and_its_prefix_is_reused(server, tokenizer):
+    """evict_hold 1 (per request): every chunk before the prompt's end leaves the row at most
+    its budget at that length, so the request peaks at about its budget plus one chunk instead
+    of its whole prompt; earlier chunks' positions are freed while the prompt is still being
+    prefilled (the tree's copy revised between chunks), and a later request matching that
+    prefix reads none of the freed slots."""
+    p = _prompt(tokenizer, "Hotel", 13, QUESTIONS[0])
+    _flush(server)
+    _, whole = _generate_held(server, p, 0)
+    _flush(server)
+    held_text, held = _generate_held(server, p, 1)
+    assert whole["dynsplit"]["prefill_peak_slots"] == PROMPT_LEN
+    budget = DynSplitConfig(budget_fraction=FRACTION).token_budget
+    peak = held["dynsplit"]["prefill_peak_slots"]
+    # Held before the last chunk: its budget at 4 chunks (whole blocks and the undecided tail
+    # of the chunk aside), plus the last chunk.
+    assert peak <= budget(PROMPT_LEN - CHUNK) + CHUNK + 64, peak
+    assert held_text.strip()
+    # Another prompt takes the freed slots; the held prompt again is a radix hit on its
+    # compressed prefix and answers the same.
+    _generate(server, [_prompt(tokenizer, "India", 14, QUESTIONS[1])])
+    s0 = _stats(server)
+    again, meta = _generate_held(server, p, 1)
+    assert meta["cached_tokens"] >= 0.9 * PROMPT_LEN
+    assert again == held_text
+    assert _stats(server)["slots_evicted"] == s0["slots_evicted"]  # nothing evicted again
+    _assert_healthy(server)
+
+
 def test_no_leak_at_idle(server, replay):
     """SGLang checks free + evictable == total whenever the scheduler goes idle (and kills the
     server on a mismatch); a flush then frees every slot the tree held."""

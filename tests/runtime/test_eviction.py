@@ -501,9 +501,10 @@ def _segmented(pool, row):
     """The row's blocks as segmented (evicted ones included: their length is zeroed, so the
     start of the next block tells it)."""
     st = pool.comp.store
-    n = pool.comp.rows[row].nblocks
+    row_state = pool.comp.rows[row]
+    n = row_state.nblocks
     starts = st.row_start[row, :n].tolist()
-    ends = starts[1:] + [None]
+    ends = starts[1:] + [row_state.next_start]  # segmentation resumes where the last one ends
     out = []
     for s, e, ln in zip(starts, ends, st.row_len[row, :n].tolist()):
         out.append((s, ln if ln else e - s))
@@ -544,3 +545,87 @@ def test_prompt_scope_keeps_the_prefix_the_request_marks_as_shared():
     assert bool(live[:150].all())  # the marked prefix: whole
     assert not bool((plain.req_to_token[0, :150] != 0).all())  # unmarked, it lost blocks there
     assert int(live[150:].sum()) <= cfg.token_budget(250)  # the rest: its own budget
+
+
+def _greedy_keep(blocks, score_of, lo, hi, excess, length):
+    """The live mask the greedy choice leaves: candidate blocks in [lo, hi), the lowest
+    score_of(start, len) first, until `excess` tokens are dropped."""
+    cand = [(s, n) for s, n in blocks if s >= lo and s + n <= hi]
+    score = [score_of(s, n) for s, n in cand]
+    want = torch.ones(length, dtype=torch.bool)
+    for j in sorted(range(len(cand)), key=lambda j: (score[j], j)):
+        if excess <= 0:
+            break
+        s, n = cand[j]
+        want[s:s + n] = False
+        excess -= n
+    return want
+
+
+def _distinctiveness_reference(toks, cfg):
+    """core.key_distinctiveness of the simulated model's keys, maxed over the scored layers."""
+    t, pos = torch.tensor(toks), torch.arange(len(toks))
+    return torch.stack([key_distinctiveness(_feat(t, pos, layer, "k", HKV * D).view(-1, HKV, D))
+                        for layer in cfg.scored_layers(LAYERS)]).amax(dim=0)
+
+
+@pytest.mark.parametrize("hold", [1.0, 1.5])
+def test_prompt_scope_with_hold_bounds_the_peak_chunk_by_chunk(hold):
+    """evict_hold: every chunk before the prompt's end leaves the own part at most hold x its
+    budget at that length, blocks ranked by their most distinctive key (query-agnostic); the
+    end still decides down to the budget with the window. The peak is about the held part plus
+    one chunk, not the prompt."""
+    cfg = CFG.replace(score_layers=2, evict_window=16, budget=None, budget_fraction=0.25,
+                      evict_hold=hold)
+    pool = EvictPool(cfg)
+    toks = _tokens(480, 11)
+    pool.new_row(0)
+    chunks, start = [120, 240, 360, 480], 0
+    for end in chunks:
+        final = end == 480
+        before = pool.req_to_token[0, :start] != 0
+        pool._forward([0], [toks[:end]], [start], decode=False, final=[final], owned=[0])
+        live = pool.req_to_token[0, :end] != 0
+        assert bool(live[:start][~before].logical_not().all())  # nothing evicted comes back
+        assert bool(live[:cfg.sink].all()) and bool(live[end - cfg.recent:].all())
+        keep = cfg.token_budget(end) if final else int(hold * cfg.token_budget(end))
+        blocks = _segmented(pool, 0)
+        if start == 0:  # the first chunk: nothing evicted before, so the reference applies
+            heat = _distinctiveness_reference(toks[:end], cfg)
+            want = _greedy_keep(blocks, lambda s, n: float(heat[s:s + n].max()), cfg.sink,
+                                end - cfg.recent, end - keep, end)
+            assert torch.equal(live, want)
+        # At most `keep` slots, or no whole candidate block is left to drop.
+        if int(live.sum()) > keep:
+            assert not any(n and s >= cfg.sink and s + n <= end - cfg.recent
+                           and bool(live[s:s + n].all()) for s, n in blocks)
+        start = end
+    live = pool.req_to_token[0, :480] != 0
+    assert int(live.sum()) <= cfg.token_budget(480)
+    assert pool.comp.stats["slots_evicted"] == 480 - int(live.sum())
+    assert pool.double_frees == []
+    peak = pool.comp.stats["peak_slots_in_use"]
+    assert peak < 480  # never the whole prompt at once
+    assert pool.comp.rows[0].peak_held == peak  # the row alone: its peak is the pool's
+    assert peak <= int(hold * cfg.token_budget(360)) + 120 + 40  # held + a chunk + unsettled tail
+    # Decode reads only the kept positions.
+    outs = pool.decode([0], [toks + [5]])
+    positions = torch.cat([torch.nonzero(live).flatten(), torch.tensor([480])])
+    for o, r in zip(outs, _dense_over(pool, 0, positions, 5, 480)):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-4)
+
+
+def test_evict_hold_is_validated_and_per_request():
+    assert DynSplitConfig(evict=True, evict_hold=1.5).evict_hold == 1.5
+    for bad in (0.5, -1, 65, float("nan"), "2"):
+        with pytest.raises(ConfigError, match="evict_hold"):
+            DynSplitConfig(evict=True, evict_hold=bad)
+    with pytest.raises(ConfigError, match="evict_hold"):
+        DynSplitConfig(evict=True, evict_scope="chunk", evict_hold=1.0)
+    base = DynSplitConfig(evict=True)
+    assert parse_request_id(request_id(evict_hold=2), base).evict_hold == 2
+    with pytest.raises(ConfigError, match="evict_hold"):
+        parse_request_id(request_id(evict_hold=2), base.replace(evict_scope="chunk"))
+    _, s = strip_and_parse(["--kv-compression", "dynsplit", "--dynsplit-evict",
+                            "--dynsplit-evict-hold", "1.25"])
+    assert s.config.evict_hold == 1.25

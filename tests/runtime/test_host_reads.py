@@ -55,7 +55,7 @@ def test_plan_lists_go_over_in_one_int64_copy():
 
 def test_tokens_attended_stay_on_the_device_until_the_report():
     layers, heads = 3, 2
-    row = SimpleNamespace(reused=0, nblocks=0, fallback=False)
+    row = SimpleNamespace(reused=0, nblocks=0, fallback=False, peak_held=0)
     comp = SimpleNamespace(num_layers=layers + 1, first_compressed=1, kv_heads=heads,
                            rows={0: row, 1: row})
     reqs = [requests.RequestCompression(), requests.RequestCompression()]
