@@ -116,8 +116,8 @@ def section(data, png: str) -> str:
         "prefix) arrive at once. `dynsplit-evict` decides once the whole prompt (question "
         "included) is in; `dynsplit-evict-hold` (`--dynsplit-evict-hold 1`) does too, but "
         "until then holds the prompt's own part to its budget at the length so far after every "
-        "chunk (blocks ranked by that chunk's last 32 queries), so the question decides among "
-        "what was held plus the last chunk; `dynsplit-evict-chunk` decides after every prefill "
+        "chunk (blocks ranked by their most distinctive key: the question is not in yet), so "
+        "the question decides among what was held plus the last chunk; `dynsplit-evict-chunk` decides after every prefill "
         "chunk among its new tokens, before the question (query-agnostic)."
         + (f" Note: {meta['note']}." if meta.get("note") else ""),
         "",
@@ -174,9 +174,9 @@ def section(data, png: str) -> str:
         "evictable slots either way, so what sets concurrency is what each request keeps once "
         f"its prompt is in: {', '.join(kept) or '—'} slots per request against full KV. "
         "`dynsplit-evict-hold` bounds the peak at about the budget plus one chunk: every chunk "
-        "before the last is decided by its own last queries, and the question decides only "
-        "among what they held; `dynsplit-evict-chunk` decides every chunk among its own new "
-        "tokens, query-agnostic.",
+        "before the last evicts by key distinctiveness, before the question, and the question "
+        "decides only among what was held plus the last chunk; `dynsplit-evict-chunk` decides "
+        "every chunk among its own new tokens, query-agnostic.",
         "",
         f"![memory]({png})", ""]
     return "\n".join(out)
