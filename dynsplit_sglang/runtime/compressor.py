@@ -142,11 +142,10 @@ class Compressor:
             n, p = b.seq_lens[i] - b.prefix_lens[i], b.prefix_lens[i]
             votes = st.cfg.strategy_impl.needs_votes and not st.prompt_done and n > 0
             evicting = self.evictor is not None and not st.prompt_done and n > 0
-            prompt = evicting and st.cfg.evict_scope == "prompt" and b.final is not None
             # Distinctiveness: the chunk scope's ranking, and a held prompt's before its end.
-            keyheat = evicting and st.cfg.evict_scope == "chunk" or \
-                prompt and not b.final[i] and st.cfg.evict_hold > 0
-            window = prompt and b.final[i]
+            keyheat = evicting and (st.cfg.evict_scope == "chunk" or _holds_early(st, b, i))
+            window = evicting and st.cfg.evict_scope == "prompt" and b.final is not None \
+                and b.final[i]
             if votes or keyheat or window:
                 slots = self.req_to_token[b.rows[i], : b.seq_lens[i]].long()
                 keys, lse = k_buffer[slots], None
@@ -191,9 +190,7 @@ class Compressor:
         for i, st in enumerate(step.rows):
             if st.prompt_done:
                 continue
-            held = self.req_to_token[b.rows[i], : b.seq_lens[i]] != 0
-            st.peak_held = max(st.peak_held, int(held.sum()))
-            held_early = b.final is not None and not b.final[i] and st.cfg.evict_hold > 0
+            held_early = _holds_early(st, b, i)
             if st.cfg.evict_scope == "chunk":
                 self.evictor.evict(st, b.rows[i], b.prefix_lens[i], b.seq_lens[i])
             elif i in step.window or held_early:
@@ -328,3 +325,10 @@ class Compressor:
         if self._attended is not None:
             out["tokens_attended"], out["max_tokens_attended"] = self._attended.tolist()
         return out
+
+
+def _holds_early(st: RowState, b: BatchView, i: int) -> bool:
+    """Scope "prompt" with evict_hold: this extend is one of the prompt's chunks before its end,
+    where the own part is held to evict_hold times its budget."""
+    return st.cfg.evict_scope == "prompt" and st.cfg.evict_hold > 0 and b.final is not None \
+        and not b.final[i]

@@ -150,11 +150,14 @@ class Evictor:
         `keep` slots (and its part from lo more than `floor`): (candidate block indices, starts,
         lens, the row's slots, excess tokens)."""
         cfg, s = st.cfg, self.store
-        if st.fallback or st.nblocks == 0:
-            return None
         slots = self.req_to_token[row, :length]
         live = slots != 0
-        excess = int(live.sum()) - keep
+        held = int(live.sum())
+        # The row's peak while it prefills: every eviction decision passes here before freeing.
+        st.peak_held = max(st.peak_held, held)
+        if st.fallback or st.nblocks == 0:
+            return None
+        excess = held - keep
         if floor:
             excess = min(excess, int(live[lo:].sum()) - floor)
         if excess <= 0:
