@@ -137,7 +137,7 @@ void ds_score(const float *q, const float *center,
 /* Entries [lo, hi) of one list, per query head g: mx[g] (the largest logit), sum[g] and
  * acc[g, :] = sum of exp(logit - mx[g]) * V row (not normalised). logit: G * (hi - lo).
  * pre, has (NULL: none): entry n's q·k for the G heads at pre[n * G] where has[n], computed by
- * the selection (exact_scores), so its K row is not read again. */
+ * the selection (candidate_dots), so its K row is not read again. */
 static void attend_part(const float *qg, const float *k, const float *v, const int64_t *rw,
                         const uint8_t *ok, const float *pre, const uint8_t *has, float scale,
                         int64_t G, int64_t D, int64_t Dv, int64_t lo, int64_t hi, float *logit,
@@ -372,51 +372,83 @@ static void keep_list(const float *scores, const int64_t *clen, const int64_t *c
     counts[bh] = total;
 }
 
-/* The first stage of core.selection.select_refined for list bh: the estimate's candidates for
- * the block budget cbudget[b] (the first Kc blocks of its order while they fit), each scored
- * by its largest exact q·k over its held keys and the G query heads of the group; every other
- * block -inf. scores, exact: [B, Hkv, NB]; q: [B, Hkv, G, D]; k: the pool as rows [R, D];
- * pool_rows, slot_ok: as ds_layer's; work: 2 * Kc int64. The q·k of the candidates' tokens go
- * to clog [B, Hkv, CL, G] (CL >= every cbudget), block j's first at coff[B, Hkv, NB] (-1: not a
- * candidate), for the attention to reuse (reuse_logits). */
-static void exact_scores(const float *scores, const float *q, const float *k,
-                         const int64_t *clen, const int64_t *cstart, const int64_t *cbudget,
-                         const int64_t *pool_rows, const uint8_t *slot_ok, float *exact,
-                         float *clog, int64_t *coff, int64_t *work, int64_t bh, int64_t Hkv,
-                         int64_t G, int64_t D, int64_t NB, int64_t Kc, int64_t P, int64_t CL) {
-    const float *s = scores + bh * NB, *qg = q + bh * G * D;
+/* The first stage of core.selection.select_refined, in three steps so that the key reads (the
+ * bulk of it) are shared evenly among the threads whatever the number of lists:
+ *
+ * candidates (per list bh): the estimate's candidates for the block budget cbudget[b] (the
+ * first Kc blocks of its order while they fit) into cord [B, Hkv, Kc] (cnt[bh]: how many), and
+ * their tokens' pool rows, laid end to end in that order, into crow [B, Hkv, CL] (-1: a
+ * position not held; ctok[bh]: how many); block j's first token at coff[B, Hkv, NB] (-1: not a
+ * candidate); every exact score -inf. work: Kc int64.
+ * candidate_dots (per part of a list's tokens): the q·k of those tokens for the G query heads,
+ * into clog [B, Hkv, CL, G] (-inf where not held), the keys prefetched AHEAD rows ahead across
+ * block ends (the candidates are scattered over the pool).
+ * exact_maxima (per list): each candidate's largest q·k over its tokens and heads, into exact
+ * [B, Hkv, NB]. The attention then reuses the kept keys' q·k from clog (reuse_logits). */
+static void candidates(const float *scores, const int64_t *clen, const int64_t *cstart,
+                       const int64_t *cbudget, const int64_t *pool_rows, const uint8_t *slot_ok,
+                       float *exact, int64_t *coff, int64_t *cord, int64_t *cnt, int64_t *crow,
+                       int64_t *ctok, int64_t *work, int64_t bh, int64_t Hkv, int64_t NB,
+                       int64_t Kc, int64_t P, int64_t CL) {
+    const float *s = scores + bh * NB;
     const int64_t *pr = pool_rows + bh * P;
     const uint8_t *held = slot_ok ? slot_ok + bh * P : NULL;
-    float *ex = exact + bh * NB, *lg = clog + bh * CL * G;
-    int64_t *ord = work + Kc, *off = coff + bh * NB;
+    float *ex = exact + bh * NB;
+    int64_t *ord = cord + bh * Kc, *off = coff + bh * NB, *rw = crow + bh * CL;
     for (int64_t j = 0; j < NB; j++) ex[j] = -INFINITY, off[j] = -1;
     top_blocks(s, NB, Kc, work, ord);
-    int64_t fill = 0;
-    for (int64_t i = 0; i < Kc; i++) {
+    int64_t fill = 0, i = 0;
+    for (; i < Kc; i++) {
         int64_t j = ord[i], len = selectable_len(s[j], clen[bh * NB + j]);
-        fill += len;
-        if (fill > cbudget[bh / Hkv] || fill > CL) break; /* the greedy prefix ends here */
-        float best = -INFINITY;
-        off[j] = fill - len;
+        if (fill + len > cbudget[bh / Hkv] || fill + len > CL) break; /* the greedy prefix */
+        off[j] = fill;
         for (int64_t t = 0; t < len; t++) {
             int64_t col = cstart[bh * NB + j] + t + 1;
-            float *e = lg + (fill - len + t) * G;
-            if (col < 1 || col >= P || (held && !held[col])) {
-                for (int64_t g = 0; g < G; g++) e[g] = -INFINITY;
-                continue;
-            }
-            const float *kr = k + pr[col] * D;
-            if (t + 1 < len) prefetch_row(k + pr[col + 1] * D, D);
-            for (int64_t g0 = 0; g0 < G; g0 += 4) {
-                float e4[4];
-                dot4(qg, kr, D, g0, G, PLAIN, e4);
-                for (int c = 0; c < 4 && g0 + c < G; c++) {
-                    e[g0 + c] = e4[c];
-                    best = e4[c] > best ? e4[c] : best;
-                }
-            }
+            rw[fill + t] = col < 1 || col >= P || (held && !held[col]) ? -1 : pr[col];
         }
-        ex[j] = best;
+        fill += len;
+    }
+    cnt[bh] = i;
+    ctok[bh] = fill;
+}
+
+static void candidate_dots(const float *q, const float *k, const int64_t *crow,
+                           const int64_t *ctok, float *clog, int64_t bh, int64_t lo_part,
+                           int64_t parts, int64_t G, int64_t D, int64_t CL) {
+    const int64_t N = ctok[bh], chunk = (N + parts - 1) / parts, lo = lo_part * chunk;
+    const int64_t hi = lo + chunk < N ? lo + chunk : N;
+    const int64_t *rw = crow + bh * CL;
+    const float *qg = q + bh * G * D;
+    float *lg = clog + bh * CL * G;
+    for (int64_t n = lo; n < lo + AHEAD && n < hi; n++)
+        if (rw[n] >= 0) prefetch_row(k + rw[n] * D, D);
+    for (int64_t n = lo; n < hi; n++) {
+        if (n + AHEAD < hi && rw[n + AHEAD] >= 0) prefetch_row(k + rw[n + AHEAD] * D, D);
+        float *e = lg + n * G;
+        if (rw[n] < 0) {
+            for (int64_t g = 0; g < G; g++) e[g] = -INFINITY;
+            continue;
+        }
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+            float e4[4];
+            dot4(qg, k + rw[n] * D, D, g0, G, PLAIN, e4);
+            for (int c = 0; c < 4 && g0 + c < G; c++) e[g0 + c] = e4[c];
+        }
+    }
+}
+
+static void exact_maxima(const float *scores, const int64_t *clen, const float *clog,
+                         const int64_t *coff, const int64_t *cord, const int64_t *cnt,
+                         float *exact, int64_t bh, int64_t NB, int64_t Kc, int64_t G,
+                         int64_t CL) {
+    const float *s = scores + bh * NB, *lg = clog + bh * CL * G;
+    const int64_t *ord = cord + bh * Kc;
+    for (int64_t i = 0; i < cnt[bh]; i++) {
+        int64_t j = ord[i], len = selectable_len(s[j], clen[bh * NB + j]);
+        const float *e = lg + coff[bh * NB + j] * G;
+        float best = -INFINITY;
+        for (int64_t x = 0; x < len * G; x++) best = e[x] > best ? e[x] : best;
+        exact[bh * NB + j] = best;
     }
 }
 
@@ -463,10 +495,11 @@ void ds_keep(const float *scores, const int64_t *clen, const int64_t *cstart,
  * [B, Hkv, cap] of work; scores [B, Hkv, NB]; heaps T * K; work as ds_attend's.
  * attend == 0: the selection alone (score, keep), for SparseDecodeWrapper.select.
  * cbudget non-NULL: two-stage selection (core.selection.select_refined): the score's
- * candidates for cbudget [B] (the first Kc blocks of its order) are ranked by exact_scores
+ * candidates for cbudget [B] (the first Kc blocks of its order) are ranked by exact_maxima
  * into exact [B, Hkv, NB] (k is read, also when attend == 0), and keep runs on those; cheaps:
- * T * 2 * Kc int64 of work; clog, coff, pre, has: exact_scores' and reuse_logits' buffers (CL:
- * the largest candidate budget), through which the attention reuses the kept keys' q·k. */
+ * T * Kc int64 of work; clog, coff, cord, cnt, crow, ctok: the candidate stage's buffers (CL:
+ * the largest candidate budget), pre, has: reuse_logits', through which the attention reuses
+ * the kept keys' q·k. */
 typedef struct {
     const float *q, *center, *radius, *k, *v;
     float *out, *lse;
@@ -483,6 +516,7 @@ typedef struct {
     float *exact, *clog, *pre;
     int64_t *cheaps, *coff;
     uint8_t *has;
+    int64_t *cord, *cnt, *crow, *ctok;
     float scale;
     int64_t B, Hkv, G, D, Dv, NB, K, cap, P, S, T, Kc, CL;
     int64_t attend; /* 0: the selection only (q, summaries and the selection's outputs) */
@@ -497,14 +531,23 @@ void ds_layer(const ds_layer_args *a) {
             for (int64_t j = 0; j < NB; j++)
                 score_column(a->q, a->center, a->radius, a->index, a->l2, a->bias, a->scores, b,
                              j, Hkv, a->G, a->D, NB);
+        if (a->cbudget) { /* two-stage selection: candidates, their keys' q·k, maxima */
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < B * Hkv; bh++)
+                candidates(a->scores, a->clen, a->cstart, a->cbudget, a->pool_rows, a->slot_ok,
+                           a->exact, a->coff, a->cord, a->cnt, a->crow, a->ctok,
+                           a->cheaps + THREAD() * a->Kc, bh, Hkv, NB, a->Kc, P, a->CL);
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < B * Hkv * T; u++) /* T parts per list */
+                candidate_dots(a->q, a->k, a->crow, a->ctok, a->clog, u / T, u % T, T, a->G,
+                               a->D, a->CL);
+        }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * Hkv; bh++) {
             const float *keyed = a->scores;
             if (a->cbudget) {
-                exact_scores(a->scores, a->q, a->k, a->clen, a->cstart, a->cbudget,
-                             a->pool_rows, a->slot_ok, a->exact, a->clog, a->coff,
-                             a->cheaps + THREAD() * 2 * a->Kc, bh, Hkv, a->G, a->D, NB, a->Kc,
-                             P, a->CL);
+                exact_maxima(a->scores, a->clen, a->clog, a->coff, a->cord, a->cnt, a->exact,
+                             bh, NB, a->Kc, a->G, a->CL);
                 keyed = a->exact;
             }
             keep_list(keyed, a->clen, a->cstart, a->budget, a->fixed, a->front,

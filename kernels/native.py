@@ -233,7 +233,7 @@ def keep(lib, scores, clen, cstart, budget, fixed, front, k: int, heap: torch.Te
 _POINTERS = ("q", "center", "radius", "k", "v", "out", "lse", "positions", "counts", "order",
              "kept", "index", "l2", "bias", "clen", "cstart", "budget", "fixed", "front",
              "pool_rows", "slot_ok", "scores", "work", "heaps", "rows", "valid", "cbudget", "exact",
-             "clog", "pre", "cheaps", "coff", "has")
+             "clog", "pre", "cheaps", "coff", "has", "cord", "cnt", "crow", "ctok")
 _SIZES = ("B", "Hkv", "G", "D", "Dv", "NB", "K", "cap", "P", "S", "T", "Kc", "CL", "attend")
 
 
@@ -295,16 +295,21 @@ class Layer:
                     heaps=heaps, rows=rows, valid=valid)
         self.refine = cbudget is not None
         cl = max(int(cbudget.max()), 1) if self.refine and cbudget.numel() else 1  # plan time
-        if self.refine:  # the candidate stage's buffers (native.c exact_scores, reuse_logits)
+        if self.refine:  # the candidate stage's buffers (native.c candidates, reuse_logits)
             f32 = torch.float32
+            names = ("cbudget", "exact", "clog", "pre", "cheaps", "coff", "has", "cord", "cnt",
+                     "crow", "ctok")
             self.keep_alive += [cbudget, take("layer_exact", (b, hkv, nb), f32),
                                 take("layer_clog", (b, hkv, cl, g), f32),
                                 take("layer_pre", (b, hkv, cap, g), f32),
-                                take("layer_cheaps", (t * 2 * max(kc, 1),), i64),
+                                take("layer_cheaps", (t * max(kc, 1),), i64),
                                 take("layer_coff", (b, hkv, nb), i64),
-                                take("layer_has", (b, hkv, cap), torch.uint8)]
-            ptrs.update(zip(("cbudget", "exact", "clog", "pre", "cheaps", "coff", "has"),
-                            self.keep_alive[-7:]))
+                                take("layer_has", (b, hkv, cap), torch.uint8),
+                                take("layer_cord", (b, hkv, max(kc, 1)), i64),
+                                take("layer_cnt", (b, hkv), i64),
+                                take("layer_crow", (b, hkv, cl), i64),
+                                take("layer_ctok", (b, hkv), i64)]
+            ptrs.update(zip(names, self.keep_alive[-len(names):]))
         self.args = LayerArgs(**{n: _ptr(x) for n, x in ptrs.items()},
                               slot_ok=None if slot_ok is None else _ptr(slot_ok),
                               B=b, Hkv=hkv, G=g, D=d, Dv=dv, NB=nb, K=k, cap=cap, P=p, S=s, T=t,

@@ -34,3 +34,12 @@ def triton_side(monkeypatch):
     """Kernels chosen during the test (backend "auto") are the Triton ones (on CPU tensors:
     the interpreter)."""
     monkeypatch.setenv("DYNSPLIT_KERNELS", "triton")
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"{t}threads")
+def threads(request):
+    """torch's thread count, which the threaded build splits its loops over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -36,15 +36,6 @@ def test_native_score_equals_the_twin(hkv, g, d, l2, threads):
     assert torch.equal(got[~real], torch.zeros_like(got[~real]))  # the caller masks these
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"{t}threads")
-def threads(request):
-    """torch's thread count, which the threaded build splits its loops over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @needs_lib
 @pytest.mark.parametrize("b,hkv,g,d,dv", [(3, 3, 3, 64, 64), (3, 8, 4, 128, 128),
                                            (3, 2, 8, 64, 32), (3, 1, 71, 64, 64),  # MQA

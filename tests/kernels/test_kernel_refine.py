@@ -47,7 +47,9 @@ def _same_selection(sel, ref):
     ([300, 200, 480], 2, 2, 64, 112, (1.0, 2.0, 3.0), True),  # a factor per request
 ])
 def test_refined_plan_run_equals_the_core(side, fused, lens, hkv, g, d, budget, factor, evicted,
-                                          monkeypatch):
+                                          threads, monkeypatch):
+    """threads: the fused call splits the candidates' keys into one part per thread, across
+    lists (3 KV heads on 2 threads, one on 3)."""
     monkeypatch.setenv("DYNSPLIT_KERNELS", side)
     monkeypatch.setenv("DYNSPLIT_NATIVE", fused)
     batch, q = _case(lens, hkv, g, d, evicted, seed=budget)
