@@ -18,6 +18,7 @@ Tests check both against the twins; anything these do not cover falls back to th
 
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -332,13 +333,10 @@ class DecodeStep:
         self.max_kept = min(max_kept, nb)
         ok = (plan.clip_len > 0) & (summary_index >= 0)
         self.bias = torch.zeros(b, 1, nb, device=dev).masked_fill_(~ok[:, None, :], float("-inf"))
-        self.rows = summary_rows(summary_index, hkv)
-        self.pick = _norm_pick(l2, b, hkv, dev)
+        self.summary_index, self.l2_arg = summary_index, l2
         self.clen = (plan.clip_len * ok)[:, None, :].expand(b, hkv, nb).contiguous()
         self.cstart = plan.clip_start[:, None, :].expand(b, hkv, nb).contiguous()
-        self.ties = _ties(nb, dev)
         self.fixed = _selection.fixed_positions(plan, hkv)
-        self.budget = plan.block_budget[:, None, None]
         # Position p's pool row (slot * Hkv + head) at column p + 1; column 0 (position -1,
         # padding) holds row 0, which the attention masks.
         heads = torch.arange(hkv, device=dev).view(1, hkv, 1)
@@ -355,6 +353,26 @@ class DecodeStep:
             ok_slots = F.pad(token_slots >= 0, (1, 0), value=False)[:, None, :]
             self.slot_ok = ok_slots.expand(b, hkv, -1).contiguous()
         self._layers = {}  # (Hq, D, Dv) -> native.Layer: the whole layer in one fused call
+
+    # What the torch formulation alone reads (score and keep without the fused kernels), built
+    # on first use: the server's fused path never needs them, and each is a few tensor ops per
+    # decode step.
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        return summary_rows(self.summary_index, self.hkv)
+
+    @functools.cached_property
+    def pick(self):
+        return _norm_pick(self.l2_arg, self.plan.clip_len.shape[0], self.hkv,
+                          self.plan.clip_len.device)
+
+    @functools.cached_property
+    def ties(self) -> torch.Tensor:
+        return _ties(self.nb, self.plan.clip_len.device)
+
+    @functools.cached_property
+    def budget(self) -> torch.Tensor:
+        return self.plan.block_budget[:, None, None]
 
     def select(self, q, center, radius, k_buffer=None) -> _selection.Selection:
         """k_buffer: the layer's key pool [S, Hkv, D], read by a two-stage selection alone."""
