@@ -380,7 +380,8 @@ static void keep_list(const float *scores, const int64_t *clen, const int64_t *c
  * their tokens' pool rows, laid end to end in that order, into crow [B, Hkv, CL] (-1: a
  * position not held; ctok[bh]: how many); block j's first token at coff[B, Hkv, NB] (-1: not a
  * candidate); every exact score -inf. work: Kc int64.
- * candidate_dots (per part of a list's tokens): the q·k of those tokens for the G query heads,
+ * candidate_dots (per part of a list's tokens, S parts as the attention's, so that 3 KV heads
+ * on 2 threads keep both busy): the q·k of those tokens for the G query heads,
  * into clog [B, Hkv, CL, G] (-inf where not held), the keys prefetched AHEAD rows ahead across
  * block ends (the candidates are scattered over the pool).
  * exact_maxima (per list): each candidate's largest q·k over its tokens and heads, into exact
@@ -538,9 +539,9 @@ void ds_layer(const ds_layer_args *a) {
                            a->exact, a->coff, a->cord, a->cnt, a->crow, a->ctok,
                            a->cheaps + THREAD() * a->Kc, bh, Hkv, NB, a->Kc, P, a->CL);
 #pragma omp for schedule(static)
-            for (int64_t u = 0; u < B * Hkv * T; u++) /* T parts per list */
-                candidate_dots(a->q, a->k, a->crow, a->ctok, a->clog, u / T, u % T, T, a->G,
-                               a->D, a->CL);
+            for (int64_t u = 0; u < B * Hkv * a->S; u++) /* the attention's S parts per list */
+                candidate_dots(a->q, a->k, a->crow, a->ctok, a->clog, u / a->S, u % a->S, a->S,
+                               a->G, a->D, a->CL);
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * Hkv; bh++) {

@@ -45,11 +45,12 @@ def _same_selection(sel, ref):
     ([512, 250, 480], 2, 4, 128, 128, 1.5, True),
     ([400, 260], 1, 7, 64, 100, 4.0, False),
     ([300, 200, 480], 2, 2, 64, 112, (1.0, 2.0, 3.0), True),  # a factor per request
+    ([1500], 3, 3, 64, 300, 2.0, True),  # 3 lists on 2 threads: each list's keys in 2 parts
 ])
 def test_refined_plan_run_equals_the_core(side, fused, lens, hkv, g, d, budget, factor, evicted,
                                           threads, monkeypatch):
-    """threads: the fused call splits the candidates' keys into one part per thread, across
-    lists (3 KV heads on 2 threads, one on 3)."""
+    """threads: the fused call splits each list's candidate keys into the attention's parts
+    (native.attend_splits: one request's 3 KV heads on 2 threads, 2 parts each)."""
     monkeypatch.setenv("DYNSPLIT_KERNELS", side)
     monkeypatch.setenv("DYNSPLIT_NATIVE", fused)
     batch, q = _case(lens, hkv, g, d, evicted, seed=budget)
