@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 from .core import ConfigError, DynSplitConfig
+from .core.config import EVICT_FIELDS, describe, short
 
 PREFIX = "dynsplit:"
 KEY = "dynsplit"  # in sampling_params.custom_params
@@ -32,6 +33,7 @@ RID_WHERE = "rid dynsplit:"  # how errors name a rid-form override's fields
 SERVER_ONLY = ("dense_layers", "future_window", "sink", "score_layers", "evict", "evict_scope",
                "evict_window", "evict_pool")
 FIELDS = tuple(sorted({f.name for f in dataclasses.fields(DynSplitConfig)} - set(SERVER_ONLY)))
+EVICT_ONLY = tuple(f for f in EVICT_FIELDS if f in FIELDS)
 _MAX_ITEMS = 16  # more keys than fields: refused before anything is parsed
 # Client-side checks refuse nothing that depends on the server (its geometry, sink, recent).
 _FINEST = DynSplitConfig(block_size=2, tolerance=1, sink=0, recent=1)
@@ -41,9 +43,8 @@ def _at(where: str, field: Any) -> str:
     return f"{where}{field}" if where.endswith(":") else f"{where}.{field}"
 
 
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+def _short(value: Any) -> str:
+    return short(value, 40)
 
 
 def request_id(unique: str | None = None, **overrides) -> str:
@@ -100,20 +101,28 @@ def check(overrides: Any, base: DynSplitConfig, where: str = "custom_params.dyns
                                   value) from None
         if value is None:  # would mean the library default, not the server's setting
             raise ConfigError(f"{_at(where, name)} is null; give a value or leave it out", name)
+        if not isinstance(value, (str, int, float)):  # bool is an int
+            raise ConfigError(f"{_at(where, name)} must be a number or a string, got "
+                              f"{type(value).__name__}", name)
+        if name in EVICT_ONLY and not base.evict and base is not _FINEST:  # client: unknown
+            raise ConfigError(f"{_at(where, name)}={_short(value)} does nothing on this server: "
+                              "it runs without eviction (--dynsplit-evict)", name, value)
         changes[name] = value
+    # Each value's type is part of the cache key: True == 1 == 1.0, and a value refused as one
+    # type must never hit the entry an equal value of another type made.
+    key = tuple((name, type(changes[name]), changes[name]) for name in sorted(changes))
     try:
-        cfg = _resolve(tuple(sorted(changes.items(), key=lambda kv: kv[0])), base)
+        cfg = _resolve(key, base)
     except ConfigError as e:
-        if e.field is None:
-            raise ConfigError(f"{where}: {e}") from None
         if e.field == "budget" and isinstance(e.value, tuple):
             raise ConfigError(f"{where}: give at most one of budget (tokens) or budget_fraction "
                               "(of the context)", e.field, e.value) from None
-        expected = e.expected + (" or 'none' (dense)" if e.field == "strategy" else "")
-        raise ConfigError(f"{_at(where, e.field)}={_short(e.value)} is invalid; expected "
-                          f"{expected}", e.field, e.value, expected) from None
-    except TypeError as e:  # an unhashable value (list, object) where a scalar belongs
-        raise ConfigError(f"{where}: values must be numbers or strings ({e})") from None
+        if e.field == "strategy":
+            e.expected += " or 'none' (dense)"
+        message = describe(e, lambda f, v: f"{_at(where, f)}={_short(v)}", changes,
+                           "the server's")
+        raise ConfigError(message if e.field is not None else f"{where}: {e}", e.field,
+                          e.value, e.expected) from None
     if context_len is not None and cfg.budget is not None and cfg.budget > context_len:
         raise ConfigError(f"{_at(where, 'budget')}={cfg.budget} is above the model's context "
                           f"length ({context_len} tokens)", "budget", cfg.budget)
@@ -121,11 +130,13 @@ def check(overrides: Any, base: DynSplitConfig, where: str = "custom_params.dyns
 
 
 @lru_cache(maxsize=4096)
-def _resolve(items: tuple, base: DynSplitConfig) -> DynSplitConfig:
-    changes = dict(items)
-    if changes.get("strategy") == "none":  # the whole context, whatever its length
-        changes.update(strategy=base.strategy, budget=None, budget_fraction=1.0)
-    return _check_geometry(base.replace(**changes), base)
+def _resolve(key: tuple, base: DynSplitConfig) -> DynSplitConfig:
+    changes = {name: value for name, _, value in key}
+    dense = changes.get("strategy") == "none"
+    if dense:  # every other field is checked as with any strategy, then the whole context
+        changes["strategy"] = base.strategy
+    cfg = _check_geometry(base.replace(**changes), base)
+    return cfg.replace(budget=None, budget_fraction=1.0) if dense else cfg
 
 
 def parse_request_id(rid: str | None, base: DynSplitConfig) -> DynSplitConfig | None:

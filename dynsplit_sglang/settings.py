@@ -16,11 +16,12 @@ import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 from .core import ConfigError, DynSplitConfig
-from .core.config import CANDIDATE_MODES, EVICT_SCOPES, SCORES
+from .core.config import CANDIDATE_MODES, EVICT_FIELDS, EVICT_SCOPES, SCORES, describe, short
 from .core.strategies import STRATEGIES, load_env
+from .flag_help import FIELD_HELP
 from .graph_support import cuda_graph_problem
 
 ENV = "SGLANG_DYNSPLIT"
@@ -34,75 +35,6 @@ SUPPORTED_BACKENDS = {
 }
 _TYPES = {"budget": int, "budget_fraction": float, "alpha": float}
 _CHOICES = {"candidates": CANDIDATE_MODES, "score": SCORES, "evict_scope": EVICT_SCOPES}
-FIELD_HELP = {
-    "budget": "K/V tokens attended per decode step, per KV head of each compressed layer, sink "
-              "and recent window included: an integer >= sink + recent and at most the model's "
-              "context length. Requests no longer than it run dense. Default {default} unless "
-              "--dynsplit-budget-fraction is given.",
-    "budget_fraction": "The budget as the fraction of the context KEPT (attended) at each "
-                       "decode step, in (0, 1]: 0.125 attends 1/8 of the tokens (never fewer "
-                       "than sink + recent). Replaces --dynsplit-budget.",
-    "block_size": "C: the target block length in tokens; blocks end at a delimiter between "
-                  "C - Δ and C + Δ tokens. Integer in [2, 4096]. Default {default}.",
-    "tolerance": "Δ: how far, in tokens, a block's length may stray from C. Integer in "
-                 "[0, C - 1]. Default {default}.",
-    "alpha": "α: weight of the distant-context penalty in a delimiter's importance score "
-             "(0 = only the attention its block keeps). Number in [0, 100]. Default {default}.",
-    "future_window": "|F|: the queries after a candidate delimiter that vote on it, in tokens. "
-                     "Integer in [1, 256]. Default {default}.",
-    "sink": "Tokens at the start of the context that are always attended (attention sink). "
-            "Integer in [0, 1024]. Default {default}.",
-    "recent": "Most recent tokens that are always attended. Integer in [1, 65536]. "
-              "Default {default}.",
-    "candidates": "Which tokens may end a block: punct (punctuation, newlines), sentence "
-                  "(. ! ? newline only) or all. "
-                  "Default {default}.",
-    "dense_layers": "The first N layers decode densely (uncompressed). Integer in [0, 1024]. "
-                    "Default {default}.",
-    "score_layers": "Layers (evenly spaced) whose attention votes on block boundaries; 0 = all "
-                    "layers. Default {default}.",
-    "score": "How a block is scored against the query from its summary, without reading its "
-             "keys: gauss (the block's mean key plus --dynsplit-spread expected-maximum "
-             "deviations of its keys along the query) or bound (Quest's upper bound from the "
-             "keys' channel-wise min/max box). Default {default}.",
-    "spread": "gauss score only: how many expected-maximum deviations above a block's mean key "
-              "its score reaches; higher favours blocks whose keys vary more. Number in "
-              "(0, 16]. Default {default}.",
-    "refine": "Two-stage block selection: the block score picks candidate blocks for this "
-              "many times the budget, then their keys are read and their exact max q·k picks "
-              "the budget among them (1 = the score alone; 2 reads one extra budget of keys "
-              "per step). Number in [1, 64]. Default {default}.",
-    "min_sparse_len": "Decode attends densely while a request's context is shorter than this "
-                      "many tokens, where a compressed step would cost more time than the keys "
-                      "it skips (0 = compress whenever the context exceeds the budget). Integer "
-                      "in [0, 16777216]. Default {default}.",
-    "evict": "Free the KV slots of each request's least important blocks, keeping sink, "
-             "recent window and top blocks within the budget (memory, not only attention). "
-             "Needs --disable-overlap-schedule (added when omitted).",
-    "evict_scope": "When --dynsplit-evict decides: prompt (once the request's whole prompt, "
-                   "question included, is in: blocks of its own part, past any prefix shared "
-                   "in the radix tree, ranked by the attention of the prompt's last "
-                   "--dynsplit-evict-window queries) or chunk (after every prefill chunk, "
-                   "among its new tokens, by key distinctiveness: query-agnostic, a lower "
-                   "peak). Default {default}.",
-    "evict_window": "--dynsplit-evict-scope prompt: how many of the prompt's last queries "
-                    "rank the blocks (SnapKV's observation window). Integer in [1, 4096]. "
-                    "Default {default}.",
-    "evict_keep": "--dynsplit-evict-scope prompt: the first N positions of every prompt are "
-                  "never evicted, as a prefix shared in the radix tree is not (per request: "
-                  "a client marks what other requests will share, e.g. an agent's system and "
-                  "tool prompt, before anyone has matched it). Integer in [0, 16777216]. "
-                  "Default {default}.",
-    "evict_hold": "--dynsplit-evict-scope prompt: 0 keeps the whole prompt until it is in (the "
-                  "peak of a request is its prompt); h >= 1 bounds the peak: after every "
-                  "prefill chunk the request's own part keeps at most h times its budget at the "
-                  "length so far (blocks ranked by key distinctiveness), and the prompt's "
-                  "end decides the rest with the question. Peak per request: about h x budget "
-                  "+ one chunk. 0 or a number in [1, 64]. Default {default}.",
-    "evict_pool": "--dynsplit-evict-scope prompt: the window's attention is max-pooled over "
-                  "this many neighbouring positions before blocks are ranked. Odd integer in "
-                  "[1, 255]. Default {default}.",
-}
 
 
 def methods() -> tuple[str, ...]:
@@ -119,32 +51,58 @@ def method_help() -> str:
 
 
 def flag(field: str) -> str:
-    return "--dynsplit-" + field.replace("_", "-")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+    """The flag of a DynSplitConfig field (or of kv_compression / dynsplit_config)."""
+    dest = field if field in ("kv_compression", "dynsplit_config") else "dynsplit_" + field
+    return "--" + dest.replace("_", "-")
 
 
 def flag_message(e: ConfigError) -> str:
     """The error as a command-line user reads it: the flag, not the config field."""
     if e.field is None:
         return str(e)
-    if e.field == "budget" and isinstance(e.value, tuple):
-        return ("give exactly one of --dynsplit-budget (tokens) or --dynsplit-budget-fraction "
-                "(of the context)")
-    return f"{flag(e.field)} {_short(e.value)} is invalid; expected {e.expected}"
+    return f"{flag(e.field)} {short(e.value)} is invalid; expected {e.expected}"
+
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a setting was given, and how a message names it there: a flag, a key of a JSON
+    object (``where``: --dynsplit-config, SGLANG_DYNSPLIT) or a key of a --config YAML file
+    (``where``: the file)."""
+
+    kind: str = "flag"  # "flag", "json" or "yaml"
+    where: str = ""
+
+    def name(self, field: str, value: Any = _UNSET) -> str:
+        field = field if len(field) <= 40 else short(field, 40)  # a JSON key can be anything
+        if self.kind == "json":
+            return f"{self.where} key {field}" + ("" if value is _UNSET else f"={short(value)}")
+        if self.kind == "yaml":
+            shown = "" if value is _UNSET else f": {short(value)}"
+            return f"{flag(field)[2:]}{shown} (in {self.where})"
+        return flag(field) + ("" if value is _UNSET or isinstance(value, bool)
+                              else f" {short(value)}")
+
+
+FLAG = Source()
 
 
 @dataclass(frozen=True)
 class Settings:
     method: str = "none"
     config: DynSplitConfig = DynSplitConfig()
+    # field -> the Source that gave it, for messages (None: every field named as its flag)
+    sources: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    def name(self, field: str, value: Any = _UNSET) -> str:
+        """How the user gave ``field``: its flag, YAML key or JSON key."""
+        return (self.sources or {}).get(field, FLAG).name(field, value)
 
     def to_json(self) -> str:
         return json.dumps({"kv_compression": self.method, **self.config.to_dict()})
@@ -154,32 +112,42 @@ class Settings:
         return {"kv_compression": self.method, **(self.config.to_dict() if self.enabled else {})}
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any]) -> "Settings":
+    def from_mapping(cls, data: dict[str, Any], sources: Any = None) -> "Settings":
+        """``sources``: the Source of every key, or one Source for all (messages name them)."""
         data = dict(data)
+        if isinstance(sources, Source):
+            sources = dict.fromkeys(data, sources)
+        sources = dict(sources or {})
+        s = cls(sources=sources)
         method = data.pop("kv_compression", "none")
         if method not in methods():
-            raise ConfigError(f"--kv-compression={method!r} is invalid; expected one of "
+            raise ConfigError(f"{s.name('kv_compression', method)} is invalid; expected one of "
                               f"{methods()}")
         if method != "none":
             data.setdefault("strategy", method)
             if data["strategy"] != method:
-                raise ConfigError(
-                    f"--kv-compression={method} conflicts with strategy={data['strategy']!r} in "
-                    "--dynsplit-config; give the strategy once"
-                )
+                raise ConfigError(f"{s.name('kv_compression', method)} conflicts with "
+                                  f"{s.name('strategy', data['strategy'])}; give the strategy once")
         else:
             data.pop("strategy", None)
-        return cls(method, DynSplitConfig.from_dict(data))
+        fields = {f.name for f in dataclasses.fields(DynSplitConfig)}
+        for key in data:
+            if key not in fields:
+                raise ConfigError(f"{s.name(str(key))} is not a DynSplit setting; valid: "
+                                  f"{sorted(fields)}")
+        _check_eviction_given(data, s)
+        try:
+            config = DynSplitConfig.from_dict(data)
+        except ConfigError as e:
+            if e.field == "budget" and isinstance(e.value, tuple):
+                raise ConfigError(f"give exactly one of {s.name('budget')} (tokens) or "
+                                  f"{s.name('budget_fraction')} (of the context)") from None
+            raise ConfigError(describe(e, s.name, data, "the default")) from None
+        return cls(method, config, sources)
 
     @classmethod
     def from_json(cls, raw: str, source: str = ENV) -> "Settings":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{source} is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source} must be a JSON object")
-        return cls.from_mapping(data)
+        return cls.from_mapping(json_object(raw, source), Source("json", source))
 
     @classmethod
     def from_env(cls) -> "Settings | None":
@@ -205,7 +173,22 @@ class Settings:
 
 @lru_cache(maxsize=8)
 def _parsed(raw: str) -> Settings:
-    return Settings.from_json(raw, f"ServerArgs.{ATTR}")
+    return dataclasses.replace(Settings.from_json(raw, f"ServerArgs.{ATTR}"), sources=None)
+
+
+def _check_eviction_given(data: dict, s: Settings) -> None:
+    """An eviction setting where nothing evicts is refused: it would silently do nothing. A
+    flag or YAML key counts as soon as it is given; a JSON key (which may be a dumped
+    configuration, ``Settings.to_json``) once it differs from the default."""
+    if data.get("evict"):
+        return
+    defaults = DynSplitConfig()
+    for key in EVICT_FIELDS:
+        source = (s.sources or {}).get(key)
+        given = source is not None and source.kind != "json"
+        if key in data and (given or data[key] != getattr(defaults, key)):
+            raise ConfigError(f"{s.name(key, data[key])} applies only with eviction on "
+                              "(--dynsplit-evict); remove it or turn eviction on")
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -237,34 +220,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help=text)
 
 
-def strip_and_parse(argv: list[str]) -> tuple[list[str], Settings | None]:
-    """Split our flags off argv (SGLang's own parser must not see them); None if none given."""
+def flag_parser() -> argparse.ArgumentParser:
+    """Our flags alone, errors raised (not printed)."""
     parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     add_arguments(parser)
+    return parser
+
+
+def as_fields(given: dict) -> dict:
+    """argparse dests -> DynSplitConfig fields (kv_compression and dynsplit_config kept)."""
+    return {k if k in ("kv_compression", "dynsplit_config") else k[len("dynsplit_"):]: v
+            for k, v in given.items()}
+
+
+def json_object(raw: Any, where: str) -> dict:
+    """``raw`` (JSON text, or a mapping already: YAML's, the Engine's) as a dict."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
     try:
-        ns, rest = parser.parse_known_args(argv)
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON ({e})") from None
+    except TypeError:
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a JSON object")
+    return data
+
+
+def strip_and_parse(argv: list[str], file_given: dict | None = None,
+                    file: str = "") -> tuple[list[str], Settings | None]:
+    """Split our flags off argv (SGLang's own parser must not see them); None if none given.
+
+    ``file_given``: the settings of the --config YAML ``file`` (patches/server_args.py). Precedence,
+    highest first: flags, the command line's --dynsplit-config, the file's keys, the file's
+    dynsplit-config (SGLang's: command line over file); a budget given at a higher level
+    replaces a budget_fraction below it, and the other way round."""
+    try:
+        ns, rest = flag_parser().parse_known_args(argv)
     except argparse.ArgumentError as e:  # names the flag: "argument --dynsplit-...: ..."
         raise ConfigError(str(e)) from None
-    given = {k: v for k, v in vars(ns).items() if v is not None}
-    if not given:
-        return list(argv), None
+    flags = as_fields({k: v for k, v in vars(ns).items() if v is not None})
+    in_file = dict(file_given or {})
+    layers = []  # (fields, their Source), lowest precedence first
+    cli_json, file_json = flags.pop("dynsplit_config", None), in_file.pop("dynsplit_config", None)
+    if file_json is not None and cli_json is None:
+        where = f"dynsplit-config (in {file})"
+        layers.append((json_object(file_json, where), Source("json", where)))
+    layers.append((in_file, Source("yaml", file)))
+    if cli_json is not None:
+        layers.append((json_object(cli_json, "--dynsplit-config"),
+                       Source("json", "--dynsplit-config")))
+    layers.append((flags, FLAG))
     data: dict[str, Any] = {}
-    if "dynsplit_config" in given:
-        try:
-            data = json.loads(given.pop("dynsplit_config"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--dynsplit-config is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError("--dynsplit-config must be a JSON object")
-    for key, value in given.items():
-        name = key[len("dynsplit_"):] if key.startswith("dynsplit_") else key
-        data[name] = value
-    if "budget_fraction" in data and "budget" not in data:
-        data["budget"] = None
-    method = data.get("kv_compression", "none")
-    if method == "none" and any(k != "kv_compression" for k in data):
-        raise ConfigError(f"--dynsplit-* flags need --kv-compression (one of {tuple(STRATEGIES)})")
-    return rest, Settings.from_mapping(data)
+    sources: dict[str, Source] = {}
+    for values, source in layers:
+        if {"budget", "budget_fraction"} & values.keys():
+            data.pop("budget", None)
+            data.pop("budget_fraction", None)
+        data.update(values)
+        sources.update(dict.fromkeys(values, source))
+    if not data:
+        return list(argv), None
+    if data.get("kv_compression", "none") == "none":
+        other = next((k for k in data if k != "kv_compression"), None)
+        if other is not None:
+            raise ConfigError(f"{sources[other].name(other)}: DynSplit settings need "
+                              f"--kv-compression (one of {tuple(STRATEGIES)})")
+    return rest, Settings.from_mapping(data, sources)
 
 
 # -- compatibility with the rest of the server ------------------------------------------------------
@@ -336,9 +359,12 @@ def check_model(settings: Settings, model_config: Any) -> None:
     if not isinstance(ctx, int):
         return
     if cfg.budget is not None and cfg.budget > ctx:
-        raise ConfigError(f"--dynsplit-budget {cfg.budget} is above the model's context length "
-                          f"({ctx} tokens): no request could ever be compressed; use at most "
-                          f"{ctx} or --dynsplit-budget-fraction")
+        raise ConfigError(f"{settings.name('budget', cfg.budget)} is above the model's context "
+                          f"length ({ctx} tokens): no request could ever be compressed; use at "
+                          f"most {ctx} or a budget fraction")
     if cfg.sink + cfg.recent >= ctx:
-        raise ConfigError(f"--dynsplit-sink {cfg.sink} + --dynsplit-recent {cfg.recent} cover the "
-                          f"model's whole context ({ctx} tokens): nothing would be compressed")
+        sent = [settings.name(f, getattr(cfg, f)) for f in ("sink", "recent")
+                if f in (settings.sources or {"sink": 0, "recent": 0})]
+        raise ConfigError(f"sink + recent = {cfg.sink + cfg.recent} tokens ({', '.join(sent)}) "
+                          f"cover the model's whole context ({ctx} tokens): nothing would be "
+                          "compressed")

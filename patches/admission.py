@@ -40,6 +40,11 @@ def check_request(item, settings: Settings, context_len: int | None) -> None:
     """ValueError (an HTTP 400) naming what is wrong with this generate request."""
     params = item.sampling_params if isinstance(item.sampling_params, dict) else {}
     custom = params.get("custom_params")
+    if settings.enabled and custom is not None and not isinstance(custom, dict):
+        # It would carry no override at all, and the client would never learn its own was lost.
+        # On a dense server SGLang's own handling of the field stands.
+        raise ValueError(f"custom_params must be a JSON object of name: value, got "
+                         f"{type(custom).__name__}")
     given = custom.get(overrides.KEY) if isinstance(custom, dict) else None
     try:
         from_rid = overrides.from_request_id(item.rid)

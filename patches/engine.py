@@ -13,9 +13,8 @@ Hooks (SGLang 0.5.23):
 from __future__ import annotations
 
 import contextvars
-import json
 
-from dynsplit_sglang.settings import Settings
+from dynsplit_sglang.settings import Settings, Source, json_object
 
 TARGETS = ("sglang.srt.entrypoints.engine.Engine.__init__",
            "sglang.srt.entrypoints.engine.Engine._launch_subprocesses")
@@ -29,9 +28,11 @@ def _settings_from_kwargs(kwargs: dict) -> Settings | None:
     extra = kwargs.pop("dynsplit_config", None)
     if method is None and extra is None:
         return None
-    data = json.loads(extra) if isinstance(extra, str) else dict(extra or {})
+    where = "Engine(dynsplit_config=...)"
+    data = json_object(extra, where) if extra is not None else {}
+    sources = dict.fromkeys(data, Source("json", where))  # kv_compression: named as its flag
     data["kv_compression"] = method or data.get("strategy", "dynsplit")
-    settings = Settings.from_mapping(data)
+    settings = Settings.from_mapping(data, sources)
     if settings.enabled and settings.config.evict:
         from .eviction import NAME
 

@@ -52,20 +52,59 @@ def _max_context(kvc) -> int:
 def _geometry_for(kvc, settings, tokens: int, rows: int):
     from sglang.srt.runtime_context import get_parallel
 
+    par = get_parallel()
+    return _geometry(settings, kvc.layer_info.num_effective_layers,
+                     kvc.model_config.get_num_kv_heads(par.attn_tp_size, par.attn_dcp_size),
+                     kvc.model_config.head_dim, kvc.kv_cache_dtype.itemsize,
+                     tokens + kvc.pool_page_size,  # the K buffer has page_size padding rows
+                     rows, _max_context(kvc))
+
+
+def _geometry(settings, layers, kv_heads, head_dim, dtype_size, slots, rows, max_context):
     from dynsplit_sglang.runtime.store import StoreGeometry
 
-    par = get_parallel()
-    page = kvc.pool_page_size
-    return StoreGeometry.for_pool(
-        settings.config,
-        num_layers=kvc.layer_info.num_effective_layers,
-        kv_heads=kvc.model_config.get_num_kv_heads(par.attn_tp_size, par.attn_dcp_size),
-        head_dim=kvc.model_config.head_dim,
-        dtype_size=kvc.kv_cache_dtype.itemsize,
-        num_slots=tokens + page,  # the K buffer has page_size padding rows
-        max_rows=rows,
-        max_context=_max_context(kvc),
-    )
+    return StoreGeometry.for_pool(settings.config, num_layers=layers, kv_heads=kv_heads,
+                                  head_dim=head_dim, dtype_size=dtype_size, num_slots=slots,
+                                  max_rows=rows, max_context=max_context)
+
+
+def _too_small(pool: str, need: int, rows: int):
+    from dynsplit_sglang.core import ConfigError
+
+    return ConfigError(f"{pool} cannot hold the block store ({need} B for {rows - 1} request "
+                       "rows) next to any token; raise --mem-fraction-static or "
+                       "--max-total-tokens, or lower --max-running-requests")
+
+
+def check_before_start(settings, sa, model_config) -> None:
+    """The late check below, run in the launching process before anything starts, where the
+    pool's size is known (--max-total-tokens bounds it): a pool too small for the block store
+    is then one line naming the flag, not a scheduler's traceback. Mirrors SGLang 0.5.23's
+    ``resolve_max_num_reqs`` (the rows) and ``_cell_size`` for MHA (K and V per layer); a pool
+    the profiler makes smaller is still caught by the late check."""
+    dense = getattr(sa, "max_total_tokens", None)
+    if not settings.enabled or not dense or not getattr(model_config, "context_len", None):
+        return
+    import torch
+
+    dp = max(1, getattr(sa, "attn_dp_size", 1) or 1)
+    asked = getattr(sa, "max_running_requests", None)
+    estimated = max(min(int(dense / model_config.context_len * 512), 4096), 2048)
+    rows = min(max(1, asked // dp) if asked else estimated, dense // 2) + 1
+    kv = getattr(sa, "kv_cache_dtype", "auto")
+    dtype = model_config.dtype if kv in (None, "auto") else getattr(torch, kv, model_config.dtype)
+    layers, size = model_config.num_hidden_layers, dtype.itemsize
+    heads = model_config.get_num_kv_heads(max(1, (getattr(sa, "tp_size", 1) or 1) // dp))
+    cell = 2 * layers * heads * model_config.head_dim * size
+
+    def store_bytes(tokens: int) -> int:
+        # + 4: req_to_token's headroom without speculative decoding (refused with compression)
+        return _geometry(settings, layers, heads, model_config.head_dim, size, tokens + 1, rows,
+                         model_config.context_len + 4).nbytes
+
+    if tokens_with_store(dense, cell, 1, store_bytes) <= 0:
+        raise _too_small(f"--max-total-tokens {dense} ({dense * cell} B of KV with "
+                         "--kv-compression)", store_bytes(1), rows)
 
 
 def _around_config_from_budget(original, self, budget_bytes, *args, **kwargs):
@@ -84,13 +123,8 @@ def _around_config_from_budget(original, self, budget_bytes, *args, **kwargs):
     tokens = tokens_with_store(dense, cell, page,
                                lambda t: _geometry_for(self, settings, t, rows).nbytes)
     if tokens <= 0:
-        from dynsplit_sglang.core import ConfigError
-
-        need = _geometry_for(self, settings, page, rows).nbytes
-        raise ConfigError(f"--kv-compression: the KV budget of {dense} tokens ({dense * cell} B) "
-                          f"cannot hold the block store ({need} B for {rows - 1} request rows) "
-                          "next to any token; raise --mem-fraction-static or --max-total-tokens, "
-                          "or lower --max-running-requests")
+        raise _too_small(f"--kv-compression: the KV budget of {dense} tokens ({dense * cell} B)",
+                         _geometry_for(self, settings, page, rows).nbytes, rows)
     if tokens < dense:
         cap = kwargs.pop("cap_tokens", None)
         kwargs["cap_tokens"] = tokens if cap is None else min(cap, tokens)

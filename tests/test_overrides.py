@@ -29,7 +29,14 @@ BASE = DynSplitConfig(budget=64, recent=16, block_size=8, tolerance=2)
     ({"refine": 0.9}, "custom_params.dynsplit.refine=0.9 is invalid; expected a number in [1, 64]"),
     ({"refine": float("inf")}, "custom_params.dynsplit.refine=inf is invalid"),
     ({"refine": True}, "custom_params.dynsplit.refine=True is invalid"),
-    ({"candidates": ["punct"]}, "custom_params.dynsplit: values must be numbers or strings"),
+    ({"candidates": ["punct"]}, "custom_params.dynsplit.candidates must be a number or a string, "
+                                "got list"),
+    ({"strategy": {"a": 1}}, "custom_params.dynsplit.strategy must be a number or a string"),
+    ({"strategy": "none", "budget": -1}, "custom_params.dynsplit.budget=-1 is invalid"),
+    ({"strategy": "none", "refine": True}, "custom_params.dynsplit.refine=True is invalid"),
+    ({"evict_keep": 64}, "custom_params.dynsplit.evict_keep=64 does nothing on this server"),
+    ({"evict_hold": 2}, "custom_params.dynsplit.evict_hold=2 does nothing on this server"),
+    ({"recent": 61}, "custom_params.dynsplit.recent=61 is invalid with the server's budget (64)"),
     ({"budget": 100, "budget_fraction": 0.5}, "custom_params.dynsplit: give at most one of"),
     ({"budget": None}, "custom_params.dynsplit.budget is null; give a value or leave it out"),
     ({"budget": 10**12}, "custom_params.dynsplit.budget=1000000000000 is above the model's "
@@ -41,6 +48,33 @@ def test_invalid_overrides_name_the_field(given, names):
     with pytest.raises(ConfigError) as e:
         overrides.check(given, BASE, context_len=8192)
     assert str(e.value).startswith(names), str(e.value)
+
+
+@pytest.mark.parametrize("field,bad,good", [
+    ("refine", True, 1), ("budget", 300.0, 300), ("block_size", 20.0, 20), ("recent", True, 1),
+    ("budget", True, 64),
+])
+def test_a_refused_value_stays_refused_after_an_equal_valid_one(field, bad, good):
+    # Validated configs are cached; True == 1 == 1.0 must not share an entry.
+    for value in (bad, good, bad):
+        if value is good:
+            assert getattr(overrides.check({field: value}, BASE), field) == good
+        else:
+            with pytest.raises(ConfigError, match=f"{field}={bad!r} is invalid"):
+                overrides.check({field: value}, BASE)
+
+
+def test_eviction_overrides_and_their_strategy_on_an_eviction_server():
+    evicting = BASE.replace(evict=True)
+    assert overrides.check({"evict_keep": 32, "evict_hold": 2}, evicting).evict_keep == 32
+    with pytest.raises(ConfigError) as e:
+        overrides.check({"evict_hold": True}, evicting)
+    assert str(e.value).startswith("custom_params.dynsplit.evict_hold=True is invalid")
+    with pytest.raises(ConfigError) as e:
+        overrides.check({"strategy": "streaming"}, evicting)
+    msg = str(e.value)
+    assert msg.startswith("custom_params.dynsplit.strategy='streaming' is invalid where eviction "
+                          "is on") and "strategy with blocks" in msg and ".evict" not in msg
 
 
 def test_messages_never_echo_long_input():
@@ -61,6 +95,8 @@ def test_rid_alias_is_validated_like_custom_params():
         overrides.parse_request_id("dynsplit:budget=abc:x", BASE)
     with pytest.raises(ConfigError, match="cannot be set per request"):
         overrides.parse_request_id("dynsplit:nonsense=1:x", BASE)
+    with pytest.raises(ConfigError, match=r"rid dynsplit:budget=-1 is invalid"):
+        overrides.parse_request_id("dynsplit:strategy=none,budget=-1:x", BASE)
 
 
 def test_block_score_is_a_per_request_choice():

@@ -185,3 +185,45 @@ def test_request_overrides_round_trip_and_validate():
     fine = DynSplitConfig(block_size=8, tolerance=4)
     assert parse_request_id(request_id(block_size=8, unique="x3"), fine).block_size == 8
     assert parse_request_id(request_id(block_size=32, unique="x4"), base).block_size == 32
+
+
+def test_flags_override_dynsplit_config_keys_and_the_config_file():
+    _, s = strip_and_parse(["--kv-compression", "dynsplit", "--dynsplit-config",
+                            '{"budget_fraction": 0.1}', "--dynsplit-budget", "512"])
+    assert s.config.budget == 512 and s.config.budget_fraction is None
+    _, s = strip_and_parse(["--kv-compression", "dynsplit", "--dynsplit-config",
+                            '{"budget": 512}', "--dynsplit-budget-fraction", "0.25"])
+    assert s.config.budget is None and s.config.budget_fraction == 0.25
+    _, s = strip_and_parse(["--dynsplit-budget", "512"],
+                           {"kv_compression": "dynsplit", "budget_fraction": 0.1}, "f.yaml")
+    assert s.config.budget == 512 and s.config.budget_fraction is None
+    with pytest.raises(ConfigError, match=r"give exactly one of --dynsplit-config key budget "):
+        strip_and_parse(["--kv-compression", "dynsplit", "--dynsplit-config",
+                         '{"budget": 512, "budget_fraction": 0.5}'])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dynsplit-sink", "1024", "--dynsplit-recent", "65536"],
+     "--dynsplit-sink 1024 and --dynsplit-recent 65536 are invalid with the default budget"),
+    (["--dynsplit-block-size", "4"], "--dynsplit-block-size 4 is invalid with the default "
+                                     "tolerance (4)"),
+    (["--dynsplit-evict-hold", "2"], "--dynsplit-evict-hold 2.0 applies only with eviction on"),
+    (["--dynsplit-evict-scope", "prompt"], "--dynsplit-evict-scope 'prompt' applies only with"),
+    (["--dynsplit-config", '{"evict_keep": 8}'], "--dynsplit-config key evict_keep=8 applies"),
+])
+def test_flag_errors_name_only_what_was_given(argv, message):
+    with pytest.raises(ConfigError) as e:
+        strip_and_parse(["--kv-compression", "dynsplit", *argv])
+    assert str(e.value).startswith(message) and "--dynsplit-budget" not in str(e.value)
+
+
+def test_env_errors_name_the_variable_and_its_key(monkeypatch):
+    monkeypatch.setenv("SGLANG_DYNSPLIT", '{"kv_compression": "dynsplit", "sink": 1024, '
+                                          '"recent": 65536}')
+    with pytest.raises(ConfigError, match="^SGLANG_DYNSPLIT key sink=1024 and SGLANG_DYNSPLIT "
+                                          "key recent=65536 are invalid"):
+        Settings.from_env()
+    # a dumped configuration (every field, eviction off) is still an input
+    monkeypatch.setenv("SGLANG_DYNSPLIT", Settings.from_mapping({"kv_compression": "fixed"})
+                       .to_json())
+    assert Settings.from_env().method == "fixed"

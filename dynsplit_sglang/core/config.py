@@ -14,6 +14,8 @@ DEFAULT_BUDGET = 1024
 CANDIDATE_MODES = ("punct", "all", "sentence")  # dynsplit's candidate sets (core.delimiters)
 EVICT_SCOPES = ("prompt", "chunk")  # when eviction decides (runtime/eviction.py)
 SCORES = ("gauss", "bound")  # block scores (core.selection.score_blocks)
+# Read only where the server evicts (evict=True): elsewhere setting them would change nothing.
+EVICT_FIELDS = ("evict_scope", "evict_window", "evict_pool", "evict_keep", "evict_hold")
 
 
 class ConfigError(ValueError):
@@ -26,6 +28,45 @@ class ConfigError(ValueError):
                  expected: str | None = None) -> None:
         super().__init__(message)
         self.field, self.value, self.expected = field, value, expected
+
+
+# The fields a field's check compares against. When the field that fails was not given (it holds
+# a default or the server's setting), the given ones among these are what the message names.
+DEPENDS = {"budget": ("sink", "recent"), "tolerance": ("block_size",), "evict": ("strategy",),
+           "evict_hold": ("evict_scope",)}
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: messages never echo much of the input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def culprits(e: ConfigError, given: Mapping[str, Any]) -> tuple[str, ...]:
+    """The given fields that make ``e`` fail: its own field when given, else the given ones it
+    is checked against (empty when none was given)."""
+    if e.field in given:
+        return (e.field,)
+    return tuple(f for f in DEPENDS.get(e.field, ()) if f in given)
+
+
+def describe(e: ConfigError, name, given: Mapping[str, Any], unset: str) -> str:
+    """``e``'s message naming only what the user sent. ``name(field, value)`` spells a field the
+    way its input does (a flag, a key); ``unset`` says what a field not given holds ("the
+    default", "the server's")."""
+    if e.field is None:
+        return str(e)
+    sent = culprits(e, given)
+    if sent in ((), (e.field,)):
+        return f"{name(e.field, e.value)} is invalid; expected {e.expected}"
+    names = " and ".join(name(f, given[f]) for f in sent)
+    if e.field == "evict":
+        blocky = tuple(n for n, s in STRATEGIES.items() if s.has_blocks)
+        return (f"{names} is invalid where eviction is on (--dynsplit-evict): evicting needs a "
+                f"strategy with blocks, one of {blocky}")
+    verb = "is" if len(sent) == 1 else "are"
+    return (f"{names} {verb} invalid with {unset} {e.field} ({short(e.value)}); expected "
+            f"{e.field} to be {e.expected}")
 
 
 def _require(ok: bool, field: str, value: Any, valid: str) -> None:

@@ -25,15 +25,21 @@ BAD_OVERRIDES = [
     {"score": "max"}, {"score": 1}, {"spread": 0}, {"spread": -1}, {"spread": "nan"},
     {"spread": 17},
     {"x" * 10_000: 1}, {f"k{i}": i for i in range(100)}, "fixed", ["budget", 64], 42,
+    # issue 40: "none" checks the other fields too; eviction fields on a server that does not
+    # evict would do nothing
+    {"strategy": "none", "budget": -1}, {"strategy": "none", "refine": True},
+    {"evict_keep": 64}, {"evict_hold": 2},
 ]
 GOOD_OVERRIDES = [{}, None, {"strategy": "none"}, {"strategy": "streaming", "budget": 32},
                   {"budget_fraction": 0.5}, {"block_size": 32, "tolerance": 8},
                   {"score": "bound"}, {"score": "gauss", "spread": 3}]
-# Not SGLang's declared types, but nothing of ours in them, and SGLang serves them correctly.
-TOLERATED = [{"text": LONG, "sampling_params": {**SP, "custom_params": ["dynsplit"]}}]
+# A custom_params that is not an object (issue 40) was served, its override silently lost: on a
+# server with compression on it is a 400 (admission checks it with the overrides). A dense
+# server keeps SGLang's own handling: none of ours could be in it.
+NOT_OBJECTS = ["x", [1, 2], 7, ["dynsplit"]]
 BAD_RIDS = ["dynsplit:budget=abc:x", "dynsplit:nonsense=1:x", "dynsplit:budget:x",
             "dynsplit:=5:x", "dynsplit:sink=2:x", "dynsplit:" + "budget=abc," * 10_000 + ":x",
-            "dynsplit:budget=64," + "recent=16," * 20 + ":x"]
+            "dynsplit:budget=64," + "recent=16," * 20 + ":x", "dynsplit:strategy=none,budget=-1:x"]
 BAD_BODIES = [
     {"text": "", "sampling_params": SP}, {"text": ["", LONG], "sampling_params": SP},
     {"input_ids": [], "sampling_params": SP}, {"input_ids": [-1, 5], "sampling_params": SP},
@@ -49,6 +55,7 @@ BAD_BODIES = [
     {"text": [LONG, LONG], "sampling_params": [SP, {**SP, "custom_params": {"dynsplit": 7}}]},
     {"text": [LONG, LONG], "sampling_params": SP, "rid": ["a", "dynsplit:budget=x:y"]},
     b"{not json", b"[]",
+    *({"text": LONG, "sampling_params": {**SP, "custom_params": c}} for c in NOT_OBJECTS),
 ]
 
 
@@ -70,7 +77,7 @@ def test_malformed_overrides_and_bodies(sglang_server):
     reference = post(sglang_server, "/generate", _body(prompt=text(60, 32)))[1]["text"]
     log_before = sglang_server.log_path.stat().st_size
     cases = ([_body(o) for o in BAD_OVERRIDES] + [_body(rid=r) for r in BAD_RIDS] + BAD_BODIES
-             + TOLERATED + [_body(o) for o in GOOD_OVERRIDES])
+             + [_body(o) for o in GOOD_OVERRIDES])
     assert len(cases) >= 50
     served = []
     for i, body in enumerate(cases):
@@ -80,7 +87,7 @@ def test_malformed_overrides_and_bodies(sglang_server):
             served.append(i)
         else:
             assert len(str(out)) < 2000  # never the whole body echoed back
-    may = range(len(cases) - len(GOOD_OVERRIDES) - len(TOLERATED), len(cases))
+    may = range(len(cases) - len(GOOD_OVERRIDES), len(cases))
     assert set(served) <= set(may), [str(cases[i])[:200] for i in served if i not in may]
     assert set(may[-len(GOOD_OVERRIDES):]) <= set(served)
     for body in (_body({"budget": "abc"}), _body({"strategy": "fixed"}), _body(rid=BAD_RIDS[0])):
@@ -95,3 +102,62 @@ def test_malformed_overrides_and_bodies(sglang_server):
     assert sglang_server.log_path.stat().st_size - log_before < 400 * len(cases)
     load = wait_idle(sglang_server)
     assert load["num_used_tokens"] == 0 and load["num_running_reqs"] == 0, load
+
+
+def _refused(server, body) -> str:
+    status, out = post(server, "/generate", body)
+    assert status == 400, (body, status, out)
+    return str(out)
+
+
+# (field, a value refused for its type, an equal value accepted): validated overrides are cached,
+# and True == 1 == 1.0 must never let the refused one in once the accepted one was seen.
+EQUAL_BUT_NOT_SAME = [("refine", True, 1), ("budget", 300.0, 300), ("block_size", 20.0, 20),
+                      ("recent", True, 1)]
+
+
+def test_a_refused_override_stays_refused_after_an_equal_valid_one(sglang_server):
+    for field, bad, good in EQUAL_BUT_NOT_SAME:
+        assert f"custom_params.dynsplit.{field}={bad!r} is invalid" in _refused(
+            sglang_server, _body({field: bad}))
+        status, out = post(sglang_server, "/generate", _body({field: good}))
+        assert status == 200 and _correct_200(out), (field, good, out)
+        assert f"custom_params.dynsplit.{field}={bad!r} is invalid" in _refused(
+            sglang_server, _body({field: bad}))
+
+
+def test_refusals_name_the_field_the_client_sent(sglang_server):
+    # strategy "none" checks every other field, in both forms
+    assert "custom_params.dynsplit.budget=-1 is invalid" in _refused(
+        sglang_server, _body({"strategy": "none", "budget": -1}))
+    assert "rid dynsplit:budget=-1 is invalid" in _refused(
+        sglang_server, _body(rid="dynsplit:strategy=none,budget=-1:x"))
+    # eviction settings where nothing evicts
+    for field in ("evict_keep", "evict_hold"):
+        msg = _refused(sglang_server, _body({field: 2}))
+        assert f"custom_params.dynsplit.{field}=2 does nothing on this server" in msg, msg
+    # nested values name their field
+    for field, value in (("candidates", ["punct"]), ("strategy", {"a": 1})):
+        msg = _refused(sglang_server, _body({field: value}))
+        assert f"custom_params.dynsplit.{field} must be a number or a string" in msg, msg
+    for custom in NOT_OBJECTS:
+        msg = _refused(sglang_server, {"text": LONG,
+                                       "sampling_params": {**SP, "custom_params": custom}})
+        assert "custom_params must be a JSON object" in msg, msg
+    assert healthy(sglang_server)
+
+
+def test_an_eviction_server_names_the_strategy_not_its_own_setting(tiny_model, tmp_path):
+    from .conftest import SESSION_ARGS, start_server
+
+    with start_server(tiny_model, [*SESSION_ARGS, "--dynsplit-evict"], tmp_path) as server:
+        msg = _refused(server, _body({"strategy": "streaming"}))
+        assert "custom_params.dynsplit.strategy='streaming' is invalid" in msg, msg
+        assert "strategy with blocks" in msg and "dynsplit.evict" not in msg, msg
+        msg = _refused(server, _body(rid="dynsplit:strategy=streaming:x"))
+        assert "rid dynsplit:strategy='streaming' is invalid" in msg, msg
+        assert _correct_200(post(server, "/generate", _body({"evict_hold": 2}))[1])
+        # the cache again, on a field only eviction reads: True, then 1, then True
+        assert "evict_hold=True is invalid" in _refused(server, _body({"evict_hold": True}))
+        assert _correct_200(post(server, "/generate", _body({"evict_hold": 1}))[1])
+        assert "evict_hold=True is invalid" in _refused(server, _body({"evict_hold": True}))
