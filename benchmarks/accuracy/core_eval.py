@@ -186,15 +186,15 @@ def segmentation(tokenizer, input_ids: list[int], cfg: DynSplitConfig, scores=No
 
 @torch.inference_mode()
 def generate(model, tokenizer, input_ids: list[int], cfg: DynSplitConfig, max_new_tokens: int,
-             prefilled=None, first_token: str = "compressed", trace=None,
+             prefilled=None, first_token: str = "dense", trace=None,
              forced: list[int] | None = None, pin: float = 0.0, sticky: float = 0.0,
              neighbor: bool = False, oracle: bool = False, refine: float | None = None) -> dict:
     """Greedy answer of one request under cfg through the pure core.
 
-    first_token: "compressed" (as SGLang serves a prompt it holds in its radix cache: the
-    prompt's last token is recomputed as a one-token extend, which attends like a decode step,
-    over the prompt's other tokens split and closed) or "dense" (as SGLang serves a prompt whose
-    last tokens are new: the prefill's own logits).
+    first_token: "dense" (as SGLang serves every prompt, cached or not: the first answer token
+    from the prefill's own logits) or "compressed" (a diagnostic, stricter rule: the prompt's
+    last token is fed as the first decode step over the prompt's other tokens split and closed,
+    so a selection error shows at the first answer token too).
     prefilled: (cache, logits, scores) of a dense prefill of this whole prompt to reuse (the
     cache is cropped back afterwards; scores: the importance scores when cfg's strategy needs
     votes; they come from every prompt query, as the server's prefill of the prompt votes).

@@ -197,7 +197,7 @@ class Prefills:
         return self.done[key]
 
 
-def diagnose(model, tok, sample: T.Sample, cfg: DynSplitConfig, first_token: str = "compressed",
+def diagnose(model, tok, sample: T.Sample, cfg: DynSplitConfig, first_token: str = "dense",
              max_new_tokens: int | None = None, prefilled=None, full_ids=None,
              raw: bool = False) -> dict:
     """Run one method on one sample under the trace; returns the JSON-able result."""
@@ -492,7 +492,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", nargs="+", default=["dynsplit"], help="strategies")
     ap.add_argument("--budget", nargs="+", default=["0.125"], help="fractions (<= 1) or tokens")
     ap.add_argument("--score", nargs="+", default=["gauss"], choices=["gauss", "bound"])
-    ap.add_argument("--first-token", default="compressed", choices=["compressed", "dense"])
+    ap.add_argument("--first-token", default="dense", choices=["compressed", "dense"])
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON",
                     help="other config fields, e.g. dense_layers=1")

@@ -16,11 +16,10 @@ How a prompt is evaluated (the prefill is paid once for all presses and budgets)
    Layers below ``--dense-layers`` are left uncompressed, as in the SGLang product.
    The prompt's prefix shared with the previous sample is reused from its KV cache (tasks share
    their haystack up to the first needle), as SGLang's radix cache does.
-2. The first answer token comes from the compressed state (``--first-token compressed``, the
-   default, as the SGLang side serves its cached prompts): the prefill covers the prompt but its
-   last token, the presses compress that, and the last token is the first decode step. With
-   ``--first-token dense`` the whole prompt is prefilled and the first answer token comes from
-   the prefill's logits.
+2. The first answer token comes from the prefill's logits (``--first-token dense``, the default,
+   as the SGLang side serves every prompt, cached or not). With ``--first-token compressed``
+   (a stricter, diagnostic rule) the prefill covers the prompt but its last token, the presses
+   compress that, and the last token is the first decode step.
 3. Greedy decode, all (press, budget) variants in one batch: each variant's cache holds only
    the kept positions of each layer (padded to the longest variant and masked); new tokens are
    appended and always attended. Positions continue at the prompt length (as kvpress's pipeline
@@ -264,7 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full-every", type=int, default=1,
                     help="full-KV decode on every k-th sample (0 = never)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--first-token", choices=("compressed", "dense"), default="compressed",
+    ap.add_argument("--first-token", choices=("compressed", "dense"), default="dense",
                     help="where the first answer token comes from (see the module docstring)")
     ap.add_argument("--self-check", action="store_true",
                     help="compare the shared prefill with kvpress's own path on the first "

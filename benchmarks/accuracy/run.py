@@ -471,8 +471,8 @@ def run_sglang(model: str, path: Path, samples: list[T.Sample], methods: list[Me
             t2 = time.perf_counter()
             # 2) every compressed (method, budget) of the chunk's prompts in one batch, each
             #    request served from the radix cache (checked through cached_tokens): its
-            #    prompt's last token is recomputed as a one-token extend, which attends like a
-            #    decode step, so the first answer token comes from the compressed state
+            #    prompt's last token is recomputed as a dense one-token extend, so the first
+            #    answer token comes from the prefill, as for any request
             out = []
             if jobs:
                 out = post_json(url, timeout=BATCH_TIMEOUT_S, payload={
@@ -529,8 +529,9 @@ def _text(tok, out: dict) -> str:
 def later_turns(url: str, pairs, tok) -> dict[int, list[dict]]:
     """Turns after the first, for the pairs whose sample has followups: turn k's prompt is turn
     k-1's prompt + the method's own answer + the next question. A compressed method's turn is
-    put in the radix cache by a dense one-token request first, so that, as in its first turn,
-    the answer starts from the compressed state. Returns {pair index: [response per turn]}."""
+    put in the radix cache by a dense one-token request first, as its first turn was (the
+    answer's first token comes from the prefill either way). Returns {pair index: [response per
+    turn]}."""
     from dynsplit_sglang.launcher import post_json
     from dynsplit_sglang.overrides import request_id
 
@@ -759,7 +760,7 @@ def main(argv=None) -> int:
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         versions=versions(), machine={"cpus": os.cpu_count(), "platform": platform.platform()},
         config=dict(models=models, tasks=task_names, budgets=budgets,
-                    n={m: n_of(m) for m in models}, seed=args.seed, first_token="compressed",
+                    n={m: n_of(m) for m in models}, seed=args.seed, first_token="dense",
                     methods=[m.key for m in methods], ablations=ablations,
                     contexts=contexts_of,
                     dynsplit_defaults=DynSplitConfig().to_dict(),

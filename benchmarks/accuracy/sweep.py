@@ -10,10 +10,12 @@ on paired samples, and a change to the shared selection is measured on `fixed` t
 
 A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field, refine=R included, or
 pin=F / sticky=F / neighbor=1 / oracle=1: core_eval's experimental options, not in the server;
+first="compressed" or "dense": where the first answer token comes from (default dense);
 refine=1 is the score alone, the selection before two-stage selection shipped). Rows go to --out as
 JSON lines as they finish; --resume skips the (sample, variant) pairs already there. Only the
-first turn of multi-turn samples is scored. The first answer token is decoded from the
-compressed state (as the server serves a cached prompt).
+first turn of multi-turn samples is scored. The first answer token comes from the dense
+prefill, as the server serves every prompt (a variant's first="compressed" feeds the prompt's last
+token as the first decode step instead: a stricter, diagnostic rule).
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig, dict]:
         raise SystemExit(f"--variant {spec!r}: expected LABEL=STRATEGY[,FIELD=JSON...]")
     over = {k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)}
     opts = {k: over.pop(k) for k in ("pin", "sticky", "neighbor", "oracle") if k in over}
+    if "first" in over:  # the first answer token: compressed (the server's rule) or dense
+        opts["first_token"] = over.pop("first")
+        if opts["first_token"] not in ("compressed", "dense"):
+            raise SystemExit(f"--variant {spec!r}: first={opts['first_token']!r}, expected "
+                             '"compressed" or "dense"')
     for k, f in opts.items():
+        if k == "first_token":
+            continue
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
             raise SystemExit(f"--variant {spec!r}: {k}={f!r}, expected a number in [0, 1]")
     return label, D.method_cfg(strategy, budget, over.pop("score", "gauss"), over), opts
@@ -80,7 +89,7 @@ def run(args) -> list[dict]:
                     continue
                 opts = options.get(lab, {})
                 out = core_eval.generate(model, tok, s.input_ids, cfg, s.max_new_tokens,
-                                         pre.get(cfg), "compressed", **opts)
+                                         pre.get(cfg), **opts)
                 text = tok.decode(out["output_ids"])
                 row = dict(sample=s.id, model=args.model, task=task, context_len=ctx, variant=lab,
                            score=T.score(text, s.answers), output=text[:120],
@@ -89,7 +98,7 @@ def run(args) -> list[dict]:
                     full_ids = out["output_ids"]
                 elif args.forced and full_ids:
                     f = core_eval.generate(model, tok, s.input_ids, cfg, 0, pre.get(cfg),
-                                           "compressed", forced=full_ids, **opts)
+                                           forced=full_ids, **opts)
                     lp = f["forced_logprobs"]
                     row.update(logprob=sum(lp) / len(lp), match=sum(f["forced_match"]) / len(lp),
                                first_logprob=lp[0], logprobs=[round(x, 4) for x in lp])

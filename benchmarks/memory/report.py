@@ -139,7 +139,9 @@ def section(data, png: str) -> str:
         "paper's window 32 / max-pool 7; ChunkKV; StreamingLLM) compress every layer, as an "
         "evicted slot is gone from every layer (`--kvpress-dense-layers "
         f"{acc.get('kvpress_dense_layers', 0)}`), in HF transformers on the same token ids; "
-        "the first answer token is decoded from the compressed state on both sides.",
+        "the first answer token comes from the dense prefill on the SGLang side (a new prompt "
+        "is evicted after its last layer) and, since 2026-12-08, on the kvpress side too "
+        "(earlier runs fed the kvpress side's last prompt token as its first decode step).",
         "",
         "| method | kept budget | n | accuracy (%) |",
         "|---|---|---|---|",

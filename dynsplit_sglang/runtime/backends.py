@@ -1,6 +1,8 @@
 """SGLang's own attention backends with DynSplit-KV compressed decode.
 
-Prefill stays the backend's dense attention; its queries also vote on delimiter importance.
+Prefill (every extend, one token over a cached prompt included) stays the backend's dense
+attention, so the first answer token comes from it; its queries also vote on delimiter
+importance.
 Decode of every compressed layer attends to sink + selected blocks + recent window through the
 kernels' plan/run wrapper (Triton kernels on CUDA tensors, the core's torch twins on CPU ones).
 Written against SGLang 0.5.23's backend interface (``init_forward_metadata``, ``forward_extend``,
@@ -74,10 +76,9 @@ class _DynSplitMixin:
         return ok
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
-        if not layer.is_cross_attention and self.compressor.attends_extend_layer(layer.layer_id):
-            o = self._compressed(q, k, v, layer, forward_batch, save_kv_cache)
-        else:
-            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kw)
+        # Dense, also for one token over a cached prompt: the first answer token always comes
+        # from the prefill, so a request answers alike cached or not (docs/design.md).
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kw)
         if forward_batch.forward_mode.is_extend() and not layer.is_cross_attention:
             q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
             k_buf = self._pool.get_key_buffer(layer.layer_id)

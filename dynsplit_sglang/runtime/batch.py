@@ -81,6 +81,7 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
                           prometheus=bool(getattr(sa, "enable_metrics", False))),
         tp_size=sa.tp_size,
         all_reduce=_tp_all_reduce if sa.tp_size > 1 else None,
+        kv_heads_total=model_runner.model_config.get_total_num_kv_heads(),
         **_allocator_hooks(model_runner),
     )
     comp.stats.update(_memory_stats(comp))

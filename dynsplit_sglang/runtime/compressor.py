@@ -55,6 +55,7 @@ class Compressor:
         reporter: Reporter | None = None,
         tp_size: int = 1,
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        kv_heads_total: int | None = None,
         free_slots: Callable[[torch.Tensor], None] | None = None,
         used_slots: Callable[[], int] | None = None,
         free_slot_ids: Callable[[], torch.Tensor] | None = None,
@@ -91,6 +92,9 @@ class Compressor:
         # so that every rank (and a single-GPU run) splits the sequence at the same boundaries.
         self.tp_size = tp_size
         self.all_reduce = all_reduce
+        # The model's KV heads (every rank's together); under TP a rank holds kv_heads of them,
+        # or a replica of one when there are more ranks than heads.
+        self.kv_heads_total = kv_heads_total or kv_heads * tp_size
         self.reporter = reporter or Reporter(os.environ.get("DYNSPLIT_STATS_PATH"))
         self.step: StepState | None = None
         self._attended: torch.Tensor | None = None  # counters [sum, max] attended, on device
@@ -111,20 +115,15 @@ class Compressor:
         """plan=False: a captured decode graph plans into its own buffers (graphs.py)."""
         states = self.blocks.begin(batch, self.cfg)
         step = self.step = StepState(batch, states)
-        # One new token per request over a cached prompt (a radix hit recomputing the prompt's
-        # last token, or a last chunk of one token) is a decode step in all but name: it attends
-        # like one, so the first answer token comes from the compressed state too.
-        step.decode_like = not batch.is_decode and all(
-            s - p == 1 and p > 0 for s, p in zip(batch.seq_lens, batch.prefix_lens))
-        if batch.is_decode or step.decode_like:
+        # Every extend attends densely, one new token over a cached prompt included: the first
+        # answer token always comes from the prefill, cached or not (docs/design.md).
+        if batch.is_decode:
             self._note_usage()
             self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch.rows))
             for i, st in enumerate(states):
                 self.blocks.advance_decode(st, batch.rows[i], batch.seq_lens[i] - 1)
             step.sparse = self._plan_decode(step) if plan else False
-            if step.decode_like and step.sparse:
-                self.stats["sparse_single_token_extends"] += 1
-        if not batch.is_decode:
+        else:
             step.votes = [
                 torch.zeros(s - p, self.cfg.future_window, device=batch.input_ids.device)
                 for s, p in zip(batch.seq_lens, batch.prefix_lens)
@@ -216,13 +215,6 @@ class Compressor:
         sparse = self.step is not None and self.step.sparse
         return self.evictor is not None or (sparse and layer_id >= self.first_compressed)
 
-    def attends_extend_layer(self, layer_id: int) -> bool:
-        """This extend is decode-like (one new token per request) and this module attends in
-        this layer, as in decode; else the backend's dense extend runs."""
-        step = self.step
-        return step is not None and step.decode_like and (
-            step.sparse and layer_id >= self.first_compressed)
-
     def decode_layer(self, layer_id, q, k_buffer, v_buffer, scale) -> torch.Tensor | None:
         """Compressed decode attention for this layer, or None where dense attention applies."""
         step = self.step
@@ -254,9 +246,15 @@ class Compressor:
 
     def rows_attended(self) -> torch.Tensor | None:
         """[B] K/V tokens each request of this decode forward attended over the compressed
-        layers, on the device (None when SGLang's dense decode ran)."""
+        layers and every KV head of the model, on the device (None when SGLang's dense decode
+        ran). Under TP the ranks' counts are summed (one small all-reduce per decode forward,
+        which every rank runs: the per-request report then equals a single process's)."""
         step = self.step
-        return None if step is None else step.row_attended
+        got = None if step is None else step.row_attended
+        if got is None or self.all_reduce is None or self.tp_size == 1:
+            return got
+        replicas = self.tp_size * self.kv_heads // self.kv_heads_total  # copies of each head
+        return self.all_reduce(got.clone()) // max(1, replicas)
 
     # -- decode plan ----------------------------------------------------------------------------
 

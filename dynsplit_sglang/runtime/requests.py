@@ -6,9 +6,9 @@ A ``RequestCompression`` is made once per request (``of``) from what SGLang's re
 forward's numbers to it (``account``); the scheduler's output streamer reports it in the
 response's ``meta_info["dynsplit"]`` (``patches/report.py``).
 
-Token counts are summed over the compressed layers and (this rank's) KV heads, like the server's
-``tokens_attended`` / ``tokens_dense`` counters: "dense" is what dense attention would have read
-at the same decode steps.
+Token counts are summed over the compressed layers and the model's KV heads (under tensor
+parallelism: over every rank's, the same figures as one process gives): "dense" is what dense
+attention would have read at the same decode steps.
 """
 
 from __future__ import annotations
@@ -112,11 +112,11 @@ def account(compressor, view, requests: list[RequestCompression]) -> None:
     if len(requests) != len(view.rows):
         return
     dense = None
-    # A decode-like extend (one token over a cached prompt) counts as the prompt's forward, as
-    # any prefill does: decode steps are the response's tokens after its first.
+    # An extend (one token over a cached prompt included) is the prompt's forward; decode
+    # steps are the response's tokens after its first.
     if view.is_decode:
         layers = compressor.num_layers - compressor.first_compressed
-        dense = [n * compressor.kv_heads * layers for n in view.seq_lens]
+        dense = [n * compressor.kv_heads_total * layers for n in view.seq_lens]
         attended = compressor.rows_attended()  # [B] on the device, or None (dense decode)
     for i, (row, req) in enumerate(zip(view.rows, requests)):
         st = compressor.rows.get(row)

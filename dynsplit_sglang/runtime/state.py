@@ -60,7 +60,6 @@ class StepState:
     rows: list[RowState]  # per request, in batch order
     votes: list[torch.Tensor] = field(default_factory=list)  # extend: [new tokens, w_f] each
     sparse: bool = False  # decode: some request is longer than its budget (the wrapper is planned)
-    decode_like: bool = False  # an extend of one token per request over a cached prompt
     kept: tuple[torch.Tensor, torch.Tensor] | None = None  # eviction: slots that still hold K/V
     window: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index -> window heat
     noted_keys: bool = False  # some row scored its new keys' distinctiveness (store.heat)

@@ -72,6 +72,10 @@ def test_variant_spec_parses_fields_and_score():
             sweep.parse_variant(f"p=fixed,pin={bad}", "0.125")
     with pytest.raises(SystemExit):
         sweep.parse_variant("nolabel", "0.125")
+    _, _, opts = sweep.parse_variant('c=fixed,first="compressed"', "0.125")
+    assert opts == {"first_token": "compressed"}
+    with pytest.raises(SystemExit, match="first"):
+        sweep.parse_variant('c=fixed,first="late"', "0.125")
 
 
 def test_cli_writes_paired_rows_and_resumes(tiny, tmp_path, capsys):

@@ -27,7 +27,8 @@ def main():
     finally:
         llm.shutdown()
     stats = json.loads(open(os.environ["DYNSPLIT_STATS_PATH"]).read())
-    print("RESULT " + json.dumps({"texts": [o["text"] for o in out], "stats": stats}))
+    print("RESULT " + json.dumps({"texts": [o["text"] for o in out], "stats": stats,
+                                  "reports": [o["meta_info"]["dynsplit"] for o in out]}))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ evaluated by ``benchmarks/accuracy/core_eval.py`` (HF transformers + dynsplit_sg
 segment, summarize, score_blocks, plan_selection/select, sparse_decode_attention). Checked per
 request:
 
-* the greedy answers are token-identical (the first answer token comes from the compressed
-  state on both sides: the server recomputes the cached prompt's last token as a one-token
-  extend, which attends like a decode step);
+* the greedy answers are token-identical (the first answer token comes from the dense prefill
+  on both sides: the server recomputes the cached prompt's last token as a dense one-token
+  extend, as it serves every prompt);
 * the tokens attended (summed over decode steps, compressed layers and KV heads) are equal
   (within 0.05% where block lengths vary, see ``_tolerance``): the server's ``tokens_attended``
   counter delta vs the core's selection counts. The number of tokens
@@ -159,9 +159,9 @@ def test_prefix_cached_by_another_prompt(default_server, samples, hf_model, meth
     _serve(default_server, first, method)
     got, attended, cached = _serve(default_server, later, method)
     assert cached > 0  # the shared filler prefix came from the cache
-    ref = core_eval.generate(hf_model, tok, later.input_ids,  # its last tokens are new:
+    ref = core_eval.generate(hf_model, tok, later.input_ids,
                              DynSplitConfig(strategy=method, budget_fraction=BUDGET),
-                             later.max_new_tokens, first_token="dense")  # prefill logits
+                             later.max_new_tokens)
     assert _strip_eos(got, eos := _eos(hf_model)) == _strip_eos(ref["output_ids"], eos)
     tolerance = 0.002 * ref["tokens_attended"] if method == "dynsplit" else 0
     assert abs(attended - ref["tokens_attended"]) <= tolerance, (

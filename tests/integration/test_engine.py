@@ -32,5 +32,11 @@ def test_engine_keyword_arguments_and_two_tp_ranks_match_one(sglang_server, tiny
     assert result["stats"]["max_tokens_attended"] <= 64  # compression ran in the TP ranks
     assert result["stats"]["sparse_layer_steps"] > 0
     # Votes are all-reduced over the ranks, so both ranks split like a single process does.
-    want, _ = generate(sglang_server, prompts, max_new=12)
+    want, meta = generate(sglang_server, prompts, max_new=12)
     assert result["texts"] == want
+    # Each request's report counts every rank's KV heads, as one process does (issue 40: it
+    # counted rank 0's only, half of these).
+    keys = ("tokens_attended", "tokens_dense", "decode_steps", "sparse_steps")
+    got = [{k: r[k] for k in keys} for r in result["reports"]]
+    assert got == [{k: m["dynsplit"][k] for k in keys} for m in meta]
+    assert all(g["sparse_steps"] > 0 for g in got[:1])  # the long prompt decoded compressed

@@ -57,7 +57,8 @@ def backends(sglang, monkeypatch, tiny_model_path):
         runner = SimpleNamespace(
             device="cpu", req_to_token_pool=rows, token_to_kv_pool=kv,
             token_to_kv_pool_allocator=alloc,
-            model_config=SimpleNamespace(get_num_attention_heads=lambda tp: HQ),
+            model_config=SimpleNamespace(get_num_attention_heads=lambda tp: HQ,
+                                         get_total_num_kv_heads=lambda: HKV),
             server_args=SimpleNamespace(tokenizer_path=str(tiny_model_path), model_path=None,
                                         tp_size=1, enable_metrics=False))
         return sglang.DynSplitTorchNativeBackend(runner, SETTINGS), runner

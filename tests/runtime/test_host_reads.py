@@ -57,7 +57,7 @@ def test_tokens_attended_stay_on_the_device_until_the_report():
     layers, heads = 3, 2
     row = SimpleNamespace(reused=0, nblocks=0, fallback=False, peak_held=0)
     comp = SimpleNamespace(num_layers=layers + 1, first_compressed=1, kv_heads=heads,
-                           rows={0: row, 1: row})
+                           kv_heads_total=heads, rows={0: row, 1: row})
     reqs = [requests.RequestCompression(), requests.RequestCompression()]
     view = BatchView([0, 1], [0, 0], [100, 200], [99, 199], torch.zeros(2), torch.zeros(2), True)
     steps = requests.SETTLE_EVERY * 2 + 7
