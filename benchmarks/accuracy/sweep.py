@@ -11,7 +11,9 @@ on paired samples, and a change to the shared selection is measured on `fixed` t
 A variant is LABEL=STRATEGY[,FIELD=JSON...] (any DynSplitConfig field, refine=R included, or
 pin=F / sticky=F / neighbor=1 / oracle=1: core_eval's experimental options, not in the server;
 first="compressed" or "dense": where the first answer token comes from (default dense);
-refine=1 is the score alone, the selection before two-stage selection shipped). Rows go to --out as
+refine=1 is the score alone, the selection before two-stage selection shipped). Where a budget is
+below sink + recent at a prompt's length, every variant's recent window shrinks to half the budget
+less the sink (``fit_window``; rows record ``recent``). Rows go to --out as
 JSON lines as they finish; --resume skips the (sample, variant) pairs already there. Only the
 first turn of multi-turn samples is scored. The first answer token comes from the dense
 prefill, as the server serves every prompt (a variant's first="compressed" feeds the prompt's last
@@ -59,6 +61,17 @@ def parse_variant(spec: str, budget: str) -> tuple[str, DynSplitConfig, dict]:
     return label, D.method_cfg(strategy, budget, over.pop("score", "gauss"), over), opts
 
 
+def fit_window(cfg: DynSplitConfig, context_len: int) -> DynSplitConfig:
+    """cfg, with its recent window shrunk to (budget - sink) / 2 where the budget at this context
+    is smaller than sink + recent (1/64 of 4k is 64 tokens against 4 + 64): every method at
+    that budget alike, so the budget stays the budget (the config clamps it up otherwise) and
+    half of what is left past the sink goes to selected blocks."""
+    want = cfg.budget if cfg.budget is not None else int(cfg.budget_fraction * context_len)
+    if want >= cfg.sink + cfg.recent:
+        return cfg
+    return cfg.replace(recent=max(1, (want - cfg.sink) // 2))
+
+
 def run(args) -> list[dict]:
     parsed = [(b, *parse_variant(v, b)) for b in args.budget for v in args.variant]
     labels = [f"{lab}@{b}" for b, lab, _, _ in parsed]
@@ -69,7 +82,8 @@ def run(args) -> list[dict]:
         rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     done = {(r["sample"], r["variant"]) for r in rows}
     model, tok = D.load_model(args.model)
-    todo = [(t, c, i) for c in args.context for t in args.task for i in range(args.samples)]
+    # Sample-major: a run stopped part-way has covered every task alike.
+    todo = [(t, c, i) for c in args.context for i in range(args.samples) for t in args.task]
     made = {}  # (task, context) -> its n samples: sample i of n is a prompt of its own (ids)
     t0 = time.time()
     with (args.out.open("a") if args.out else open("/dev/null", "w")) as fh:
@@ -87,13 +101,15 @@ def run(args) -> list[dict]:
             for lab, cfg in work:
                 if (s.id, lab) in done:
                     continue
+                cfg = fit_window(cfg, len(s.input_ids))
                 opts = options.get(lab, {})
                 out = core_eval.generate(model, tok, s.input_ids, cfg, s.max_new_tokens,
                                          pre.get(cfg), **opts)
                 text = tok.decode(out["output_ids"])
                 row = dict(sample=s.id, model=args.model, task=task, context_len=ctx, variant=lab,
                            score=T.score(text, s.answers), output=text[:120],
-                           output_ids=out["output_ids"], tokens_attended=out["tokens_attended"])
+                           output_ids=out["output_ids"], tokens_attended=out["tokens_attended"],
+                           recent=cfg.recent)
                 if lab == "full":
                     full_ids = out["output_ids"]
                 elif args.forced and full_ids:

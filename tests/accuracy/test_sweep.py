@@ -272,3 +272,13 @@ def test_refine_one_keeps_the_plain_selection_and_refine_two_runs_the_core_two_s
             finite += 1
         changed += step == 0 and not torch.equal(kept, plain_first[layer])
     assert finite and changed, "the exact re-ranking must change some step's selection"
+
+
+def test_fit_window_shrinks_the_recent_window_only_below_sink_plus_recent():
+    from dynsplit_sglang.core import DynSplitConfig
+
+    cfg = DynSplitConfig(budget_fraction=1 / 64)  # sink 4, recent 64
+    assert sweep.fit_window(cfg, 8192) is cfg  # 128 tokens: room for both
+    small = sweep.fit_window(cfg, 4096)  # 64 tokens
+    assert small.recent == 30 and small.token_budget(4096) == 64
+    assert sweep.fit_window(DynSplitConfig(budget_fraction=1.0), 4096).recent == 64
