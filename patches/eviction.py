@@ -31,6 +31,8 @@ import weakref
 
 import torch
 
+from dynsplit_sglang.runtime import hooks
+
 NAME = "dynsplit-evict"
 TARGET = f"sglang.srt.mem_cache.registry.register_radix_cache_backend({NAME!r})"
 
@@ -192,6 +194,11 @@ def revise_tree(req, row: torch.Tensor) -> bool:
         return False
     cache.revise(req, row)
     return True
+
+
+# The runtime reads these through its hooks (it never imports patches/).
+hooks.prompt_ownership = prompt_ownership
+hooks.revise_tree = revise_tree
 
 
 def register() -> list[str]:

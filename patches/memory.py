@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import logging
 
+from dynsplit_sglang.runtime import hooks
+
 logger = logging.getLogger(__name__)
 
 TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget"
-PLAN: dict = {}  # this process's last sizing: dense/compressed tokens, cell and store bytes
+# This process's last sizing: dense/compressed tokens, cell and store bytes (the runtime reads
+# it through its hooks).
+PLAN: dict = hooks.memory_plan
 
 
 def tokens_with_store(dense_tokens: int, cell: int, page: int, store_bytes) -> int:

@@ -7,7 +7,7 @@ import os
 
 from ..core.delimiters import MODES, candidate_mask
 from ..settings import Settings
-from . import requests
+from . import hooks, requests
 from .compressor import BatchView, Compressor
 from .report import Reporter
 
@@ -51,9 +51,7 @@ def _allocator_hooks(model_runner) -> dict:
 
 def _memory_stats(comp: Compressor) -> dict:
     """What the block store holds and, when patches/memory.py sized the pool, what it reserved."""
-    from dynsplit_sglang.patches.memory import PLAN
-
-    return {"store_bytes": comp.store_bytes, **PLAN}
+    return {"store_bytes": comp.store_bytes, **hooks.memory_plan}
 
 
 def build_compressor(model_runner, settings: Settings) -> Compressor:
@@ -109,24 +107,24 @@ def account_forward(compressor, fb) -> None:
         return
     requests.account(compressor, step.batch, reqs)
     if step.revised:
-        from dynsplit_sglang.patches.eviction import revise_tree
-
+        revise = hooks.revise_tree
         for i in step.revised:
             req = reqs[i].req() if reqs[i].req is not None else None
-            if req is None or not revise_tree(req, compressor.req_to_token[step.batch.rows[i]]):
+            row = compressor.req_to_token[step.batch.rows[i]]
+            if req is None or revise is None or not revise(req, row):
                 raise RuntimeError("dynsplit-sglang: eviction freed positions of a prompt "
                                    "that the radix tree holds, and the tree cannot be revised")
 
 
 def _prompt_ownership(reqs, seq: list[int]) -> tuple[list[bool], list[int]] | tuple[None, None]:
     """Per request of an extend: whether it ends the prompt, and where its own part starts
-    (patches/eviction.py); (None, None) unless every request's SGLang Req is known."""
-    from dynsplit_sglang.patches.eviction import prompt_ownership
-
+    (patches/eviction.py, through hooks); (None, None) unless every request's SGLang Req is
+    known."""
+    ownership = hooks.prompt_ownership
     live = [r.req() if r.req is not None else None for r in reqs or ()]
-    if not live or any(r is None for r in live):
+    if ownership is None or not live or any(r is None for r in live):
         return None, None
-    final, owned = zip(*(prompt_ownership(r, n) for r, n in zip(live, seq)))
+    final, owned = zip(*(ownership(r, n) for r, n in zip(live, seq)))
     return list(final), list(owned)
 
 
