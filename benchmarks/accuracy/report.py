@@ -117,7 +117,7 @@ def tables(data: dict) -> str:
 
 def _task_order(t: str) -> int:
     order = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe",
-             "code_niah", "niah_multiturn")
+             "code_niah", "niah_multiturn", "twohop")
     return order.index(t) if t in order else len(order)
 
 

