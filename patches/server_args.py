@@ -9,16 +9,18 @@ Hooks (sglang.srt.plugins.hook_registry.HookRegistry, SGLang 0.5.23):
   command line's); then the flags are split off argv before SGLang parses it
   (its ``from_cli_args`` would silently drop them), validated against the ServerArgs and the
   model, and attached to the ServerArgs (``Settings.attach``). ``SGLANG_DYNSPLIT`` is read as
-  input when no flag is given. An invalid value stops the command like an argparse error: one
-  line naming the flag, exit status 2.
+  input when no flag is given. The file is read with ``ConfigArgumentMerger``'s own
+  ``_extract_config_file_path``, ``_validate_yaml_file`` and ``_convert_config_to_args``
+  (``sglang.srt.utils.server_args_config_parser``, SGLang 0.5.23: private helpers, so our keys
+  can be checked apart before SGLang sees the rest). An invalid value stops the command like an
+  argparse error: one line naming the flag, exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
-
-import argparse
 from typing import Any
 
 from dynsplit_sglang.core import ConfigError
