@@ -66,6 +66,14 @@ FIELD_HELP = {
                   "length so far (blocks ranked by key distinctiveness), and the prompt's "
                   "end decides the rest with the question. Peak per request: about h x budget "
                   "+ one chunk. 0 or a number in [1, 64]. Default {default}.",
+    "evict_tier": "--dynsplit-evict-scope prompt: none frees evicted blocks for good; host "
+                  "keeps their K/V (every layer) in a cold tier outside the KV pool, and a "
+                  "request that extends an evicted prompt through the radix tree (a next "
+                  "turn) brings its blocks back before its prompt's end decides again with "
+                  "the new question. Default {default}.",
+    "evict_tier_mb": "--dynsplit-evict-tier host: the tier's size in MiB (per TP rank); past "
+                     "it the least recently used blocks are dropped for good, counted. "
+                     "Integer in [1, 1048576]. Default {default}.",
     "evict_pool": "--dynsplit-evict-scope prompt: the window's attention is max-pooled over "
                   "this many neighbouring positions before blocks are ranked. Odd integer in "
                   "[1, 255]. Default {default}.",

@@ -31,7 +31,7 @@ RID_WHERE = "rid dynsplit:"  # how errors name a rid-form override's fields
 # Server-wide by construction: the compressed layers, the vote width and the sink size the
 # block store and the decode plan of the whole batch.
 SERVER_ONLY = ("dense_layers", "future_window", "sink", "score_layers", "evict", "evict_scope",
-               "evict_window", "evict_pool")
+               "evict_window", "evict_pool", "evict_tier", "evict_tier_mb")
 FIELDS = tuple(sorted({f.name for f in dataclasses.fields(DynSplitConfig)} - set(SERVER_ONLY)))
 EVICT_ONLY = tuple(f for f in EVICT_FIELDS if f in FIELDS)
 _MAX_ITEMS = 16  # more keys than fields: refused before anything is parsed

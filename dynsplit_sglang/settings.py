@@ -19,7 +19,9 @@ from functools import lru_cache
 from typing import Any, Mapping
 
 from .core import ConfigError, DynSplitConfig
-from .core.config import CANDIDATE_MODES, EVICT_FIELDS, EVICT_SCOPES, SCORES, describe, short
+from .core.config import (
+    CANDIDATE_MODES, EVICT_FIELDS, EVICT_SCOPES, EVICT_TIERS, SCORES, describe, short,
+)
 from .core.strategies import STRATEGIES, load_env
 from .flag_help import FIELD_HELP
 from .graph_support import cuda_graph_problem
@@ -34,7 +36,8 @@ SUPPORTED_BACKENDS = {
     "triton": "sglang.srt.layers.attention.triton_backend.TritonAttnBackend",
 }
 _TYPES = {"budget": int, "budget_fraction": float, "alpha": float}
-_CHOICES = {"candidates": CANDIDATE_MODES, "score": SCORES, "evict_scope": EVICT_SCOPES}
+_CHOICES = {"candidates": CANDIDATE_MODES, "score": SCORES, "evict_scope": EVICT_SCOPES,
+            "evict_tier": EVICT_TIERS}
 
 
 def methods() -> tuple[str, ...]:

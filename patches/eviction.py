@@ -19,7 +19,8 @@ register_radix_cache_backend("dynsplit-evict", ...)``, SGLang's own plugin point
 (set by the attention backend factory when the server's settings ask for eviction).
 
 Whole-prompt eviction (``evict_scope`` "prompt") also reads, in SGLang 0.5.23, ``Req.last_node``
-(the node a request locks), ``Req.full_untruncated_fill_ids`` (where its prompt ends) and
+(the node a request locks), ``Req.full_untruncated_fill_ids`` (where its prompt ends; with the
+cold tier, its token ids) and
 ``TreeNode.parent`` / ``.value`` / ``.lock_ref`` (``prompt_ownership``), and writes node values
 and the tree's ``protected_size_`` / ``evictable_size_`` (``SlotCountingRadixCache.revise``).
 """
@@ -68,6 +69,13 @@ def _tree_path(node) -> list:
         out.append(node)
         node = node.parent
     return out[::-1]
+
+
+def _token_list(node) -> list:
+    """A node's token ids (``TreeNode.key``: a ``RadixKey`` with ``token_ids``, SGLang 0.5.23)."""
+    key = node.key
+    ids = key.raw_token_ids() if hasattr(key, "raw_token_ids") else key
+    return list(ids)[: len(node.value)]
 
 
 def prompt_ownership(req, seq_len: int) -> tuple[bool, int]:
@@ -133,26 +141,42 @@ def _cache_class():
             return prefix_len, node
 
         def _delete_leaf(self, node):
+            gone = _zeros(node)
+            if gone and hooks.tree_listeners:  # its evicted positions are unreachable now
+                path = _tree_path(node)
+                tokens = [t for n in path for t in _token_list(n)]
+                start = len(tokens) - len(node.value)
+                pos = (torch.nonzero(node.value == 0).flatten() + start).tolist()
+                for listener in hooks.tree_listeners:
+                    listener.dropped(tokens, pos)
             super()._delete_leaf(node)
-            self.evictable_size_ += _zeros(node)
+            self.evictable_size_ += gone
+
+        def reset(self, *args, **kwargs):
+            super().reset(*args, **kwargs)
+            for listener in hooks.tree_listeners:  # a flush: nothing matches any more
+                listener.flushed()
 
         def revise(self, req, row: torch.Tensor):
-            """Copy the zeros that eviction wrote into the request's row (`row`: its slots) into
-            its tree path: those positions were freed, so a later match must get the padding
-            slot, not a slot the allocator hands out again. The sizes follow in slots."""
+            """Copy what eviction and recall changed in the request's row (`row`: its slots)
+            into its tree path. Evicted positions were freed, so a later match must get the
+            padding slot, not a slot the allocator hands out again; recalled ones (the cold
+            tier) hold new slots, which the tree now owns. The sizes follow in slots."""
             off = 0
             for node in _tree_path(getattr(req, "last_node", None)):
                 n = len(node.value)
-                now = row[off:off + n].to(node.value.device)
+                now = row[off:off + n].to(node.value.device, node.value.dtype)
                 gone = (now == 0) & (node.value != 0)
-                z = int(gone.sum())
-                if z:
+                back = (now != 0) & (node.value == 0)
+                delta = int(back.sum()) - int(gone.sum())
+                if bool(gone.any()) or bool(back.any()):
                     node.value[gone] = 0
+                    node.value[back] = now[back]
                     node._dynsplit_zeros = None
                     if node.lock_ref > 0:
-                        self.protected_size_ -= z
+                        self.protected_size_ += delta
                     else:
-                        self.evictable_size_ -= z
+                        self.evictable_size_ += delta
                 off += n
 
         def evict(self, params):
@@ -185,6 +209,12 @@ def build(ctx):
     return cache
 
 
+def token_ids(req):
+    """The request's tokens (``Req.full_untruncated_fill_ids``, SGLang 0.5.23: its prompt and
+    any output so far, an ``array('q')``); the caller reads the first seq_len."""
+    return req.full_untruncated_fill_ids
+
+
 def revise_tree(req, row: torch.Tensor) -> bool:
     """Right after the forward that evicted positions of `req` the tree already holds (earlier
     prefill chunks), before the scheduler acts again: revise the tree's copy. False when this
@@ -199,6 +229,7 @@ def revise_tree(req, row: torch.Tensor) -> bool:
 # The runtime reads these through its hooks (it never imports patches/).
 hooks.prompt_ownership = prompt_ownership
 hooks.revise_tree = revise_tree
+hooks.token_ids = token_ids
 
 
 def register() -> list[str]:

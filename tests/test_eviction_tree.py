@@ -102,3 +102,56 @@ def test_revise_of_an_unlocked_path_counts_evictable_slots(scene):
     row[10:15] = 0
     tree.revise(a, row)
     assert tree.evictable_size() == 95 and tree.protected_size() == 0
+
+
+def test_revise_brings_recalled_slots_back_into_the_tree(scene):
+    """The cold tier (runtime/cold.py): a next turn writes fresh slots where its prefix had
+    evicted positions; the tree's copy takes them and counts them again."""
+    tree, a, b, row = scene
+    evicted = row.clone()
+    evicted[50:60] = 0
+    evicted[70:80] = 0
+    tree.revise(a, evicted)
+    assert tree.protected_size() == 80
+    recalled = evicted.clone()
+    recalled[70:80] = torch.arange(500, 510)  # the block at 70 came back; 50..60 stays out
+    tree.revise(a, recalled)
+    assert torch.equal(tree.path_device_indices(a.last_node), recalled[:100])
+    assert tree.protected_size() == 90
+    tree.unlock(a.lock)
+    tree.unlock(b.lock)
+    assert tree.protected_size() == 0 and tree.evictable_size() == 90
+
+
+class _Listener:
+    def __init__(self):
+        self.dropped_calls, self.flushes = [], 0
+
+    def dropped(self, token_ids, positions):
+        self.dropped_calls.append((list(token_ids), list(positions)))
+
+    def flushed(self):
+        self.flushes += 1
+
+
+def test_the_tree_tells_the_cold_tier_what_leaves_it(scene):
+    """A node with evicted positions leaving the tree, and a flush: the listeners (the
+    compressors' cold tiers, runtime/hooks.py) hear of it, with the path's token ids."""
+    from dynsplit_sglang.runtime import hooks
+
+    tree, a, b, row = scene
+    evicted = row.clone()
+    evicted[70:80] = 0
+    tree.revise(a, evicted)
+    listener = _Listener()
+    hooks.tree_listeners.add(listener)
+    try:
+        leaf = a.last_node
+        tree.unlock(a.lock)
+        tree.unlock(b.lock)
+        tree._delete_leaf(leaf)  # what evict() does with an unlocked leaf
+        assert listener.dropped_calls == [(IDS[:100], list(range(70, 80)))]
+        tree.reset()
+        assert listener.flushes == 1
+    finally:
+        hooks.tree_listeners.discard(listener)

@@ -13,9 +13,11 @@ from .strategies import STRATEGIES, Strategy
 DEFAULT_BUDGET = 1024
 CANDIDATE_MODES = ("punct", "all", "sentence")  # dynsplit's candidate sets (core.delimiters)
 EVICT_SCOPES = ("prompt", "chunk")  # when eviction decides (runtime/eviction.py)
+EVICT_TIERS = ("none", "host")  # where evicted blocks go (runtime/cold.py)
 SCORES = ("gauss", "bound")  # block scores (core.selection.score_blocks)
 # Read only where the server evicts (evict=True): elsewhere setting them would change nothing.
-EVICT_FIELDS = ("evict_scope", "evict_window", "evict_pool", "evict_keep", "evict_hold")
+EVICT_FIELDS = ("evict_scope", "evict_window", "evict_pool", "evict_keep", "evict_hold",
+                "evict_tier", "evict_tier_mb")
 
 
 class ConfigError(ValueError):
@@ -33,7 +35,7 @@ class ConfigError(ValueError):
 # The fields a field's check compares against. When the field that fails was not given (it holds
 # a default or the server's setting), the given ones among these are what the message names.
 DEPENDS = {"budget": ("sink", "recent"), "tolerance": ("block_size",), "evict": ("strategy",),
-           "evict_hold": ("evict_scope",)}
+           "evict_hold": ("evict_scope",), "evict_tier": ("evict_scope",)}
 
 
 def short(value: Any, limit: int = 60) -> str:
@@ -119,6 +121,11 @@ class DynSplitConfig:
     # keeps at most h times its budget at the length so far, ranked by key distinctiveness
     # (query-agnostic); the prompt's end still decides the rest with the question's window.
     evict_hold: float = 0.0
+    # Where evicted blocks go: "none" frees them for good; "host" keeps their K/V in a cold tier
+    # of evict_tier_mb MiB (least recently used dropped past it), and a request that extends
+    # the prompt (a next turn) brings back what its question needs (runtime/cold.py).
+    evict_tier: str = "none"
+    evict_tier_mb: int = 1024
     # Block score: "gauss" estimates a block's largest q·k from its keys' mean and spread
     # (mean + spread·sqrt(2 ln n)·std along q); "bound" is Quest's min/max upper bound.
     score: str = "gauss"
@@ -176,6 +183,13 @@ class DynSplitConfig:
         _require(not (self.evict_hold and self.evict_scope != "prompt"), "evict_hold",
                  self.evict_hold, f"0 with evict_scope={self.evict_scope} (it applies to scope "
                  "prompt)")
+        _require(self.evict_tier in EVICT_TIERS, "evict_tier", self.evict_tier,
+                 f"one of {EVICT_TIERS}")
+        _require(not (self.evict_tier != "none" and self.evict_scope != "prompt"), "evict_tier",
+                 self.evict_tier, f"none with evict_scope={self.evict_scope} (a next turn "
+                 "decides again at its prompt's end: scope prompt)")
+        _require(_is_int(self.evict_tier_mb) and 1 <= self.evict_tier_mb <= 1 << 20,
+                 "evict_tier_mb", self.evict_tier_mb, "an integer in [1, 1048576] (MiB)")
         _require(self.score in SCORES, "score", self.score, f"one of {SCORES}")
         _require(_is_number(self.spread) and 0 < self.spread <= 16, "spread", self.spread,
                  "a finite number in (0, 16]")

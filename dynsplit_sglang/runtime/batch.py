@@ -46,7 +46,8 @@ def _allocator_hooks(model_runner) -> dict:
     if alloc is None:
         return hooks
     return {**hooks, "free_slots": alloc.free, "free_slot_ids": lambda: _free_slot_ids(alloc),
-            "used_slots": lambda: alloc.size - alloc.available_size()}
+            "used_slots": lambda: alloc.size - alloc.available_size(),
+            "alloc_slots": alloc.alloc, "available_slots": alloc.available_size}
 
 
 def _memory_stats(comp: Compressor) -> dict:
@@ -74,6 +75,7 @@ def build_compressor(model_runner, settings: Settings) -> Compressor:
         max_context=req_to_token.shape[1],
         req_to_token=req_to_token,
         key_buffer=pool.get_key_buffer,
+        value_buffer=pool.get_value_buffer,
         vocab_masks=masks,
         reporter=Reporter(os.environ.get("DYNSPLIT_STATS_PATH"),
                           prometheus=bool(getattr(sa, "enable_metrics", False))),
@@ -128,6 +130,13 @@ def _prompt_ownership(reqs, seq: list[int]) -> tuple[list[bool], list[int]] | tu
     return list(final), list(owned)
 
 
+def _token_ids(reqs) -> list | None:
+    """Each request's token ids through this extend (patches/eviction.py, through hooks)."""
+    read = hooks.token_ids
+    live = [r.req() for r in reqs]
+    return None if read is None else [read(r) for r in live]
+
+
 def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
     mode = fb.forward_mode
     if mode.is_idle() or fb.batch_size == 0:
@@ -145,11 +154,13 @@ def view_of(fb, req_to_token_pool, base_config) -> BatchView | None:
     gens = req_to_token_pool.req_generation[rows].tolist()  # a host tensor (SGLang's own)
     configs = None if reqs is None or len(reqs) != fb.batch_size else \
         [r.resolve(base_config) for r in reqs]
-    final = owned = None
+    final = owned = ids = None
     if not decode and base_config.evict and base_config.evict_scope == "prompt":
         final, owned = _prompt_ownership(reqs, seq)
+        if base_config.evict_tier != "none" and final is not None:
+            ids = _token_ids(reqs)
     return BatchView(rows, gens, seq, prefix, fb.input_ids, fb.out_cache_loc, decode, configs,
-                     final, owned)
+                     final, owned, ids)
 
 
 def graph_view_of(fb, req_to_token_pool) -> BatchView | None:

@@ -20,11 +20,14 @@ from ..core import (
     BlockTable, DynSplitConfig, candidate_plan, causal_lse, layer_votes, plan_selection,
 )
 from ..kernels.wrapper import SparseDecodeWrapper
+from . import hooks
+from .cold import ColdLink
 from .eviction import Evictor
 from .report import Reporter, warn_counted
 from .rows import RowBlocks
 from .state import BatchView, RowState, StepState
 from .store import BlockStore, StoreGeometry
+from .tier import ColdTier
 
 __all__ = ["BatchView", "Compressor"]
 
@@ -60,6 +63,9 @@ class Compressor:
         used_slots: Callable[[], int] | None = None,
         free_slot_ids: Callable[[], torch.Tensor] | None = None,
         live_rows: Callable[[], set] | None = None,
+        value_buffer: Callable[[int], torch.Tensor] | None = None,
+        alloc_slots: Callable[[int], torch.Tensor | None] | None = None,
+        available_slots: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
@@ -87,6 +93,21 @@ class Compressor:
                 raise ValueError("Compressor: eviction needs free_slots (the KV allocator's free)")
             self.evictor = Evictor(self.store, req_to_token, kv_heads, kernels, free_slots,
                                    self.stats)
+        self.cold: ColdLink | None = None
+        if cfg.evict and cfg.evict_tier == "host":
+            if value_buffer is None or alloc_slots is None or available_slots is None:
+                raise ValueError("Compressor: the cold tier needs value_buffer, alloc_slots and "
+                                 "available_slots")
+            tier = ColdTier(cfg.evict_tier_mb << 20, num_layers, kv_heads, head_dim, dtype,
+                            pin_memory=torch.device(device).type == "cuda",
+                            aux_width=cfg.future_window + 1)
+            tier.stats = self.stats
+            layers = range(num_layers)
+            self.cold = ColdLink(
+                tier, lambda: ([key_buffer(i) for i in layers], [value_buffer(i) for i in layers]),
+                alloc_slots, available_slots, self.stats, publish=lambda: self._dump_stats())
+            self.evictor.cold = self.cold
+            hooks.tree_listeners.add(self.cold)  # flushes and nodes leaving the tree
         self.used_slots = used_slots
         # Under tensor parallelism each rank holds some KV heads: the votes are summed over ranks
         # so that every rank (and a single-GPU run) splits the sequence at the same boundaries.
@@ -115,6 +136,8 @@ class Compressor:
         """plan=False: a captured decode graph plans into its own buffers (graphs.py)."""
         states = self.blocks.begin(batch, self.cfg)
         step = self.step = StepState(batch, states)
+        if self.cold is not None and not batch.is_decode:
+            self._recall(step)
         # Every extend attends densely, one new token over a cached prompt included: the first
         # answer token always comes from the prefill, cached or not (docs/design.md).
         if batch.is_decode:
@@ -178,6 +201,25 @@ class Compressor:
             self._evict(step, tp)
         self._dump_stats()
 
+    def _recall(self, step: StepState) -> None:
+        """A request's first extend: its own part's evicted blocks come back from the cold
+        tier (runtime/cold.py), before the forward reads the row."""
+        b = step.batch
+        if b.token_ids is None or b.owned_from is None:
+            return
+        for i, st in enumerate(step.rows):
+            if st.recall_checked:
+                continue
+            st.recall_checked = True
+            if self.cold.recall_row(self.blocks, st, b.rows[i], b.owned_from[i],
+                                    b.prefix_lens[i], b.token_ids[i]):
+                step.revised.append(i)  # the radix tree's copy: 0 -> the new slots
+
+    def _row_keys(self, b: BatchView, i: int) -> torch.Tensor | None:
+        if self.cold is None or b.token_ids is None:
+            return None
+        return self.cold.keys(b.token_ids[i], b.seq_lens[i])
+
     def _evict(self, step: StepState, tp: bool) -> None:
         b = step.batch
         if tp:  # every rank must evict alike: heat averaged over the ranks' KV heads
@@ -191,17 +233,19 @@ class Compressor:
                 continue
             held_early = _holds_early(st, b, i)
             if st.cfg.evict_scope == "chunk":
-                self.evictor.evict(st, b.rows[i], b.prefix_lens[i], b.seq_lens[i])
+                self.evictor.evict(st, b.rows[i], b.prefix_lens[i], b.seq_lens[i],
+                                   self._row_keys(b, i))
             elif i in step.window or held_early:
                 # Unknown ownership: only this extend's tokens are surely the request's own.
                 own = b.owned_from[i] if b.owned_from is not None else b.prefix_lens[i]
                 own = max(own, st.cfg.evict_keep)  # what the client marked as shared
                 if held_early:  # before the question: bound the peak, by key distinctiveness
-                    first = self.evictor.hold_prompt(st, b.rows[i], own, b.seq_lens[i])
+                    first = self.evictor.hold_prompt(st, b.rows[i], own, b.seq_lens[i],
+                                                     self._row_keys(b, i))
                 else:
                     first = self.evictor.evict_prompt(st, b.rows[i], own, b.seq_lens[i],
-                                                      step.window[i])
-                if first is not None and first < b.prefix_lens[i]:
+                                                      step.window[i], keys=self._row_keys(b, i))
+                if first is not None and first < b.prefix_lens[i] and i not in step.revised:
                     step.revised.append(i)  # the radix tree holds a copy of those positions
             elif b.final is None and not st.evict_unknown:
                 st.evict_unknown = True

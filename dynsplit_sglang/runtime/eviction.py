@@ -29,6 +29,7 @@ import torch
 
 from ..core import DynSplitConfig, key_distinctiveness, window_heat
 from ..kernels import Kernels
+from .cold import BlockSplit, ColdLink
 from .state import RowState, StepState
 from .store import BlockStore
 
@@ -68,6 +69,7 @@ class Evictor:
     kernels: Kernels
     free_slots: Callable[[torch.Tensor], None]  # the KV allocator's free
     stats: Counter
+    cold: ColdLink | None = None  # where freed blocks go (--dynsplit-evict-tier host)
 
     def note_keys(self, slots: torch.Tensor, keys: torch.Tensor, own_from: int) -> None:
         """Importance of this extend's own keys (positions from `own_from`) in one scored layer;
@@ -90,7 +92,8 @@ class Evictor:
                         pool=cfg.evict_pool)
         return h if acc is None else torch.maximum(acc, h)
 
-    def evict(self, st: RowState, row: int, cached: int, length: int) -> None:
+    def evict(self, st: RowState, row: int, cached: int, length: int,
+              keys: torch.Tensor | None = None) -> None:
         """Scope "chunk": free the least important settled blocks of this extend's new tokens
         until what the row keeps fits its budget at this length, sink and recent window
         excepted.
@@ -105,10 +108,12 @@ class Evictor:
             return
         cand, starts, lens, slots, excess = picked
         heat = block_heat(self.store.heat[slots.long()], starts[cand], lens[cand])
-        self._drop(row, cand[pick_victims(heat, lens[cand], excess)], starts, lens, slots)
+        self._drop(st, row, cand[pick_victims(heat, lens[cand], excess)], starts, lens, slots,
+                   keys)
 
     def evict_prompt(self, st: RowState, row: int, owned_from: int, length: int,
-                     heat: torch.Tensor, hold: float = 1.0, mean: bool = True) -> int | None:
+                     heat: torch.Tensor, hold: float = 1.0, mean: bool = True,
+                     keys: torch.Tensor | None = None) -> int | None:
         """Scope "prompt", at the end of the prompt: free the blocks of the request's own part
         ([owned_from, length), sink and recent window excepted) with the least window attention
         per token (`heat` per position; mean=False: a block's most important token) until the
@@ -118,7 +123,9 @@ class Evictor:
         Earlier chunks of this prompt are in the radix tree already, in nodes only this request
         holds (owned_from is past every node another holder locks): the tree's copy of them is
         revised before anyone can match it (patches/eviction.py)."""
-        lo = max(owned_from, st.shared_len)
+        # What the tree matched stays as it is, unless a cold tier lets a next turn decide again
+        # over its whole own part (what it drops can come back).
+        lo = owned_from if self.cold is not None else max(owned_from, st.shared_len)
         # The shared part is stored once for all its holders: the own part is allowed at least
         # its own budget, as if it stood alone (else a long system prompt would leave nothing).
         own_len = length - lo
@@ -131,10 +138,11 @@ class Evictor:
         score = block_heat(heat, starts[cand], lens[cand], mean=mean)
         victims = cand[pick_victims(score, lens[cand], excess)]
         first = int(starts[victims].min())
-        self._drop(row, victims, starts, lens, slots)
+        self._drop(st, row, victims, starts, lens, slots, keys)
         return first
 
-    def hold_prompt(self, st: RowState, row: int, owned_from: int, length: int) -> int | None:
+    def hold_prompt(self, st: RowState, row: int, owned_from: int, length: int,
+                    keys: torch.Tensor | None = None) -> int | None:
         """Scope "prompt" with evict_hold, at the end of a chunk before the prompt's: the own
         part so far keeps at most evict_hold times its budget at this length, blocks ranked by
         their most distinctive key (noted per chunk, query-agnostic: the question is not in
@@ -142,7 +150,7 @@ class Evictor:
         The prompt's end then decides among what is held with the question's window."""
         heat = self.store.heat[self.req_to_token[row, :length].long()]
         return self.evict_prompt(st, row, owned_from, length, heat, st.cfg.evict_hold,
-                                 mean=False)
+                                 mean=False, keys=keys)
 
     def _candidates(self, st: RowState, row: int, lo: int, length: int, keep: int,
                     floor: int = 0):
@@ -168,14 +176,18 @@ class Evictor:
         cand = torch.nonzero((lens > 0) & (starts >= lo) & (starts + lens <= hi)).flatten()
         return None if cand.numel() == 0 else (cand, starts, lens, slots, excess)
 
-    def _drop(self, row: int, victims, starts, lens, slots) -> None:
-        """Free the victim blocks' slots: slot 0 in the row, entries and registrations gone."""
+    def _drop(self, st: RowState, row: int, victims, starts, lens, slots,
+              keys: torch.Tensor | None = None) -> None:
+        """Free the victim blocks' slots: slot 0 in the row, entries and registrations gone.
+        With a cold tier and the row's position keys, the blocks go there first."""
         s = self.store
         width = int(lens[victims].max())
         offs = torch.arange(width, device=starts.device)
         pos = starts[victims, None] + offs[None, :]
-        pos = pos[offs[None, :] < lens[victims, None]]
+        pos = pos[offs[None, :] < lens[victims, None]]  # block after block, in victims' order
         freed = slots[pos].long()
+        if self.cold is not None and keys is not None:
+            self._move_out(st, row, victims, lens, pos, freed, keys)
         self.req_to_token[row, pos] = 0
         s.invalidate_slots(freed)  # releases the victims' entries (registered at their end slot)
         s.row_len[row, victims] = 0
@@ -183,6 +195,17 @@ class Evictor:
         self.free_slots(freed)
         self.stats["slots_evicted"] += int(freed.numel())
         self.stats["blocks_evicted"] += int(victims.numel())
+
+    def _move_out(self, st, row, victims, lens, pos, freed, keys) -> None:
+        s = self.store
+        ents = s.row_entry[row, victims].tolist()
+        splits = [BlockSplit(int(s.e_kind[e]), int(s.e_horizon[e]), int(s.e_known[e]))
+                  for e in ents]
+        aux = s.votes[freed]
+        if s.heat.numel():
+            aux = torch.cat([aux, s.heat[freed, None]], dim=1)
+        self.cold.move_out(keys[pos.cpu()], freed, lens[victims].tolist(), aux, splits)
+        st.tier_out += int(freed.numel())
 
     def attend_kept(self, step: StepState, q, k_buffer, v_buffer, scale) -> torch.Tensor:
         """Dense decode over the positions that still have K/V (built once per step)."""

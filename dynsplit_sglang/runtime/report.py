@@ -30,7 +30,13 @@ COUNTERS = {
     "evict_skipped_rows": "Requests whose prompt could not be evicted: their SGLang request was "
                           "not known (whole-prompt eviction needs its ownership)",
     "entries_reclaimed": "Block entries of freed slots and finished rows returned to the store",
+    "tier_tokens_moved_out": "Evicted tokens whose K/V went to the cold tier (--dynsplit-evict-tier)",
+    "tier_tokens_recalled": "Tokens brought back from the cold tier into the KV pool",
+    "tier_tokens_dropped": "Tokens the cold tier dropped for good (its size cap)",
+    "tier_tokens_recall_short": "Tokens a request would have recalled but the KV pool had no room",
 }
+# Values that go up and down (the last one published).
+GAUGES = {"tier_bytes_held": "Bytes the cold tier holds"}
 
 
 def warn_counted(stats: Counter, counter: str, what: str) -> None:
@@ -162,7 +168,9 @@ class Reporter:
         ratio = Gauge("sglang:dynsplit_compression_ratio",
                       "Dense K/V tokens per attended K/V token, since start",
                       multiprocess_mode="mostrecent")
-        return counters, ratio
+        gauges = {k: Gauge(f"sglang:dynsplit_{k}", doc, multiprocess_mode="mostrecent")
+                  for k, doc in GAUGES.items()}
+        return counters, ratio, gauges
 
     def _write(self, stats: Counter) -> None:
         data = summary(stats)
@@ -172,7 +180,10 @@ class Reporter:
                 json.dump(data, f)
             os.replace(f.name, self.path)
         if self._prom is not None:
-            counters, ratio = self._prom
+            counters, ratio, gauges = self._prom
+            for k, g in gauges.items():
+                if k in stats:
+                    g.set(stats[k])
             for k, c in counters.items():
                 delta = stats.get(k, 0) - self._pushed.get(k, 0)
                 if delta > 0:

@@ -44,6 +44,7 @@ class RequestCompression:
     blocks_built: int = 0
     blocks_reused: int = 0
     prefill_peak_slots: int = 0  # eviction only (RowState.peak_held)
+    tier: dict | None = None  # the cold tier only: tokens moved out and recalled
     fallback: bool = False
     # Tokens attended, still on the device: one 0-dim view per decode forward (indexing makes
     # no kernel); read once, when the report is built (no host sync per step).
@@ -82,6 +83,8 @@ class RequestCompression:
                "blocks_reused": self.blocks_reused, "dense_fallback": self.fallback}
         if self.prefill_peak_slots:
             out["prefill_peak_slots"] = self.prefill_peak_slots
+        if self.tier is not None:
+            out.update(self.tier)
         if self.error:
             out["error"] = self.error
         return out
@@ -125,6 +128,8 @@ def account(compressor, view, requests: list[RequestCompression]) -> None:
         req.blocks_reused = st.reused
         req.blocks_built = st.nblocks - st.reused
         req.prefill_peak_slots = st.peak_held
+        if getattr(compressor, "cold", None) is not None:
+            req.tier = {"tier_tokens_moved_out": st.tier_out, "tier_tokens_recalled": st.tier_in}
         req.fallback = st.fallback
         if dense is not None:
             c = req.counts

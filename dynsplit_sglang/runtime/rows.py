@@ -211,7 +211,32 @@ class RowBlocks:
                          seg.horizons.tolist(), known, kind)
         st.next_start = seg.next_start
 
-    def _add_blocks(self, st, row, starts, lens, horizon, known, kind) -> None:
+    def restore(self, st: RowState, row: int, blocks: list, slots: torch.Tensor,
+                pos: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Blocks recalled from the cold tier into `slots` (positions `pos`; runtime/cold.py):
+        the slots take their token ids, and the blocks inside the part this row adopted from
+        the radix tree (before next_start, where they were gaps) are entries again, split as
+        they were and registered under their new end slots, so a later turn adopts them. Past
+        next_start the row splits its own blocks anyway (the recalled votes are there)."""
+        self.token[slots.long()] = token_ids.to(self.token.device)
+        inside = [(p, n, split) for p, n, split in blocks if p + n <= st.next_start]
+        if not inside or st.fallback or not st.cfg.strategy_impl.has_blocks:
+            return
+        starts, lens, splits = zip(*inside)
+        self._add_blocks(st, row, list(starts), list(lens), [x.horizon for x in splits],
+                         [x.known for x in splits], [x.kind for x in splits], register_all=True)
+        self.stats["blocks_recalled"] += len(inside)
+        self._sort_row(st, row)
+
+    def _sort_row(self, st: RowState, row: int) -> None:
+        """The row's table in position order (recalled blocks were appended at its end)."""
+        s, n = self.store, st.nblocks
+        order = torch.argsort(s.row_start[row, :n].long(), stable=True)
+        for t in (s.row_start, s.row_len, s.row_entry):
+            t[row, :n] = t[row, :n][order]
+
+    def _add_blocks(self, st, row, starts, lens, horizon, known, kind,
+                    register_all: bool = False) -> None:
         s, n = self.store, len(starts)
         if not self._fits(st, n):
             return
@@ -230,14 +255,15 @@ class RowBlocks:
         row_slots = self.req_to_token[row]
         s.e_start[e], s.e_len[e], s.e_horizon[e] = st_t, ln_t, hz_t
         s.e_start_slot[e] = row_slots[st_t].long()
-        s.e_known[e] = known
-        s.e_kind[e] = kind
+        s.e_known[e] = torch.as_tensor(known, dtype=torch.int64, device=dev)
+        s.e_kind[e] = torch.as_tensor(kind, dtype=torch.int64, device=dev)
         table = BlockTable(st_t[None].int(), ln_t[None].int())
         keys = [self.key_buffer(self.first_compressed + li) for li in range(s.center.shape[0])]
         self.kernels.block_summaries_layers(keys, row_slots[None], table, s.center, s.radius,
                                             e[None], max(lens), st.cfg.summary_spread)
         end_pos = st_t + ln_t - 1
-        owned = end_pos >= st.shared_len
+        owned = torch.ones_like(end_pos, dtype=torch.bool) if register_all \
+            else end_pos >= st.shared_len
         s.end_entry[row_slots[end_pos[owned]].long()] = e[owned].int()
         st.local.extend(e[~owned].tolist())
         self._append_row(st, row, starts, lens, ents)

@@ -32,6 +32,9 @@ class BatchView:
     # holds in the radix tree). None: not known, so no such eviction runs.
     final: list[bool] | None = None
     owned_from: list[int] | None = None
+    # With a cold tier: each request's token ids through its seq_len (SGLang's own list; the
+    # position keys of what eviction moves out and a next turn recalls). None otherwise.
+    token_ids: list | None = None
 
 
 @dataclass
@@ -50,6 +53,11 @@ class RowState:
     # chunk's eviction (its shared prefix included): the request's peak while it prefills.
     peak_held: int = 0
     local: list[int] = field(default_factory=list)  # entries only this row references
+    # The cold tier: whether this request's recall ran (its first extend), tokens it moved
+    # there and brought back.
+    recall_checked: bool = False
+    tier_out: int = 0
+    tier_in: int = 0
 
 
 @dataclass

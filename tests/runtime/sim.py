@@ -30,6 +30,8 @@ def _feat(tokens, positions, layer, which, width):
 
 
 class SimPool:
+    pass_token_ids = False  # BatchView.token_ids (the cold tier's position keys)
+
     def __init__(self, cfg: DynSplitConfig, slots=8192, rows=16, max_ctx=2048):
         self.k = [torch.zeros(slots, HKV, D) for _ in range(LAYERS)]
         self.v = [torch.zeros(slots, HKV, D) for _ in range(LAYERS)]
@@ -65,7 +67,9 @@ class SimPool:
             final = [True] * len(rows)
         view = BatchView(rows, [self.gen[r] for r in rows], seqs, list(prefix_lens),
                          torch.cat(ids), torch.cat(locs).long(), decode, final=final,
-                         owned_from=owned)
+                         owned_from=owned,
+                         token_ids=None if decode or not self.pass_token_ids
+                         else [list(t) for t in tokens_per_row])
         self.comp.begin_forward(view)
         outs = []
         for layer in range(LAYERS):
