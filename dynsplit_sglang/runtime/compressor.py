@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 from typing import Callable
 
@@ -211,9 +212,13 @@ class Compressor:
             if st.recall_checked:
                 continue
             st.recall_checked = True
+            t0 = time.perf_counter()
             if self.cold.recall_row(self.blocks, st, b.rows[i], b.owned_from[i],
                                     b.prefix_lens[i], b.token_ids[i]):
                 step.revised.append(i)  # the radix tree's copy: 0 -> the new slots
+                # Host time of the lookup, the allocation and the copies (on a GPU the copies
+                # are queued: a lower bound there).
+                st.tier_ms = 1000 * (time.perf_counter() - t0)
 
     def _row_keys(self, b: BatchView, i: int) -> torch.Tensor | None:
         if self.cold is None or b.token_ids is None:

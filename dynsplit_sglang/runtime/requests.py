@@ -129,7 +129,8 @@ def account(compressor, view, requests: list[RequestCompression]) -> None:
         req.blocks_built = st.nblocks - st.reused
         req.prefill_peak_slots = st.peak_held
         if getattr(compressor, "cold", None) is not None:
-            req.tier = {"tier_tokens_moved_out": st.tier_out, "tier_tokens_recalled": st.tier_in}
+            req.tier = {"tier_tokens_moved_out": st.tier_out, "tier_tokens_recalled": st.tier_in,
+                        "tier_recall_ms": round(st.tier_ms, 2)}
         req.fallback = st.fallback
         if dense is not None:
             c = req.counts

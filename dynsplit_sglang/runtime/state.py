@@ -58,6 +58,7 @@ class RowState:
     recall_checked: bool = False
     tier_out: int = 0
     tier_in: int = 0
+    tier_ms: float = 0.0  # host time of this request's recall
 
 
 @dataclass

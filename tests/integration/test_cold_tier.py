@@ -83,6 +83,8 @@ def test_a_next_turn_brings_every_evicted_block_back_and_answers_as_a_cold_promp
     assert m2["dynsplit"]["tier_tokens_recalled"] == o1["meta_info"]["dynsplit"][
         "tier_tokens_moved_out"]
     assert m2["dynsplit"]["tier_tokens_moved_out"] > 0  # and its prompt's end decided again
+    assert m2["dynsplit"]["tier_recall_ms"] > 0 and o1["meta_info"]["dynsplit"][
+        "tier_recall_ms"] == 0
     _flush(server)
     s3 = _settled(server, "tier_tokens_flushed", 1)
     assert s3["tier_bytes_held"] == 0
