@@ -8,6 +8,7 @@ Same prompts as test_eviction.py (token ids, 5 x 512 tokens, the chunked-prefill
 """
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -17,7 +18,8 @@ from .client import flush as _flush
 from .client import stats
 from .conftest import default_model_server
 from .test_eviction import (
-    BUDGET, CHUNK, EVICT_ARGS, PROMPT_LEN, QUESTIONS, _assert_healthy, _prompt, _story, tokenizer,
+    BUDGET, CHUNK, EVICT_ARGS, PROMPT_LEN, QUESTIONS, _assert_healthy, _post, _prompt, _story,
+    tokenizer,
 )
 
 pytestmark = pytest.mark.server
@@ -109,6 +111,31 @@ def test_nodes_leaving_the_tree_leave_the_tier(server, tokenizer):
     s = _settled(server, "tier_tokens_unreachable", 1)
     # (what is left: the tier's cap, 256 MiB, or what the tree still reaches)
     assert s["tier_tokens_unreachable"] > 0
+    _assert_healthy(server)
+
+
+def test_an_abort_after_a_recall_leaves_tree_pool_and_tier_whole(server, tokenizer):
+    """Turn 2 recalls, decides again, and is aborted while it decodes: the tree keeps the
+    recalled slots it was revised with (no leak at idle), and turn 3 matches that state."""
+    _flush(server)
+    t1 = _prompt(tokenizer, "Quebec", 31, QUESTIONS[0])
+    _gen(server, t1)
+    q = [tokenizer.encode(x, add_special_tokens=False) for x in QUESTIONS[1:]]
+    recalled = stats(server).get("tier_tokens_recalled", 0)
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(_post, server, "/generate", {
+            "rid": "abort-after-recall", "input_ids": t1 + q[0],
+            "sampling_params": {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True}})
+        _settled(server, "tier_tokens_recalled", recalled + 1, timeout=300)
+        time.sleep(0.5)  # decoding now
+        _post(server, "/abort_request", {"rid": "abort-after-recall"})
+        second.result()
+    time.sleep(2.0)  # idle: SGLang checks free + evictable == total (and dies on a leak)
+    _assert_healthy(server)
+    third = _gen(server, t1 + q[1])
+    assert third["meta_info"]["cached_tokens"] >= len(t1)
+    assert third["meta_info"]["dynsplit"]["tier_tokens_recalled"] > 0  # what turn 2 dropped
+    time.sleep(2.0)
     _assert_healthy(server)
 
 
