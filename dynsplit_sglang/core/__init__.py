@@ -1,8 +1,9 @@
 """DynSplit-KV in pure PyTorch: no SGLang import here (a test enforces it).
 
 Pipeline: candidate delimiters → importance scores during prefill → segmentation (DD-Select or a
-rigid baseline) → uniform mapping (fixed-shape block table + min/max key summaries) → per-step
-block scoring and selection under a token budget → sparse decode attention.
+rigid baseline) → uniform mapping (fixed-shape block table + a center and radius per block:
+the gauss score, or Quest's min/max box) → per-step block scoring and two-stage selection
+under a token budget → sparse decode attention.
 """
 
 from .attention import dense_decode_attention, sparse_decode_attention
