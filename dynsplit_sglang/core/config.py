@@ -20,6 +20,17 @@ EVICT_FIELDS = ("evict_scope", "evict_window", "evict_pool", "evict_keep", "evic
                 "evict_tier", "evict_tier_mb")
 
 
+# Every field is in exactly one of these (a test checks), so a new field is a decision: what a
+# block's split depends on (cached blocks split with other values are never adopted), what its
+# summary depends on, and what changes neither (which blocks are read, eviction, the budget).
+SPLIT_FIELDS = ("strategy", "block_size", "tolerance", "alpha", "future_window", "sink",
+                "candidates", "score_layers")
+SUMMARY_FIELDS = ("score", "spread")
+READ_FIELDS = ("budget", "budget_fraction", "recent", "dense_layers", "evict", "evict_scope",
+               "evict_window", "evict_pool", "evict_keep", "evict_hold", "evict_tier",
+               "evict_tier_mb", "refine", "min_sparse_len")
+
+
 class ConfigError(ValueError):
     """An invalid DynSplit parameter; the message names the field and its valid range.
 
@@ -217,6 +228,13 @@ class DynSplitConfig:
     def summary_spread(self) -> float | None:
         """What block summaries are built with: None for the min/max box, else the spread."""
         return None if self.score == "bound" else float(self.spread)
+
+    def block_identity(self, decode: bool = False) -> tuple:
+        """What a cached block must have been built with to be adopted: its split (the
+        SPLIT_FIELDS; generated tokens are frozen into fixed blocks of C whatever the strategy,
+        so ``decode`` blocks match any split) and its summary."""
+        split = ("decode",) if decode else tuple(getattr(self, f) for f in SPLIT_FIELDS)
+        return split + (self.summary_spread,)
 
     @property
     def max_block_len(self) -> int:

@@ -28,13 +28,8 @@ _FIXED = STRATEGIES["fixed"]
 
 
 def _kind(cfg: DynSplitConfig, decode: bool = False) -> int:
-    """What a block's entry must match to be adopted: its split and its summary. Generated
-    tokens are frozen into fixed blocks of C whatever the strategy (``decode``), so those match
-    any strategy with the same summary."""
-    split = ("decode",) if decode else (cfg.strategy, cfg.block_size, cfg.tolerance, cfg.alpha,
-                                        cfg.future_window, cfg.sink, cfg.candidates,
-                                        cfg.score_layers)
-    return hash(split + (cfg.summary_spread,)) & 0x3FFFFFFFFFFFFFFF
+    """A block entry's identity (``DynSplitConfig.block_identity``) as a 62-bit integer."""
+    return hash(cfg.block_identity(decode)) & 0x3FFFFFFFFFFFFFFF
 
 
 @dataclass(eq=False)

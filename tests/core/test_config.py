@@ -69,3 +69,33 @@ def test_streaming_spends_budget_on_recent():
     cfg = DynSplitConfig(strategy="streaming", budget=256)
     assert cfg.recent_for(256) == 256 - cfg.sink
     assert DynSplitConfig(budget=256).recent_for(256) == 64
+
+
+def test_every_field_is_classified_for_block_reuse():
+    """A new field must be put in SPLIT_FIELDS, SUMMARY_FIELDS or READ_FIELDS: forgetting a
+    split setting would let a request adopt blocks split another way, silently."""
+    import dataclasses
+
+    from dynsplit_sglang.core.config import READ_FIELDS, SPLIT_FIELDS, SUMMARY_FIELDS
+
+    groups = [set(SPLIT_FIELDS), set(SUMMARY_FIELDS), set(READ_FIELDS)]
+    every = {f.name for f in dataclasses.fields(DynSplitConfig)}
+    assert set().union(*groups) == every
+    assert sum(map(len, groups)) == len(every)  # no field in two groups
+
+
+_OTHER = {"strategy": "fixed", "block_size": 20, "tolerance": 2, "alpha": 0.5,
+          "future_window": 8, "sink": 8, "candidates": "all", "score_layers": 2,
+          "score": "bound", "spread": 2.0, "budget": 2048, "recent": 32, "dense_layers": 3,
+          "refine": 1, "min_sparse_len": 100}
+
+
+@pytest.mark.parametrize("field", sorted(_OTHER))
+def test_block_identity_follows_the_split_and_summary_fields_only(field):
+    from dynsplit_sglang.core.config import READ_FIELDS
+
+    base = DynSplitConfig()
+    other = base.replace(**{field: _OTHER[field]})
+    same = field in READ_FIELDS or (field == "spread" and base.score == "bound")
+    assert (other.block_identity() == base.block_identity()) == same
+    assert other.block_identity(decode=True)[0] == "decode"
