@@ -29,6 +29,20 @@ import torch
 from .tier import ColdTier, prefix_keys
 
 
+@dataclass
+class ColdRow:
+    """A request's evicted positions that the tier holds, found at its first extend."""
+
+    keys: torch.Tensor  # position keys of its evicted positions
+    pos: torch.Tensor  # those positions, ascending
+    blocks: list  # the tier's whole blocks among them: (block id, first position, length)
+    token_ids: list  # the request's tokens through its prefix
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, _, n in self.blocks)
+
+
 @dataclass(frozen=True)
 class BlockSplit:
     """What a block's entry said about its split, kept with it in the tier."""
@@ -121,19 +135,38 @@ class ColdLink:
         if publish and self.publish is not None:
             self.publish()
 
+    def find_row(self, r2t: torch.Tensor, row: int, lo: int, hi: int, token_ids):
+        """The tier's whole blocks among the evicted positions [lo, hi) of a row: a ColdRow,
+        or None when there are none."""
+        if hi <= lo:
+            return None
+        pos = torch.nonzero(r2t[row, lo:hi] == 0).flatten().cpu() + lo
+        if pos.numel() == 0:
+            return None
+        keys = self.keys(token_ids, hi)[pos]
+        found = self.find_blocks(keys, pos)
+        return ColdRow(keys, pos, found, list(token_ids[:hi])) if found else None
+
+    def keys_at(self, cold: "ColdRow", layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, their keys in `layer` [n, Hkv, D]) of a row's cold blocks, read from
+        the tier (the window ranks them without bringing them back)."""
+        got = torch.cat([torch.arange(s, s + n) for _, s, n in cold.blocks])
+        sel = torch.searchsorted(cold.pos, got)
+        rows = self.tier.find(cold.keys[sel])
+        return got, self.tier.data[rows, 0, layer]
+
     def recall_row(self, blocks, st, row: int, lo: int, hi: int, token_ids) -> int:
         """Bring back the tier's whole blocks among the evicted positions [lo, hi) of a row
         (`blocks`: the compressor's RowBlocks; `token_ids`: the request's, through hi at least).
         Returns the tokens recalled."""
+        cold = self.find_row(blocks.req_to_token, row, lo, hi, token_ids)
+        return 0 if cold is None else self.recall_blocks(blocks, st, row, cold, cold.blocks)
+
+    def recall_blocks(self, blocks, st, row: int, cold: "ColdRow", which: list) -> int:
+        """Bring back `which` of a row's cold blocks (as many as the free slots allow)."""
         r2t = blocks.req_to_token
-        if hi <= lo:
-            return 0
-        pos = torch.nonzero(r2t[row, lo:hi] == 0).flatten().cpu() + lo
-        if pos.numel() == 0:
-            return 0
-        keys = self.keys(token_ids, hi)[pos]
-        found = self.find_blocks(keys, pos)
-        got = self.bring_back(keys, pos, found) if found else None
+        token_ids = cold.token_ids
+        got = self.bring_back(cold.keys, cold.pos, which) if which else None
         if got is None:
             return 0
         where, slots, aux, splits = got
@@ -145,7 +178,7 @@ class ColdLink:
         if store.heat.numel():
             store.heat[slots] = aux[:, wf].to(dev)
         r2t[row, where.to(dev)] = slots.to(r2t.dtype)
-        ids = torch.as_tensor(list(token_ids[:hi]), dtype=torch.int64)[where]
+        ids = torch.as_tensor(token_ids, dtype=torch.int64)[where]
         blocks.restore(st, row, splits, slots, where, ids)
         st.tier_in += int(where.numel())
         return int(where.numel())

@@ -176,8 +176,14 @@ class Compressor:
                     self.evictor.note_keys(slots, keys, max(p, st.shared_len))
                     step.noted_keys = True
                 if window:  # the prompt's last queries: what its question attends to
+                    wkeys, ok = keys, None
+                    if st.cold is not None:  # its tier blocks compete too, keys from the tier
+                        at, cold_k = self.cold.keys_at(st.cold, layer_id)
+                        at = at.to(keys.device)
+                        wkeys, ok = keys.clone(), slots != 0
+                        wkeys[at], ok[at] = cold_k.to(keys.device, keys.dtype), True
                     step.window[i] = self.evictor.window(step.window.get(i), q[off:off + n],
-                                                        keys, p, slots, scale, st.cfg)
+                                                        wkeys, p, slots, scale, st.cfg, ok)
                 if votes and self.evictor is not None:  # evicted keys (slot 0): in no softmax
                     lse = causal_lse(q[off:off + n], keys, p, scale, key_ok=slots != 0)
                 if votes:
@@ -213,12 +219,28 @@ class Compressor:
                 continue
             st.recall_checked = True
             t0 = time.perf_counter()
+            if st.cfg.evict_hold > 0:  # bounded: ranked at the prompt's end, not brought back
+                st.cold = self.cold.find_row(self.req_to_token, b.rows[i], b.owned_from[i],
+                                             b.prefix_lens[i], b.token_ids[i])
+                continue
             if self.cold.recall_row(self.blocks, st, b.rows[i], b.owned_from[i],
                                     b.prefix_lens[i], b.token_ids[i]):
                 step.revised.append(i)  # the radix tree's copy: 0 -> the new slots
                 # Host time of the lookup, the allocation and the copies (on a GPU the copies
                 # are queued: a lower bound there).
                 st.tier_ms = 1000 * (time.perf_counter() - t0)
+
+    def _rank_with_cold(self, step: StepState, i: int, st: RowState, own: int) -> int | None:
+        b = step.batch
+        cold, st.cold = st.cold, None
+        t0 = time.perf_counter()
+        first, winners = self.evictor.rank_with_cold(st, b.rows[i], own, b.seq_lens[i],
+                                                     step.window[i], cold, self._row_keys(b, i))
+        if winners and self.cold.recall_blocks(self.blocks, st, b.rows[i], cold, winners) \
+                and i not in step.revised:
+            step.revised.append(i)  # recalled positions are in the tree's copy
+        st.tier_ms += 1000 * (time.perf_counter() - t0)
+        return first
 
     def _row_keys(self, b: BatchView, i: int) -> torch.Tensor | None:
         if self.cold is None or b.token_ids is None:
@@ -247,6 +269,8 @@ class Compressor:
                 if held_early:  # before the question: bound the peak, by key distinctiveness
                     first = self.evictor.hold_prompt(st, b.rows[i], own, b.seq_lens[i],
                                                      self._row_keys(b, i))
+                elif st.cold is not None:  # pool and tier blocks compete (runtime/cold.py)
+                    first = self._rank_with_cold(step, i, st, own)
                 else:
                     first = self.evictor.evict_prompt(st, b.rows[i], own, b.seq_lens[i],
                                                       step.window[i], keys=self._row_keys(b, i))

@@ -84,12 +84,14 @@ class Evictor:
         self.store.heat[new] = all_reduce(self.store.heat[new]) / tp_size
 
     def window(self, acc: torch.Tensor | None, q: torch.Tensor, keys: torch.Tensor,
-               q_start: int, slots: torch.Tensor, scale, cfg: DynSplitConfig) -> torch.Tensor:
+               q_start: int, slots: torch.Tensor, scale, cfg: DynSplitConfig,
+               key_ok: torch.Tensor | None = None) -> torch.Tensor:
         """One scored layer of the prompt's last queries (q: this extend's, at q_start..; keys
-        and slots: the row's so far): their attention per position, maxed into acc."""
+        and slots: the row's so far; key_ok: which keys exist, default the live slots): their
+        attention per position, maxed into acc."""
         w = min(cfg.evict_window, q.shape[0])
-        h = window_heat(q[-w:], keys, q_start + q.shape[0] - w, scale, key_ok=slots != 0,
-                        pool=cfg.evict_pool)
+        h = window_heat(q[-w:], keys, q_start + q.shape[0] - w, scale,
+                        key_ok=slots != 0 if key_ok is None else key_ok, pool=cfg.evict_pool)
         return h if acc is None else torch.maximum(acc, h)
 
     def evict(self, st: RowState, row: int, cached: int, length: int,
@@ -140,6 +142,51 @@ class Evictor:
         first = int(starts[victims].min())
         self._drop(st, row, victims, starts, lens, slots, keys)
         return first
+
+    def rank_with_cold(self, st: RowState, row: int, owned_from: int, length: int,
+                       heat: torch.Tensor, cold, keys: torch.Tensor | None = None):
+        """Scope "prompt" with a cold tier and evict_hold (runtime/cold.py): at the prompt's
+        end the own part's blocks in the pool and its blocks in the tier (``cold.blocks``,
+        ranked by the same window, their keys read from the tier) compete for the budget.
+        Pool blocks that lose are freed (moved to the tier); tier blocks that win are returned
+        for the caller to bring back into the slots just freed, so the row never holds more
+        than it did. Returns (the first position freed or None, the winning tier blocks)."""
+        cfg = st.cfg
+        slots = self.req_to_token[row, :length]
+        live = slots != 0
+        held = int(live.sum())
+        st.peak_held = max(st.peak_held, held)
+        if st.fallback or st.nblocks == 0:
+            return None, []
+        lo, hi = max(owned_from, cfg.sink), length - cfg.recent
+        cold_b = [b for b in cold.blocks if b[1] >= lo and b[1] + b[2] <= hi]
+        extra = sum(n for _, _, n in cold_b)
+        budget = cfg.token_budget
+        own_len = length - owned_from
+        excess = min(held + extra - budget(length),
+                     int(live[owned_from:].sum()) + extra - (budget(own_len) if own_len else 0))
+        if excess <= 0:
+            return None, cold_b
+        nb = st.nblocks
+        starts, lens = self.store.row_start[row, :nb].long(), self.store.row_len[row, :nb].long()
+        hot = torch.nonzero((lens > 0) & (starts >= lo) & (starts + lens <= hi)).flatten()
+        dev = starts.device
+        all_starts = torch.cat([starts[hot], torch.tensor([b[1] for b in cold_b], device=dev,
+                                                          dtype=torch.long)])
+        all_lens = torch.cat([lens[hot], torch.tensor([b[2] for b in cold_b], device=dev,
+                                                      dtype=torch.long)])
+        if all_lens.numel() == 0:
+            return None, []
+        score = block_heat(heat, all_starts, all_lens, mean=True)
+        lost = set(pick_victims(score, all_lens, excess).tolist())
+        n_hot = hot.numel()
+        victims = hot[[j for j in range(n_hot) if j in lost]]
+        winners = [b for j, b in enumerate(cold_b) if n_hot + j not in lost]
+        first = None
+        if victims.numel():
+            first = int(starts[victims].min())
+            self._drop(st, row, victims, starts, lens, slots, keys)
+        return first, winners
 
     def hold_prompt(self, st: RowState, row: int, owned_from: int, length: int,
                     keys: torch.Tensor | None = None) -> int | None:

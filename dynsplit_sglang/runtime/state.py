@@ -59,6 +59,8 @@ class RowState:
     tier_out: int = 0
     tier_in: int = 0
     tier_ms: float = 0.0  # host time of this request's recall
+    # With evict_hold: its tier blocks, ranked with the pool's at the prompt's end (cold.ColdRow)
+    cold: object = None
 
 
 @dataclass

@@ -98,6 +98,26 @@ def test_a_next_turn_brings_every_evicted_block_back_and_answers_as_a_cold_promp
     _assert_healthy(server)
 
 
+def test_with_hold_a_next_turn_ranks_the_tier_without_raising_its_peak(server, tokenizer):
+    """Per request evict_hold 1: turn 2 does not bring everything back; its window ranks the
+    pool's and the tier's blocks together and only the tier's winners come back, into slots
+    its losers freed, so its peak stays its kept part plus its new tokens."""
+    _flush(server)
+    hold = {"custom_params": {"dynsplit": {"evict_hold": 1}}}
+    t1 = _prompt(tokenizer, "Romeo", 41, QUESTIONS[0])
+    params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True, **hold}
+    o1 = post_json(server.base_url + "/generate", {"input_ids": t1, "sampling_params": params})
+    t2 = t1 + tokenizer.encode(QUESTIONS[1], add_special_tokens=False)
+    o2 = post_json(server.base_url + "/generate", {"input_ids": t2, "sampling_params": params})
+    m1, m2 = o1["meta_info"]["dynsplit"], o2["meta_info"]["dynsplit"]
+    assert o2["meta_info"]["cached_tokens"] >= len(t1)
+    assert 0 < m2["tier_tokens_recalled"] < m1["tier_tokens_moved_out"]
+    assert m2["prefill_peak_slots"] <= len(t1) - m1["tier_tokens_moved_out"] + (len(t2) - len(t1))
+    assert m2["prefill_peak_slots"] < len(t2) // 2
+    time.sleep(2.0)
+    _assert_healthy(server)
+
+
 def test_nodes_leaving_the_tree_leave_the_tier(server, tokenizer):
     """Other prompts push the conversation's nodes out of the tree (the pool holds about two
     prompts): their blocks can never be matched again, and the tier lets them go."""

@@ -109,3 +109,28 @@ def test_blocks_the_tier_dropped_stay_evicted():
     pool.turn(1, a + _tokens(40, 32), prefix=first)
     assert pool.comp.rows[1].tier_in == evicted - dropped
     _assert_kv_of_the_model(pool, 1, 440, a + _tokens(40, 32))
+
+
+def test_with_hold_the_tier_competes_without_raising_the_peak():
+    """evict_hold > 0: a next turn does not bring everything back. Its window ranks the pool's
+    blocks and the tier's (their keys read from the tier) together; losers in the pool go out,
+    winners in the tier come into the slots just freed. Same kept set as a cold prefill of the
+    same tokens, while the row never holds more than its kept part plus the new tokens."""
+    cfg = TIER.replace(evict_hold=1.0)
+    a = _tokens(400, 41)
+    b = a + _tokens(40, 42)
+    pool = ColdPool(cfg)
+    pool.turn(0, a)
+    first = pool.req_to_token[0, :400].clone()
+    kept_before = int((first != 0).sum())
+    pool.turn(2, _tokens(300, 43))
+    pool.turn(1, b, prefix=first)
+    st = pool.comp.rows[1]
+    assert st.peak_held == kept_before + 40 < 440  # never the whole prompt
+    assert 0 < st.tier_in < 400 - kept_before  # some of the tier's blocks won, not all
+    assert int((pool.req_to_token[1, :440] != 0).sum()) <= cfg.token_budget(440)
+    _assert_kv_of_the_model(pool, 1, 440, b)
+    cold = ColdPool(cfg)
+    cold.turn(0, b)
+    assert torch.equal(pool.req_to_token[1, :440] != 0, cold.req_to_token[0, :440] != 0)
+    assert pool.comp.step.revised == [0]
