@@ -150,10 +150,18 @@ class ColdLink:
     def keys_at(self, cold: "ColdRow", layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions, their keys in `layer` [n, Hkv, D]) of a row's cold blocks, read from
         the tier (the window ranks them without bringing them back)."""
+        self.prune(cold)
+        if not cold.blocks:
+            return torch.empty(0, dtype=torch.long), self.tier.data[:0, 0, layer]
         got = torch.cat([torch.arange(s, s + n) for _, s, n in cold.blocks])
         sel = torch.searchsorted(cold.pos, got)
         rows = self.tier.find(cold.keys[sel])
         return got, self.tier.data[rows, 0, layer]
+
+    def prune(self, cold: "ColdRow") -> None:
+        """Forget the blocks the tier no longer holds (dropped by its cap, a flush or the tree
+        since the row found them: a block id is never reused)."""
+        cold.blocks = [b for b in cold.blocks if b[0] in self.tier.blocks]
 
     def recall_row(self, blocks, st, row: int, lo: int, hi: int, token_ids) -> int:
         """Bring back the tier's whole blocks among the evicted positions [lo, hi) of a row

@@ -233,6 +233,7 @@ class Compressor:
     def _rank_with_cold(self, step: StepState, i: int, st: RowState, own: int) -> int | None:
         b = step.batch
         cold, st.cold = st.cold, None
+        self.cold.prune(cold)
         t0 = time.perf_counter()
         first, winners = self.evictor.rank_with_cold(st, b.rows[i], own, b.seq_lens[i],
                                                      step.window[i], cold, self._row_keys(b, i))

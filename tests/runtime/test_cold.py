@@ -134,3 +134,22 @@ def test_with_hold_the_tier_competes_without_raising_the_peak():
     cold.turn(0, b)
     assert torch.equal(pool.req_to_token[1, :440] != 0, cold.req_to_token[0, :440] != 0)
     assert pool.comp.step.revised == [0]
+
+
+def test_with_hold_blocks_the_tier_drops_before_the_prompt_end_are_left_out():
+    """Found at the first chunk, gone by the prompt's end (a flush, say): ranked without them,
+    nothing read from rows the tier no longer holds."""
+    cfg = TIER.replace(evict_hold=1.0)
+    a = _tokens(400, 51)
+    b = a + _tokens(100, 52)
+    pool = ColdPool(cfg)
+    pool.turn(0, a)
+    first = pool.req_to_token[0, :400].clone()
+    pool.new_row(1)
+    pool.req_to_token[1, :400] = first
+    pool._forward([1], [b[:450]], [400], decode=False, final=[False], owned=[0])
+    assert pool.comp.rows[1].cold is not None
+    pool.comp.cold.flushed()
+    pool._forward([1], [b], [450], decode=False, final=[True], owned=[0])
+    assert pool.comp.rows[1].tier_in == 0
+    _assert_kv_of_the_model(pool, 1, 500, b)
