@@ -10,20 +10,32 @@ Each session may also set its own compression: the program's ``dynsplit`` argume
 ``sampling_params.custom_params["dynsplit"]`` through ``dynsplit_sglang.frontend.RuntimeEndpoint``
 (SGLang's endpoint, which forwards neither a rid nor custom_params), and every generation's meta
 info reports what it used (strategy, budget, K/V tokens attended vs dense, blocks built/reused).
+Every session then runs again dense (``{"strategy": "none"}``): both answers are printed side by
+side, so what compression changed is told apart from what the small model gets wrong anyway.
 
     python examples/agent_frontend.py                       # starts and stops its own server
     python examples/agent_frontend.py --base-url http://127.0.0.1:30000   # a running server
-                                                            # (started with --enable-metrics)
+
+Its own server is SmolLM2-135M-Instruct with this CPU host's flags
+(``dynsplit_sglang.launcher.CPU_SERVER_ARGS``) and the ChatML template. A server of your own
+(``--base-url``, any device) gets no flags from here: start it with ``--kv-compression dynsplit``
+(and ``--enable-metrics`` for the counters); the program then uses the chat template that server
+applies to ``/v1/chat/completions``, read off with ``/v1/tokenize`` (``served_chat_template``).
 """
 
 import argparse
 import signal
 import sys
+import textwrap
 import time
+import urllib.error
 import urllib.request
+from itertools import zip_longest
 from pathlib import Path
 
 import sglang as sgl
+from prometheus_client.parser import text_string_to_metric_families
+from sglang.lang.chat_template import ChatTemplate
 
 from dynsplit_sglang import launcher, models
 from dynsplit_sglang.frontend import RuntimeEndpoint
@@ -89,40 +101,140 @@ def agent(s, task, observation, dynsplit=None):  # dynsplit: read by the endpoin
     s += sgl.assistant(sgl.gen("answer", max_tokens=48, temperature=0))
 
 
-def dynsplit_counters(base_url: str) -> dict:
-    body = urllib.request.urlopen(base_url + "/metrics", timeout=60).read().decode()
+METRIC_PREFIX = "sglang:dynsplit_"
+
+
+def parse_dynsplit_counters(text: str) -> dict:
+    """The ``sglang:dynsplit_*`` samples of Prometheus text, as {name without the prefix and
+    ``_total``: value}; a counter's label sets are summed, a gauge keeps its last value."""
     out = {}
-    for line in body.splitlines():
-        if line.startswith("sglang:dynsplit_"):
-            name, value = line.split()[:2]
-            out[name[len("sglang:dynsplit_"):].removesuffix("_total")] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith(METRIC_PREFIX) or sample.name.endswith("_created"):
+                continue
+            key = sample.name[len(METRIC_PREFIX):].removesuffix("_total")
+            base = out.get(key, 0.0) if family.type == "counter" else 0.0
+            out[key] = base + sample.value
     return out
 
 
-def run(base_url: str) -> dict:
-    # SmolLM2 is trained on ChatML; the frontend cannot guess that from a local folder's name.
-    sgl.set_default_backend(RuntimeEndpoint(base_url, chat_template_name="chatml"))
+def dynsplit_counters(base_url: str) -> dict | None:
+    """The server's DynSplit counters from /metrics; None without ``--enable-metrics``."""
+    try:
+        with urllib.request.urlopen(base_url + "/metrics", timeout=60) as r:
+            return parse_dynsplit_counters(r.read().decode())
+    except urllib.error.HTTPError:
+        return None
+
+
+def served_chat_template(base_url: str) -> ChatTemplate | None:
+    """The chat template the server applies to /v1/chat/completions, as the frontend's
+    ChatTemplate. SGLang's RuntimeEndpoint picks one from the model path's *name* (a local folder
+    such as .cache/models/smollm2-135m-instruct gets its plain "default"); here the server renders
+    marker messages with its own template (/v1/tokenize, /v1/detokenize) and each role's prefix
+    and suffix are read off around the markers. None when it cannot render them that way (a
+    named --chat-template, a template without a system role)."""
+    def post(path, body):
+        return launcher.post_json(base_url + path, body, timeout=60)
+
+    def render(messages, generation_prompt):
+        ids = post("/v1/tokenize", {"messages": messages,
+                                    "add_generation_prompt": generation_prompt})["tokens"]
+        return post("/v1/detokenize", {"tokens": ids, "skip_special_tokens": False})["text"]
+
+    sys_, user, asst, user2 = "MARKSYS", "MARKUSERA", "MARKASST", "MARKUSERB"
+    turns = [{"role": "system", "content": sys_}, {"role": "user", "content": user}]
+    try:
+        t1 = render(turns, True)  # <bos?><sys prefix>SYS...USER<user suffix><assistant prefix>
+        t2 = render(turns + [{"role": "assistant", "content": asst},
+                             {"role": "user", "content": user2}], False)
+        # A BOS the template writes is added again when /generate tokenizes the program's text.
+        bos = post("/v1/detokenize", {"tokens": post("/v1/tokenize", {"prompt": ""})["tokens"],
+                                      "skip_special_tokens": False})["text"]
+        user_suffix = t2[t2.index(user2) + len(user2):]
+        user_to_asst = t1[t1.index(user) + len(user):]
+        sys_to_user = t1[t1.index(sys_) + len(sys_):t1.index(user)]
+        asst_to_user = t2[t2.index(asst) + len(asst):t2.index(user2)]
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        return None
+    sys_suffix = user_suffix if sys_to_user.startswith(user_suffix) else ""
+    user_prefix = sys_to_user[len(sys_suffix):]
+    if not (user_to_asst.startswith(user_suffix) and asst_to_user.endswith(user_prefix)):
+        return None
+    asst_suffix = asst_to_user[:len(asst_to_user) - len(user_prefix)]
+    return ChatTemplate(
+        name="served", default_system_prompt=None,
+        role_prefix_and_suffix={"system": (t1[:t1.index(sys_)].removeprefix(bos), sys_suffix),
+                                "user": (user_prefix, user_suffix),
+                                "assistant": (user_to_asst[len(user_suffix):], asst_suffix)},
+        stop_str=(asst_suffix.strip(),) if asst_suffix.strip() else ())
+
+
+def side_by_side(left: str, right: str, width: int = 52, indent: str = "  ") -> None:
+    for a, b in zip_longest(textwrap.wrap(left, width) or [""],
+                            textwrap.wrap(right, width) or [""], fillvalue=""):
+        print(f"{indent}{a:<{width}} | {b}")
+
+
+DENSE = {"strategy": "none"}
+
+
+def endpoint(base_url: str, chat_template_name: str | None = None) -> RuntimeEndpoint:
+    """The frontend's backend: a named template, else the one the server applies."""
+    backend = RuntimeEndpoint(base_url, chat_template_name=chat_template_name)
+    if chat_template_name is None:
+        served = served_chat_template(base_url)
+        if served is not None:
+            backend.chat_template = served
+        else:  # SGLang's guess from the model path's name
+            print(f"note: the server's chat template could not be read off; using SGLang's "
+                  f"{backend.chat_template.name!r} for {backend.get_model_name()}")
+    return backend
+
+
+def budget(report: dict) -> str:
+    return (f"{report['strategy']}, budget "
+            f"{report['budget'] or 'fraction %s' % report['budget_fraction']}")
+
+
+def run(base_url: str, chat_template_name: str | None = None, dense: bool = False) -> dict:
+    """Run the sessions (then again dense when ``dense``) and print them; returns the
+    compressed runs' counters, cached tokens and compression reports."""
+    sgl.set_default_backend(endpoint(base_url, chat_template_name))
     states = agent.run_batch([{"task": t, "observation": o, "dynsplit": d}
                               for t, o, d in SESSIONS], num_threads=1, progress_bar=True)
-    for (task, _, _), st in zip(SESSIONS, states):
+    time.sleep(0.5)  # the server publishes its counters at most every 0.1 s
+    counters = dynsplit_counters(base_url)  # before the dense runs add theirs
+    # The dense runs find the shared prefix cached already: batched, they decode together.
+    dense_states = agent.run_batch([{"task": t, "observation": o, "dynsplit": DENSE}
+                                    for t, o, _ in SESSIONS], num_threads=len(SESSIONS),
+                                   progress_bar=True) if dense else [None] * len(states)
+    for (task, _, _), st, ds in zip(SESSIONS, states, dense_states):
         plan, answer = st.get_meta_info("plan"), st.get_meta_info("answer")
         mine = answer["dynsplit"]
         print(f"\n--- user: {task}")
-        print(f"plan:   {st['plan'].strip()}")
-        print(f"answer: {st['answer'].strip()}")
+        side_by_side(f"compressed: {budget(mine)} ({mine['source']})",
+                     "dense: not run" if ds is None else f"dense: the same session with {DENSE}")
+        for name in ("plan", "answer"):
+            print(f"{name}:")
+            side_by_side(st[name].strip(), ds[name].strip() if ds is not None else "")
         print(f"prompt tokens {plan['prompt_tokens']} (cached {plan['cached_tokens']}) -> "
               f"{answer['prompt_tokens']} (cached {answer['cached_tokens']})")
-        print(f"compression ({mine['source']}): {mine['strategy']}, budget "
-              f"{mine['budget'] or mine['budget_fraction']}; K/V tokens attended "
-              f"{mine['tokens_attended']} of {mine['tokens_dense']}; blocks built "
+        fewer = mine["tokens_dense"] / max(1, mine["tokens_attended"])
+        print(f"answer turn, compressed: K/V tokens attended {mine['tokens_attended']} vs "
+              f"{mine['tokens_dense']} dense ({fewer:.1f}x fewer); blocks built "
               f"{mine['blocks_built']}, reused {mine['blocks_reused']}")
-    c = dynsplit_counters(base_url)
-    print("\nDynSplit counters:")
-    print(f"  blocks built {c.get('blocks_built', 0):.0f}, reused from shared prefixes "
-          f"{c.get('blocks_reused', 0):.0f}")
-    print(f"  K/V tokens attended {c.get('tokens_attended', 0):.0f} of "
-          f"{c.get('tokens_dense', 0):.0f} (compression {c.get('compression_ratio', 1):.2f}x)")
-    return {"counters": c, "cached": [s.get_meta_info("answer")["cached_tokens"] for s in states],
+    print("\nDynSplit counters (server totals before the dense runs):")
+    if counters is None:
+        print("  no /metrics: start the server with --enable-metrics to see them")
+    else:
+        c = counters
+        print(f"  blocks built {c.get('blocks_built', 0):.0f}, reused from shared prefixes "
+              f"{c.get('blocks_reused', 0):.0f}")
+        print(f"  K/V tokens attended {c.get('tokens_attended', 0):.0f} of "
+              f"{c.get('tokens_dense', 0):.0f} (compression {c.get('compression_ratio', 1):.2f}x)")
+    return {"counters": counters or {},
+            "cached": [s.get_meta_info("answer")["cached_tokens"] for s in states],
             "compression": [s.get_meta_info("answer")["dynsplit"] for s in states]}
 
 
@@ -134,11 +246,15 @@ def _exit_on_sigterm(*_):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base-url", help="use a running server instead of starting one")
-    ap.add_argument("--server-arg", action="append", default=[], help="extra launch_server flag")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra launch_server flag for its own server")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense runs")
     args = ap.parse_args(argv)
+    if args.base_url and args.server_arg:
+        ap.error("--server-arg applies to the example's own server, not to --base-url")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.base_url:
-        result = run(args.base_url.rstrip("/"))
+        result = run(args.base_url.rstrip("/"), dense=not args.no_dense)
     else:
         model = models.ensure(models.DEFAULT_MODEL)
         log = Path(models.cache_dir() / "logs" / "agent-demo-server.log")
@@ -147,11 +263,13 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         with launcher.start_server(model, COMPRESSION + args.server_arg, log) as server:
             print(f"server healthy at {server.base_url} after {time.monotonic() - t0:.0f} s")
-            result = run(server.base_url)
+            # SmolLM2 is trained on ChatML (what its server applies too: served_chat_template).
+            result = run(server.base_url, "chatml", dense=not args.no_dense)
             print("\nstopping the server ...", flush=True)
         print("server stopped")
-    c = result["counters"]
-    ok = c.get("blocks_reused", 0) > 0 and all(x > 0 for x in result["cached"])
+    reused = result["counters"].get("blocks_reused",
+                                    sum(r["blocks_reused"] for r in result["compression"]))
+    ok = reused > 0 and all(x > 0 for x in result["cached"])
     print(f"shared prefix reused across sessions and turns: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
 
