@@ -107,7 +107,8 @@ def run(args, samples, done, out_f, bar) -> None:
             server_args = ["--kv-compression", "dynsplit", *flags,
                            "--max-total-tokens", str(args.pool or 3 * ctx),
                            "--chunked-prefill-size", str(args.chunk),
-                           "--context-length", str(ctx + 256), "--disable-overlap-schedule"]
+                           "--context-length", str(ctx + 256), "--disable-overlap-schedule",
+                           "--mem-fraction-static", str(args.mem_fraction)]
             h = stack.enter_context(start_server(
                 path, server_args, log_path=log_dir / f"{args.model}-{server}.log", env=env,
                 health_timeout=600))
@@ -170,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512, help="chunked prefill size")
     ap.add_argument("--pool", type=int, default=0, help="--max-total-tokens (default 3 x ctx)")
     ap.add_argument("--threads", type=int, default=0, help="OMP threads of the server")
+    ap.add_argument("--mem-fraction", type=float, default=0.4,
+                    help="--mem-fraction-static of each server (three load side by side; the "
+                         "pool is --pool tokens whatever this allows above it)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report-only", action="store_true")
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
                                             unit="run", dynamic_ncols=True) as bar:
             run(args, samples, done, f, bar)
         rows = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()]
-    print(report(rows, args.budgets))
+    print(report(rows, args.budgets) if rows else "no rows yet")
     return 0
 
 

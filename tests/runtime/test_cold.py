@@ -111,17 +111,21 @@ def test_blocks_the_tier_dropped_stay_evicted():
     _assert_kv_of_the_model(pool, 1, 440, a + _tokens(40, 32))
 
 
+def _held_first_turn(seed):
+    """A held server's first turn: 400 tokens, evicted at its prompt's end."""
+    cfg = TIER.replace(evict_hold=1.0)
+    pool = ColdPool(cfg)
+    pool.turn(0, _tokens(400, seed))
+    return cfg, pool, pool.req_to_token[0, :400].clone()
+
+
 def test_with_hold_the_tier_competes_without_raising_the_peak():
     """evict_hold > 0: a next turn does not bring everything back. Its window ranks the pool's
     blocks and the tier's (their keys read from the tier) together; losers in the pool go out,
     winners in the tier come into the slots just freed. Same kept set as a cold prefill of the
     same tokens, while the row never holds more than its kept part plus the new tokens."""
-    cfg = TIER.replace(evict_hold=1.0)
-    a = _tokens(400, 41)
-    b = a + _tokens(40, 42)
-    pool = ColdPool(cfg)
-    pool.turn(0, a)
-    first = pool.req_to_token[0, :400].clone()
+    cfg, pool, first = _held_first_turn(41)
+    b = _tokens(400, 41) + _tokens(40, 42)
     kept_before = int((first != 0).sum())
     pool.turn(2, _tokens(300, 43))
     pool.turn(1, b, prefix=first)
@@ -139,12 +143,8 @@ def test_with_hold_the_tier_competes_without_raising_the_peak():
 def test_with_hold_blocks_the_tier_drops_before_the_prompt_end_are_left_out():
     """Found at the first chunk, gone by the prompt's end (a flush, say): ranked without them,
     nothing read from rows the tier no longer holds."""
-    cfg = TIER.replace(evict_hold=1.0)
-    a = _tokens(400, 51)
-    b = a + _tokens(100, 52)
-    pool = ColdPool(cfg)
-    pool.turn(0, a)
-    first = pool.req_to_token[0, :400].clone()
+    _, pool, first = _held_first_turn(51)
+    b = _tokens(400, 51) + _tokens(100, 52)
     pool.new_row(1)
     pool.req_to_token[1, :400] = first
     pool._forward([1], [b[:450]], [400], decode=False, final=[False], owned=[0])
